@@ -1,0 +1,504 @@
+"""InfiniGen: the policies, the decode loop and the command line.
+
+Every policy is a cache object handed to the one model in model.py:
+  full      K, V of every layer stay on the device (model.DenseCache).
+  offload   K, V live in CPU memory; every layer's whole past is copied each step, layer i+1's
+            copy issued while layer i computes.
+  infinigen layers 0..dense-1 dense; while layer i runs, layer i+1's scores are speculated from
+            layer i's attention input, its partial query weight and its partial key cache; the
+            tokens within alpha of the best (capped by the budget) are prefetched.
+  h2o       heavy hitters by accumulated attention plus a recent window; evicted for good.
+  streaming attention sinks plus a recent window.
+  oracle    the true top-k by the real scores (evaluation only: it reads every key).
+Shapes: B batch, T new tokens, S slots, H heads, Hkv KV heads, G = H // Hkv, d head dim, n fetched.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import model as M
+import skew as SK
+from offload import KVStore, OffloadError, Pool
+
+POLICIES = ("full", "offload", "infinigen", "h2o", "streaming", "oracle")
+
+
+# --- Policy settings
+@dataclass
+class Policy:
+    name: str = "full"
+    budget: float = 0.2          # past tokens per sparse layer: a fraction (<= 1) or a count (> 1)
+    alpha: float = 5.0           # infinigen: keep tokens whose speculated score > max - alpha
+    partial_ratio: float = 0.25  # infinigen: fraction of the d columns kept in the partial key cache
+    skew: str = "planes"         # none | svd | planes
+    dense_layers: int = 2        # layers that always fetch everything (sparse policies)
+    recent: float = 0.5          # h2o / streaming: share of the budget given to the recent window
+    sinks: int = 4               # streaming: first tokens always kept
+    capacity: float = 0          # CPU pool: tokens per sequence (> 1) or fraction of the context; 0 = all
+    eviction: str = "counter"    # fifo | lru | counter
+    measure_recall: bool = False
+
+    def __post_init__(self):
+        if self.name not in POLICIES:
+            raise ValueError(f"unknown policy {self.name!r} (choose from {', '.join(POLICIES)})")
+        if self.budget <= 0:
+            raise ValueError(f"impossible budget {self.budget}: give a fraction in (0, 1] or a token count > 1")
+        if not 0 < self.partial_ratio <= 1:
+            raise ValueError(f"partial ratio {self.partial_ratio} must be in (0, 1]")
+        if self.skew not in SK.MODES:
+            raise ValueError(f"unknown skew mode {self.skew!r} (choose from {', '.join(SK.MODES)})")
+
+    def count(self, n):  # n (B,) past tokens -> tokens to keep (B,)
+        k = torch.ceil(n * self.budget) if self.budget <= 1 else torch.full_like(n, self.budget)
+        return torch.minimum(k.long().clamp(min=1), n)
+
+
+# --- Selection math
+def topk_mask(scores, k, allowed):
+    """scores (B, Hkv, S), k (B,) per sequence, allowed (B, 1|Hkv, S) -> bool (B, Hkv, S), k best allowed."""
+    s = scores.masked_fill(~allowed, float("-inf"))
+    kmax = int(k.max()) if k.numel() else 0
+    if kmax == 0:
+        return torch.zeros_like(s, dtype=torch.bool)
+    top = s.topk(min(kmax, s.shape[-1]), dim=-1).indices                                   # (B, Hkv, kmax)
+    keep = (torch.arange(top.shape[-1], device=s.device) < k[:, None, None]).expand_as(top)
+    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, keep) & allowed
+
+
+def to_index(sel):
+    """sel (B, Hkv, S) bool -> idx (B, Hkv, n) slots in ascending order, ok (B, Hkv, n); n = max count."""
+    S = sel.shape[-1]
+    n = max(int(sel.sum(-1).max()), 1)
+    key = torch.where(sel, 0, S) + torch.arange(S, device=sel.device)
+    idx = key.topk(n, dim=-1, largest=False).indices.sort(-1).values                        # (B, Hkv, n)
+    return idx, torch.gather(sel, -1, idx)
+
+
+def speculate(x, attn_next, rope, P, kpart, scale):
+    """Approximate scores of the next layer: x (B, 1, C) this layer's attention input, P (Hkv, d, m)
+    the next layer's partial map, kpart (B, Hkv, t, m) its partial keys -> (B, Hkv, t), max over G."""
+    q = attn_next.query(x, rope)                                                 # (B, H, 1, d)
+    B, H, _, d = q.shape
+    qp = q.view(B, P.shape[0], H // P.shape[0], d) @ P[None]                     # (B, Hkv, G, m)
+    return (qp @ kpart.transpose(-1, -2)).amax(2) * scale                         # (B, Hkv, t)
+
+
+def threshold_select(s, alpha, cap, allowed):
+    """Tokens whose score is within alpha of the best, at most cap (B,) of them. (B, Hkv, t) bool."""
+    s = s.masked_fill(~allowed, float("-inf"))
+    near = s > s.amax(-1, keepdim=True) - alpha
+    return topk_mask(s, cap, near & allowed)
+
+
+# --- Offloaded caches
+class OffloadCache(M.Cache):
+    """K, V in the CPU store; each layer attends over what its fetch brought plus the new tokens.
+    Subclasses choose `select(layer, q, x, rope)`; `ahead` says whether it runs one layer early."""
+    ahead = True
+
+    def __init__(self, model, pol: Policy, batch, slots, device, dtype):
+        super().__init__(batch, slots, device)
+        cfg = self.cfg = model.cfg
+        self.model, self.pol, self.dev = model, pol, device
+        self.G, self.scale = cfg.n_heads // cfg.n_kv_heads, cfg.head_dim ** -0.5
+        cap = pol.capacity if pol.capacity > 1 else round(pol.capacity * slots)
+        pool = Pool(cfg.n_layers, batch, slots, int(cap), pol.eviction) if 0 < cap < slots else None
+        self.store = KVStore(cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim, device, dtype, pool)
+        self.fetched = torch.zeros(cfg.n_layers, dtype=torch.float64)     # sum over steps of fraction fetched
+        self.recall = torch.zeros(cfg.n_layers, dtype=torch.float64)
+        self.decode_steps, self.handles, self.idx = 0, {}, {}
+
+    def sparse(self, layer):
+        return self.T == 1 and layer >= self.pol.dense_layers and self.name != "offload"
+
+    def begin(self, valid_new):
+        pos = super().begin(valid_new)
+        self.allowed = self.valid[:, None, :self.t0]                                # (B, 1, t0) past tokens
+        if self.ahead:
+            self.handles[0] = self.store.fetch(0, self.t0)
+        return pos
+
+    def issue(self, layer, q=None, x=None, rope=None):
+        if not self.sparse(layer) or self.t0 == 0:
+            self.handles[layer] = self.store.fetch(layer, self.t0)
+        else:
+            sel = self.select(layer, q, x, rope) & self.allowed                     # (B, Hkv, t0)
+            idx, ok = to_index(sel)
+            self.idx[layer] = idx
+            self.handles[layer] = self.store.fetch(layer, self.t0, idx, ok)
+
+    def attend(self, layer, q, k, v, x, rope):
+        if self.ahead and layer + 1 < self.cfg.n_layers:
+            self.issue(layer + 1, x=x, rope=rope)           # layer i+1's copy overlaps layer i's compute
+        if not self.ahead:
+            self.issue(layer, q=q)
+        kb, vb, n, ok = self.store.take(self.handles.pop(layer))
+        t0, T = self.t0, self.T
+        past = n
+        kb[past:past + T], vb[past:past + T] = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)   # (T, B, Hkv, d)
+        kd, vd = kb[:past + T].permute(1, 2, 0, 3), vb[:past + T].permute(1, 2, 0, 3)         # (B, Hkv, n+T, d)
+        if ok is not None:                                          # sparse: per-head mask
+            ok = ok.to(self.dev)
+            mask = torch.cat([ok, ok.new_ones(self.B, ok.shape[1], 1)], -1)[:, :, None]   # (B, Hkv, 1, n+1)
+            mask = mask.repeat_interleave(self.G, dim=1)
+            slots = torch.cat([self.idx.pop(layer), torch.full_like(ok[..., :1], t0, dtype=torch.long)], -1)
+            self.fetched[layer] += (ok.sum((1, 2)).double() / (self.cfg.n_kv_heads * self.length.clamp(min=1))).mean().item()
+        else:
+            mask, slots = self.mask, None
+            if T == 1:
+                self.fetched[layer] += 1.0
+        out = M.attention(q, kd, vd, mask)
+        self.observe(layer, q, kd, mask, slots)
+        if self.pol.measure_recall and T == 1 and slots is not None:
+            self.recall[layer] += self.recall_of(layer, q, k, slots, mask)
+        self.store.append(layer, t0, k, v)
+        self.after_append(layer, k)
+        return out
+
+    def end(self):
+        if self.T == 1:
+            self.decode_steps += 1
+        self.store.ledger.step_done()
+        super().end()
+
+    def select(self, layer, q, x, rope):
+        raise NotImplementedError
+
+    def observe(self, layer, q, kd, mask, slots):
+        pass
+
+    def after_append(self, layer, k):
+        pass
+
+    def recall_of(self, layer, q, k, slots, mask):
+        """Attention mass (true, full attention) on the tokens the layer attended to."""
+        kall = self.store.k[layer, :self.t0].permute(1, 2, 0, 3).to(self.dev, q.dtype)        # (B, Hkv, t0, d)
+        kall = torch.cat([kall, k], 2)
+        full_mask = self.valid[:, None, None, :self.t0 + 1]
+        p = M.attention_probs(q, kall, full_mask)                                   # (B, H, 1, t0+1)
+        chosen = torch.zeros_like(p, dtype=torch.bool)
+        chosen.scatter_(-1, slots.repeat_interleave(self.G, 1)[:, :, None], mask)
+        return ((p * chosen).sum(-1).mean()).item()
+
+
+class Offload(OffloadCache):
+    name = "offload"
+
+
+class InfiniGen(OffloadCache):
+    name = "infinigen"
+
+    def __init__(self, model, pol, batch, slots, device, dtype, partial=None):
+        super().__init__(model, pol, batch, slots, device, dtype)
+        cfg = self.cfg
+        self.P = partial or [None] * cfg.n_layers          # per layer (Hkv, d, m), from calibration
+        m = SK.n_columns(pol.partial_ratio, cfg.head_dim, pol.skew == "planes")
+        self.kpart = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, slots, m, device=device, dtype=dtype)  # (L, B, Hkv, S, m)
+
+    def observe(self, layer, q, kd, mask, slots):
+        if self.P[layer] is None and layer >= self.pol.dense_layers:   # calibrate on the prompt itself
+            keep = self.valid[:, self.t0:self.t0 + self.T]
+            qc = q.transpose(1, 2)[keep]                                         # (N, H, d)
+            kc = kd[:, :, -self.T:].transpose(1, 2)[keep]                        # (N, Hkv, d)
+            self.P[layer] = SK.make_skew(qc, kc, self.pol.skew, self.pol.partial_ratio)[0].to(self.dev, q.dtype)
+
+    def after_append(self, layer, k):
+        if self.P[layer] is not None:
+            self.kpart[layer, :, :, self.t0:self.t0 + self.T] = k @ self.P[layer][None]   # (B, Hkv, T, m)
+
+    def select(self, layer, q, x, rope):
+        P = self.P[layer]
+        s = speculate(x, self.model.layers[layer].attn, rope, P, self.kpart[layer, :, :, :self.t0], self.scale)
+        return threshold_select(s, self.pol.alpha, self.pol.count(self.length), self.allowed)
+
+
+class Oracle(OffloadCache):
+    name, ahead = "oracle", False
+
+    def select(self, layer, q, x, rope):
+        kall = self.store.k[layer, :self.t0].permute(1, 2, 0, 3).to(self.dev, q.dtype)   # (B, Hkv, t0, d)
+        s = (q.view(self.B, -1, self.G, q.shape[-1]) @ kall.transpose(-1, -2)).amax(2)    # (B, Hkv, t0)
+        return topk_mask(s, self.pol.count(self.length), self.allowed)
+
+
+class Streaming(OffloadCache):
+    name, ahead = "streaming", False
+
+    def select(self, layer, q, x, rope):
+        rank = self.allowed.long().cumsum(-1)                                     # 1.. for real tokens
+        k = self.pol.count(self.length)
+        recent = rank > (self.length - (k - self.pol.sinks).clamp(min=0))[:, None, None]
+        sel = (rank <= self.pol.sinks) | recent
+        return sel.expand(-1, self.cfg.n_kv_heads, -1)
+
+
+class H2O(OffloadCache):
+    name, ahead = "h2o", False
+
+    def __init__(self, model, pol, batch, slots, device, dtype):
+        super().__init__(model, pol, batch, slots, device, dtype)
+        shape = (self.cfg.n_layers, batch, self.cfg.n_kv_heads, slots)          # (L, B, Hkv, S)
+        self.score = torch.zeros(shape, device=device)
+        self.alive = torch.ones(shape, device=device, dtype=torch.bool)
+
+    def observe(self, layer, q, kd, mask, slots):
+        p = M.attention_probs(q, kd, mask)                                        # (B, H, T, n)
+        p = p.view(self.B, -1, self.G, *p.shape[2:]).sum((2, 3))                  # (B, Hkv, n)
+        if slots is None:
+            self.score[layer, :, :, :p.shape[-1]] += p
+        else:
+            self.score[layer].scatter_add_(-1, slots, p * (slots < self.S))
+
+    def select(self, layer, q, x, rope):
+        k = self.pol.count(self.length)
+        n_recent = (k.double() * self.pol.recent).long()
+        rank = self.allowed.long().cumsum(-1)
+        recent = rank > (self.length - n_recent)[:, None, None]
+        alive = self.alive[layer, :, :, :self.t0] & self.allowed
+        heavy = topk_mask(self.score[layer, :, :, :self.t0], k - n_recent, alive & ~recent)
+        sel = heavy | (recent & self.allowed)
+        self.alive[layer, :, :, :self.t0] &= sel                                   # evicted for good
+        return sel
+
+
+CACHES = {"offload": Offload, "infinigen": InfiniGen, "h2o": H2O, "streaming": Streaming, "oracle": Oracle}
+
+
+def make_cache(model, pol: Policy, batch, slots, partial=None):
+    p = next(model.parameters())
+    if pol.name == "full":
+        return M.DenseCache(model.cfg, batch, slots, p.device, p.dtype)
+    if pol.name == "infinigen":
+        return InfiniGen(model, pol, batch, slots, p.device, p.dtype, partial)
+    return CACHES[pol.name](model, pol, batch, slots, p.device, p.dtype)
+
+
+# --- Tokenizer and chat format
+class Tok:
+    """tokenizer.json through `tokenizers`, plus the chat format a folder's chat.json names."""
+    def __init__(self, folder):
+        from tokenizers import Tokenizer
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.exists(path):
+            raise M.ModelError(f"no tokenizer.json in {folder}")
+        self.tok = Tokenizer.from_file(path)
+        chat = os.path.join(folder, "chat.json")
+        self.chat = json.load(open(chat)) if os.path.exists(chat) else None
+        self.stop_ids = [self.tok.token_to_id(s) for s in (self.chat or {}).get("stop", []) if self.tok.token_to_id(s) is not None]
+
+    def encode(self, text, chat=True):
+        if chat and self.chat:  # ChatML
+            sys_msg = f"<|im_start|>system\n{self.chat['system']}<|im_end|>\n" if self.chat.get("system") else ""
+            text = f"{sys_msg}<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+        return self.tok.encode(text).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+# --- Sampling
+def sample(logits, temperature, top_p, gen):
+    """logits (B, V) -> next tokens (B,): greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    sp, si = probs.sort(-1, descending=True)
+    sp[(sp.cumsum(-1) - sp) > top_p] = 0                           # keep the smallest set above top_p
+    choice = torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=gen)
+    return si.gather(-1, choice).squeeze(-1)
+
+
+# --- Decode loop
+@torch.no_grad()
+def prefill(model, cache, tokens, valid, chunk=1024, progress=False):
+    """Run the prompt (B, T) through the model in chunks; return the last position's logits (B, V)."""
+    T = tokens.shape[1]
+    for s in range(0, T, chunk):
+        logits = model(tokens[:, s:s + chunk], cache, valid[:, s:s + chunk])
+        if progress and T > chunk:
+            print(f"\r  prefill {min(s + chunk, T)}/{T} tokens", end="", file=sys.stderr, flush=True)
+    if progress and T > chunk:
+        print(file=sys.stderr)
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def decode_one(model, cache, tok):
+    """One new token per sequence (B,) -> logits (B, V)."""
+    return model(tok[:, None], cache)[:, 0]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, seed=0, stop_ids=(),
+             on_token=None, partial=None, progress=False):
+    """Greedy or sampled generation for a batch of token lists (left-padded). Returns (outputs, stats)."""
+    pol = pol or Policy()
+    dev = next(model.parameters()).device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    if T + max_new > model.cfg.max_seq_len:
+        raise ValueError(f"prompt of {T} tokens + {max_new} new tokens exceeds the model's context of {model.cfg.max_seq_len}")
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        tokens[b, T - len(p):], valid[b, T - len(p):] = torch.tensor(p), True
+    cache = make_cache(model, pol, B, T + max_new, partial)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    sync(dev); t = time.perf_counter()
+    logits = prefill(model, cache, tokens.to(dev), valid.to(dev), progress=progress)
+    sync(dev); t_prefill = time.perf_counter() - t
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
+    out, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
+    t = time.perf_counter()
+    for i in range(max_new):
+        nxt = sample(logits, temperature, top_p, gen)
+        out.append(nxt)
+        done |= torch.isin(nxt, stop)
+        if on_token:
+            on_token(nxt)
+        if bool(done.all()) or i == max_new - 1:
+            break
+        logits = decode_one(model, cache, nxt)
+    sync(dev); t_decode = time.perf_counter() - t
+    ids = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
+    ids = [r[:next((j for j, x in enumerate(r) if x in stop_ids), len(r))] for r in ids]
+    return ids, stats_of(model, cache, t_prefill, t_decode, len(out) - 1, B)
+
+
+def stats_of(model, cache, t_prefill, t_decode, steps, B):
+    cfg = model.cfg
+    elt = next(model.parameters()).element_size()
+    s = {"prefill_s": round(t_prefill, 4), "decode_s": round(t_decode, 4), "decode_steps": steps,
+         "tokens_per_s": round(B * steps / t_decode, 2) if t_decode > 0 and steps > 0 else None,
+         "kv_bytes": 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * elt * int(cache.length.sum())}
+    if isinstance(cache, OffloadCache):
+        led, n = cache.store.ledger, max(cache.decode_steps, 1)
+        s.update({
+            "h2d_bytes_per_step": round(sum(led.step_h2d[-cache.decode_steps:]) / n) if cache.decode_steps else 0,
+            "fetched_fraction_per_layer": [round(f / n, 4) for f in cache.fetched.tolist()],
+            "copy_wait_s": round(cache.store.wait_seconds(), 4),
+        })
+        if cache.pol.measure_recall:
+            sp = cache.pol.dense_layers
+            s["recall_per_layer"] = [None] * sp + [round(r / n, 4) for r in cache.recall.tolist()[sp:]]
+        if cache.store.pool:
+            s["pool_misses"], s["pool_requests"] = cache.store.pool.misses, cache.store.pool.requests
+    return s
+
+
+# --- Command line
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        sys.exit(f"error: {message}")
+
+
+def positive_int(s):
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return int(s)
+
+
+def build_parser():
+    p = Parser(description="InfiniGen reference engine: generate with a KV-cache policy.")
+    a = p.add_argument
+    a("--model", default=None, help="model folder or hub id (default: the built-in SmolLM2-135M-Instruct)")
+    a("--prompt", action="append", help="prompt text (repeat for a batch)")
+    a("--prompt-file", help="read the prompt from a file")
+    a("--max-new-tokens", type=positive_int, default=128)
+    a("--temperature", type=float, default=0.0, help="0 = greedy")
+    a("--top-p", type=float, default=1.0)
+    a("--seed", type=int, default=0)
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: float32 on CPU, float16 on CUDA")
+    a("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat format")
+    a("--json", action="store_true", help="print one JSON object: text, tokens, stats")
+    a("--policy", choices=POLICIES, default="full")
+    d = Policy()
+    a("--budget", type=float, default=d.budget, help="past tokens per sparse layer: fraction (<=1) or count")
+    a("--alpha", type=float, default=d.alpha, help="infinigen: keep speculated scores above max - alpha")
+    a("--partial-ratio", type=float, default=d.partial_ratio, help="infinigen: share of head dims in partial keys")
+    a("--skew", choices=SK.MODES, default=d.skew)
+    a("--dense-layers", type=int, default=d.dense_layers)
+    a("--recent", type=float, default=d.recent, help="h2o/streaming: share of the budget for recent tokens")
+    a("--cpu-kv-capacity", type=float, default=0, help="CPU pool: tokens per sequence (>1) or fraction of context")
+    a("--eviction", choices=["fifo", "lru", "counter"], default=d.eviction)
+    a("--measure-recall", action="store_true", help="also compute full attention to report captured mass")
+    return p
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def load_model(name, device, dtype):
+    if name is None:
+        import prepare
+        name = prepare.prepare()
+    model, folder = M.load(name, device, dtype)
+    return model, Tok(folder)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        dev = pick_device(args.device)
+        dtype = getattr(torch, args.dtype or ("float16" if dev.type == "cuda" else "float32"))
+        pol = Policy(args.policy, args.budget, args.alpha, args.partial_ratio, args.skew, args.dense_layers,
+                     args.recent, capacity=args.cpu_kv_capacity, eviction=args.eviction,
+                     measure_recall=args.measure_recall)
+        if args.prompt_file:
+            if not os.path.exists(args.prompt_file):
+                raise ValueError(f"prompt file not found: {args.prompt_file}")
+            prompts = [open(args.prompt_file, encoding="utf-8").read()]
+        else:
+            prompts = args.prompt or ["Explain in two sentences why the sky is blue."]
+        model, tok = load_model(args.model, dev, dtype)
+        ids = [tok.encode(p, chat=not args.no_chat) for p in prompts]
+        stream = len(ids) == 1 and not args.json
+        shown, acc = [""], []
+
+        def on_token(nxt):  # print text as it is produced
+            acc.append(int(nxt[0]))
+            text = tok.decode(acc)
+            if not text.endswith("\ufffd"):
+                print(text[len(shown[0]):], end="", flush=True)
+                shown[0] = text
+
+        stop = list(model.cfg.eos_ids) + tok.stop_ids
+        out, stats = generate(model, ids, pol, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop,
+                              on_token if stream else None, progress=not args.json)
+    except (M.ModelError, OffloadError, ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    texts = [tok.decode(o) for o in out]
+    if args.json:
+        one = len(texts) == 1
+        print(json.dumps({"text": texts[0] if one else texts, "tokens": out[0] if one else out, "stats": stats}))
+        return
+    if stream:
+        print()
+    else:
+        for t in texts:
+            print(t, "\n---")
+    tps = stats["tokens_per_s"]
+    print(f"[{args.policy}] prefill {stats['prefill_s']:.2f}s, decode {stats['decode_steps']} steps in "
+          f"{stats['decode_s']:.2f}s ({tps} tok/s), KV {stats['kv_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
+    if "fetched_fraction_per_layer" in stats:
+        f = stats["fetched_fraction_per_layer"]
+        print(f"  fetched {sum(f) / len(f):.3f} of the KV per layer on average, "
+              f"{stats['h2d_bytes_per_step'] / 2**20:.2f} MiB host->device per step", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Skewing and partial columns: pure functions over calibration queries and keys.
+
+For any orthogonal A (d, d), (qA)(kA)^T = q k^T, so rotating queries and keys changes no score.
+With A from the SVD of a head's calibration queries (Q = U S V^T, A = V) the columns of QA carry
+their energy in decreasing order, and a few of them predict the scores. Shapes: N calibration
+tokens, H query heads, Hkv key/value heads, G = H // Hkv, d head dim, m partial columns.
+"""
+import torch
+
+MODES = ("none", "svd", "planes")
+
+
+# --- Grouping (GQA)
+def group_queries(q, n_kv):
+    """q (N, H, d) -> (Hkv, G*N, d): the queries of the heads that share a KV head, stacked."""
+    N, H, d = q.shape
+    return q.view(N, n_kv, H // n_kv, d).permute(1, 2, 0, 3).reshape(n_kv, -1, d)
+
+
+# --- Skew
+def svd_skew(qg):
+    """qg (Hkv, M, d) -> A (Hkv, d, d) orthogonal, columns in decreasing singular value."""
+    _, _, vh = torch.linalg.svd(qg.double(), full_matrices=False)
+    return vh.transpose(-1, -2).to(qg.dtype)
+
+
+def apply_skew(x, A):
+    """x (B, h, T, d) with h a multiple of Hkv; A (Hkv, d, d): each head times its KV head's A."""
+    B, h, T, d = x.shape
+    n_kv = A.shape[0]
+    return (x.reshape(B, n_kv, (h // n_kv) * T, d) @ A[None].to(x.dtype)).view(B, h, T, d)
+
+
+# --- Partial columns
+def column_energy(qg, kg):
+    """Per column, mean |q| times mean |k|: how much the column can move scores. (Hkv, d)."""
+    return qg.abs().mean(1) * kg.abs().mean(1)
+
+
+def plane_energy(qg, kg):
+    """Per RoPE plane (dims j and j + d/2), mean plane norm of q times that of k. (Hkv, d/2)."""
+    half = qg.shape[-1] // 2
+    norm = lambda x: (x[..., :half] ** 2 + x[..., half:] ** 2).sqrt().mean(1)
+    return norm(qg) * norm(kg)
+
+
+def n_columns(ratio, d, planes):  # m: how many columns a partial ratio keeps (even for planes)
+    return 2 * max(1, round(ratio * d / 2)) if planes else max(1, round(ratio * d))
+
+
+def choose_columns(qg, kg, ratio, planes=False):
+    """The m = ratio*d columns with the most energy, per KV head, sorted. (Hkv, m) long.
+    planes=True picks whole RoPE planes, which RoPE never mixes with other dims."""
+    d = qg.shape[-1]
+    m = n_columns(ratio, d, planes)
+    if planes:
+        top = plane_energy(qg, kg).topk(m // 2, dim=-1).indices                 # (Hkv, m/2)
+        cols = torch.cat([top, top + d // 2], dim=-1)
+    else:
+        cols = column_energy(qg, kg).topk(m, dim=-1).indices
+    return cols.sort(dim=-1).values
+
+
+def make_skew(q, k, mode, ratio):
+    """From calibration q (N, H, d) and k (N, Hkv, d) (post-RoPE for Llama): the partial map
+    P (Hkv, d, m) = A[:, :, cols], so that partial queries and keys are q @ P and k @ P."""
+    if mode not in MODES:
+        raise ValueError(f"unknown skew mode {mode!r} (choose from {', '.join(MODES)})")
+    n_kv, d = k.shape[1], k.shape[2]
+    qg, kg = group_queries(q.float(), n_kv), k.float().transpose(0, 1)      # (Hkv, G*N, d), (Hkv, N, d)
+    A = svd_skew(qg) if mode == "svd" else torch.eye(d).expand(n_kv, d, d)
+    cols = choose_columns(qg @ A, kg @ A, ratio, planes=mode == "planes")
+    return torch.gather(A, 2, cols[:, None, :].expand(n_kv, d, cols.shape[1])), A
+
+
+# --- Folding into OPT weights
+@torch.no_grad()
+def fold_into_weights(attn, A):
+    """OPT (no RoPE): Wq <- Wq A, Wk <- Wk A per head (with biases), so q and k come out skewed.
+    attn is model.Attention with H == Hkv; A (H, d, d). Scores and outputs are unchanged."""
+    H, d = A.shape[0], A.shape[1]
+    for lin in (attn.wq, attn.wk):
+        w = lin.weight.view(H, d, -1)                                         # (H, d_out, C)
+        lin.weight.copy_((A.transpose(1, 2).to(w.dtype) @ w).view_as(lin.weight))
+        if lin.bias is not None:
+            b = lin.bias.view(H, d, 1)
+            lin.bias.copy_((A.transpose(1, 2).to(b.dtype) @ b).view_as(lin.bias))
