@@ -60,6 +60,8 @@ class Config:
     def from_hf(cls, hf: dict):
         """Build from a Hugging Face config.json dict; refuse what this engine does not implement."""
         mt = hf.get("model_type")
+        if mt not in ("llama", "opt"):
+            raise ModelError(f"unsupported model_type {mt!r} (supported: llama, opt)")
         eos = hf.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         common = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],

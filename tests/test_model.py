@@ -330,8 +330,6 @@ def test_config_unsupported_model_type(mt):
         Config.from_hf(dict(LLAMA, model_type=mt))
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="BUG model.py Config.from_hf: reads hidden_size etc. "
-                   "before checking model_type, so a real GPT-2 config.json (n_embd, n_layer, n_head) gives KeyError")
 def test_config_real_gpt2_config_json():
     gpt2 = dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024,
                 activation_function="gelu_new", bos_token_id=50256, eos_token_id=50256)

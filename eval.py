@@ -1,0 +1,163 @@
+"""Accuracy of a KV policy against full attention, teacher-forced, on the default model.
+
+  python eval.py --text FILE [--context N] [--policy P] [--budget B] [--alpha A]
+                 [--partial-ratio R] [--skew S] [--windows W] [--json]
+  python eval.py --passkey [--contexts 1024,2048] [--policy P] ...
+  python eval.py --study --text FILE     (the whole study of `make eval`)
+
+Each window of N tokens is prefilled densely for its first half, then decoded token by token with
+the policy, always feeding the true next token. Every decoded position's next-token distribution
+is compared with full attention's: perplexity, top-1 agreement, KL(full || policy).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+import infinigen as I
+import model as M
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# --- Teacher-forced comparison
+@torch.no_grad()
+def full_logprobs(model, windows, start):
+    """Full attention's log-probabilities for positions start.. of each window: (B, N-start, V)."""
+    B, N = windows.shape
+    cache = M.DenseCache(model.cfg, B, N, windows.device, next(model.parameters()).dtype)
+    out = []
+    for s in range(0, N, 512):
+        lg = model(windows[:, s:s + 512], cache)
+        out.append(lg[:, max(start - s, 0):].float().log_softmax(-1))
+    return torch.cat(out, 1)[:, :N - start]
+
+
+@torch.no_grad()
+def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
+    """Decode windows (B, N) teacher-forced with `pol` after a dense prefix; compare with full."""
+    B, N = windows.shape
+    prefix = prefix or N // 2
+    ref = full_logprobs(model, windows, prefix)          # position t's logits predict token t+1
+    cache = I.make_cache(model, pol, B, N)
+    I.prefill(model, cache, windows[:, :prefix], torch.ones(B, prefix, dtype=torch.bool))
+    nll, nll_full, agree, kl = [], [], [], []
+    t0 = time.time()
+    for t in range(prefix, N - 1):
+        lp = I.decode_one(model, cache, windows[:, t]).float().log_softmax(-1)   # predicts token t+1
+        r = ref[:, t - prefix]
+        tgt = windows[:, t + 1, None]
+        nll.append(-lp.gather(-1, tgt)[:, 0]), nll_full.append(-r.gather(-1, tgt)[:, 0])
+        agree.append((lp.argmax(-1) == r.argmax(-1)).float())
+        kl.append((r.exp() * (r - lp)).sum(-1).clamp(min=0))
+        if progress and (t - prefix) % 64 == 0:
+            print(f"\r  {pol.name}: {t - prefix + 1}/{N - 1 - prefix} positions ({time.time() - t0:.0f}s)",
+                  end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    nll, nll_full, agree, kl = (torch.stack(x, 1) for x in (nll, nll_full, agree, kl))   # (B, n)
+    st = I.stats_of(model, cache, 0, 1, 1, B)
+    frac = st.get("fetched_fraction_per_layer", [1.0] * model.cfg.n_layers)
+    dense = pol.dense_layers if pol.name not in ("full", "offload") else model.cfg.n_layers
+    chunks = [{"start": prefix + 1 + c, "ppl": math.exp(nll[:, c:c + chunk].mean()),
+               "ppl_full": math.exp(nll_full[:, c:c + chunk].mean()), "kl": kl[:, c:c + chunk].mean().item()}
+              for c in range(0, nll.shape[1], chunk)]
+    return {"ppl": math.exp(nll.mean()), "ppl_full": math.exp(nll_full.mean()), "top1": agree.mean().item(),
+            "kl": kl.mean().item(), "fetched_fraction": sum(frac) / len(frac),
+            "sparse_fraction": sum(frac[dense:]) / max(len(frac) - dense, 1) if dense < len(frac) else 1.0,
+            "positions": int(nll.numel()), "chunks": chunks}
+
+
+def windows_of(tok, path, n, count, seed=0):
+    """`count` windows of n tokens from the text, evenly spaced (deterministic)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"text file not found: {path}")
+    ids = tok.tok.encode(open(path, encoding="utf-8", errors="replace").read()).ids
+    if len(ids) < n:
+        raise ValueError(f"{path} has {len(ids)} tokens, fewer than one window of {n}")
+    starts = [round(i * (len(ids) - n) / max(count - 1, 1)) for i in range(count)]
+    return torch.tensor([ids[s:s + n] for s in starts])
+
+
+# --- Passkey retrieval
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_prompt(tok, context, depth, key):
+    """A key hidden at `depth` (0..1) of `context` tokens of filler, then the question."""
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "What is the pass key? The pass key is"
+    n_fill = context - len(tok.encode(needle + question, chat=False)) - 2
+    fill = tok.encode(FILLER * (context // 10), chat=False)[:n_fill]
+    cut = int(len(fill) * depth)
+    text = tok.decode(fill[:cut]) + needle + tok.decode(fill[cut:]) + question
+    return tok.encode(text, chat=False)
+
+
+def passkey(model, tok, pol, contexts, depths=(0.1, 0.5, 0.9), seed=0):
+    rng, out = random.Random(seed), {}
+    for n in contexts:
+        hits = 0
+        for dp in depths:
+            key = rng.randint(10000, 99999)
+            ids, _ = I.generate(model, [passkey_prompt(tok, n, dp, key)], pol, max_new=8)
+            hits += str(key) in tok.decode(ids[0])
+        out[str(n)] = hits / len(depths)
+        print(f"  passkey {pol.name} {n} tokens: {out[str(n)]:.2f}", file=sys.stderr)
+    return out
+
+
+# --- Command line
+def policy_from(args, **over):
+    kw = dict(name=args.policy, budget=args.budget, alpha=args.alpha, partial_ratio=args.partial_ratio,
+              skew=args.skew, dense_layers=args.dense_layers, capacity=args.cpu_kv_capacity, eviction=args.eviction)
+    kw.update(over)
+    return I.Policy(**kw)
+
+
+def main(argv=None):
+    d = I.Policy()
+    p = I.Parser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--text", help="text file for teacher-forced evaluation")
+    a("--context", type=I.positive_int, default=2048, help="window length in tokens")
+    a("--windows", type=I.positive_int, default=2, help="windows evaluated (as one batch)")
+    a("--policy", choices=I.POLICIES, default="infinigen")
+    a("--budget", type=float, default=d.budget)
+    a("--alpha", type=float, default=d.alpha)
+    a("--partial-ratio", type=float, default=d.partial_ratio)
+    a("--skew", choices=I.SK.MODES, default=d.skew)
+    a("--dense-layers", type=int, default=d.dense_layers)
+    a("--cpu-kv-capacity", type=float, default=0)
+    a("--eviction", choices=["fifo", "lru", "counter"], default=d.eviction)
+    a("--passkey", action="store_true", help="run passkey retrieval instead")
+    a("--contexts", default="1024,2048,4096,8192", help="passkey contexts")
+    a("--model", default=None)
+    a("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        pol = policy_from(args)
+        model, tok = I.load_model(args.model, torch.device("cpu"), torch.float32)
+        if args.passkey:
+            res = {"passkey": passkey(model, tok, pol, [int(c) for c in args.contexts.split(",")])}
+        else:
+            if not args.text:
+                raise ValueError("--text FILE is required (or --passkey)")
+            res = compare(model, windows_of(tok, args.text, args.context, args.windows), pol)
+    except (M.ModelError, ValueError, FileNotFoundError, I.OffloadError) as e:
+        sys.exit(f"error: {e}")
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            if k != "chunks":
+                print(f"{k:>18}: {v:.4f}" if isinstance(v, float) else f"{k:>18}: {v}")
+
+
+if __name__ == "__main__":
+    main()

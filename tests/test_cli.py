@@ -1,0 +1,144 @@
+"""The command line, run as a user runs it: `python infinigen.py ...` in a subprocess.
+
+Every error path prints exactly one line on stderr starting with "error:", exits non-zero and
+shows no traceback. Each subprocess imports torch (seconds), so every case is started at once by
+one module-scoped fixture and the tests only read the results.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = [sys.executable, os.path.join(ROOT, "infinigen.py")]
+CUDA = torch.cuda.is_available()
+
+
+def run_cli(args):
+    return subprocess.run(CLI + list(args), cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+# --- Fixtures: the tiny model folders, then every run at once
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Folders: llama (random, 64-token context, the default tokenizer), noweights (config.json
+    only), gpt2 (unsupported model_type, a dummy safetensors file); long.txt (well over 64 tokens)."""
+    import prepare
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+    root = tmp_path_factory.mktemp("tiny")
+    llama = root / "llama"
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(llama)
+    shutil.copy(os.path.join(prepare.prepare(), "tokenizer.json"), llama / "tokenizer.json")
+    (root / "noweights").mkdir()
+    shutil.copy(llama / "config.json", root / "noweights" / "config.json")
+    (root / "gpt2").mkdir()
+    (root / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10, "n_embd": 8,
+                                                           "n_layer": 1, "n_head": 1}))
+    save_file({"wte.weight": torch.zeros(10, 8)}, str(root / "gpt2" / "model.safetensors"))
+    (root / "long.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return root
+
+
+def error_cases(tiny):
+    """name -> (arguments, a word the one error line must contain)."""
+    cases = {
+        "missing model folder": (["--model", "/nonexistent", "--prompt", "hi"], "/nonexistent"),
+        "no safetensors": (["--model", str(tiny / "noweights"), "--prompt", "hi"], "safetensors"),
+        "unsupported model_type": (["--model", str(tiny / "gpt2"), "--prompt", "hi"], "gpt2"),
+        "prompt longer than context": (["--model", str(tiny / "llama"), "--no-chat", "--max-new-tokens", "1",
+                                        "--prompt-file", str(tiny / "long.txt")], "context"),
+        "max-new-tokens 0": (["--max-new-tokens", "0", "--prompt", "hi"], "--max-new-tokens"),
+        "temperature abc": (["--temperature", "abc", "--prompt", "hi"], "--temperature"),
+        "policy nope": (["--policy", "nope", "--prompt", "hi"], "nope"),
+        "budget 0": (["--budget", "0", "--prompt", "hi"], "budget"),
+        "missing prompt file": (["--prompt-file", str(tiny / "absent.txt")], "absent.txt"),
+    }
+    if not CUDA:
+        cases["cuda unavailable"] = (["--device", "cuda", "--prompt", "hi"], "CUDA")
+    return cases
+
+
+SUCCESS = {
+    "full": ["--json", "--max-new-tokens", "8", "--prompt", "hi"],
+    # one run covers both the infinigen stats and a batch of two prompts (lists)
+    "infinigen batch": ["--json", "--max-new-tokens", "8", "--policy", "infinigen", "--prompt", "hi",
+                        "--prompt", "Name a color."],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny):
+    jobs = {name: args for name, (args, _) in error_cases(tiny).items()} | SUCCESS
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {name: pool.submit(run_cli, args) for name, args in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+# --- Error paths
+ERROR_NAMES = ["missing model folder", "no safetensors", "unsupported model_type", "prompt longer than context",
+               "max-new-tokens 0", "temperature abc", "policy nope", "budget 0", "missing prompt file",
+               "cuda unavailable"]
+
+
+@pytest.mark.parametrize("name", ERROR_NAMES)
+def test_error_is_one_line(name, runs, tiny):
+    if name == "cuda unavailable" and CUDA:
+        pytest.skip("CUDA is available here")
+    r, word = runs[name], error_cases(tiny)[name][1]
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr + r.stdout
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert word in lines[0], lines[0]
+
+
+# --- Success: --json
+def check_stats(stats):
+    for key in ("prefill_s", "decode_s", "tokens_per_s", "kv_bytes"):
+        assert key in stats, key
+    assert stats["prefill_s"] >= 0 and stats["decode_s"] >= 0 and stats["kv_bytes"] > 0
+
+
+def check_tokens(tokens, text):
+    assert isinstance(text, str)
+    assert isinstance(tokens, list) and len(tokens) <= 8
+    assert all(isinstance(t, int) for t in tokens)
+
+
+def parse(r):
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1, r.stdout                     # one JSON object, nothing else on stdout
+    return json.loads(lines[0])
+
+
+def test_json_full(runs):
+    out = parse(runs["full"])
+    assert set(out) == {"text", "tokens", "stats"}
+    check_tokens(out["tokens"], out["text"])
+    check_stats(out["stats"])
+    assert "h2d_bytes_per_step" not in out["stats"]       # nothing offloaded
+
+
+def test_json_infinigen_batch(runs):
+    out = parse(runs["infinigen batch"])
+    assert isinstance(out["text"], list) and isinstance(out["tokens"], list)
+    assert len(out["text"]) == len(out["tokens"]) == 2
+    for text, tokens in zip(out["text"], out["tokens"]):
+        check_tokens(tokens, text)
+    s = out["stats"]
+    check_stats(s)
+    frac = s["fetched_fraction_per_layer"]
+    assert len(frac) == 30 and all(0 <= f <= 1 for f in frac)
+    assert frac[0] == frac[1] == 1.0                      # the dense layers fetch everything
+    assert isinstance(s["h2d_bytes_per_step"], int) and s["h2d_bytes_per_step"] > 0
