@@ -51,6 +51,8 @@ class Policy:
             raise ValueError(f"impossible budget {self.budget}: give a fraction in (0, 1] or a token count > 1")
         if not 0 < self.partial_ratio <= 1:
             raise ValueError(f"partial ratio {self.partial_ratio} must be in (0, 1]")
+        if self.capacity and (self.name == "oracle" or self.measure_recall):
+            raise ValueError("oracle and --measure-recall read every key: they need an unbounded CPU store")
         if self.skew not in SK.MODES:
             raise ValueError(f"unknown skew mode {self.skew!r} (choose from {', '.join(SK.MODES)})")
 
@@ -121,17 +123,21 @@ class OffloadCache(M.Cache):
         pos = super().begin(valid_new)
         self.allowed = self.valid[:, None, :self.t0]                                # (B, 1, t0) past tokens
         if self.ahead:
-            self.handles[0] = self.store.fetch(0, self.t0)
+            self.issue(0)
         return pos
 
     def issue(self, layer, q=None, x=None, rope=None):
-        if not self.sparse(layer) or self.t0 == 0:
-            self.handles[layer] = self.store.fetch(layer, self.t0)
-        else:
-            sel = self.select(layer, q, x, rope) & self.allowed                     # (B, Hkv, t0)
-            idx, ok = to_index(sel)
-            self.idx[layer] = idx
-            self.handles[layer] = self.store.fetch(layer, self.t0, idx, ok)
+        """Choose what `layer` needs of the past and start its copy."""
+        if self.t0 == 0 or (not self.sparse(layer) and self.store.pool is None):
+            self.handles[layer] = self.store.fetch(layer, self.t0)            # everything, one block
+            return
+        if self.sparse(layer):
+            sel = self.select(layer, q, x, rope) & self.allowed                 # (B, Hkv, t0)
+        else:  # dense, but a bounded pool scatters tokens: fetch every past token by index
+            sel = self.allowed.expand(-1, self.cfg.n_kv_heads, -1)
+        idx, ok = to_index(sel)
+        self.idx[layer] = idx
+        self.handles[layer] = self.store.fetch(layer, self.t0, idx, ok)
 
     def attend(self, layer, q, k, v, x, rope):
         if self.ahead and layer + 1 < self.cfg.n_layers:
@@ -140,22 +146,23 @@ class OffloadCache(M.Cache):
             self.issue(layer, q=q)
         kb, vb, n, ok = self.store.take(self.handles.pop(layer))
         t0, T = self.t0, self.T
-        past = n
-        kb[past:past + T], vb[past:past + T] = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)   # (T, B, Hkv, d)
-        kd, vd = kb[:past + T].permute(1, 2, 0, 3), vb[:past + T].permute(1, 2, 0, 3)         # (B, Hkv, n+T, d)
-        if ok is not None:                                          # sparse: per-head mask
-            ok = ok.to(self.dev)
-            mask = torch.cat([ok, ok.new_ones(self.B, ok.shape[1], 1)], -1)[:, :, None]   # (B, Hkv, 1, n+1)
-            mask = mask.repeat_interleave(self.G, dim=1)
-            slots = torch.cat([self.idx.pop(layer), torch.full_like(ok[..., :1], t0, dtype=torch.long)], -1)
-            self.fetched[layer] += (ok.sum((1, 2)).double() / (self.cfg.n_kv_heads * self.length.clamp(min=1))).mean().item()
-        else:
+        kb[n:n + T], vb[n:n + T] = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)    # (T, B, Hkv, d)
+        kd, vd = kb[:n + T].permute(1, 2, 0, 3), vb[:n + T].permute(1, 2, 0, 3)     # (B, Hkv, n+T, d)
+        if ok is None:                                      # dense: rows are slots 0..t0+T
             mask, slots = self.mask, None
+            self.fetched[layer] += 1.0 if T == 1 else 0.0
+        else:                                               # by index: a mask per KV head
+            ok = ok.to(self.dev)
+            new = self.mask[:, :, :, t0:].expand(-1, ok.shape[1], -1, -1)              # (B, Hkv, T, T)
+            mask = torch.cat([ok[:, :, None].expand(-1, -1, T, -1), new], -1)          # (B, Hkv, T, n+T)
+            mask = mask.repeat_interleave(self.G, dim=1)                              # (B, H, T, n+T)
+            new_slots = (t0 + torch.arange(T, device=self.dev)).expand(self.B, ok.shape[1], T)
+            slots = torch.cat([self.idx.pop(layer), new_slots], -1)                   # (B, Hkv, n+T)
             if T == 1:
-                self.fetched[layer] += 1.0
+                self.fetched[layer] += (ok.sum((1, 2)).double() / (ok.shape[1] * self.length.clamp(min=1))).mean().item()
         out = M.attention(q, kd, vd, mask)
         self.observe(layer, q, kd, mask, slots)
-        if self.pol.measure_recall and T == 1 and slots is not None:
+        if self.pol.measure_recall and T == 1 and self.sparse(layer):
             self.recall[layer] += self.recall_of(layer, q, k, slots, mask)
         self.store.append(layer, t0, k, v)
         self.after_append(layer, k)

@@ -1,0 +1,307 @@
+"""offload.py: sparse gathers bring exactly the selected rows for every (sequence, KV head), dense
+fetches the first t0 tokens, the ledger counts bytes, the bounded pool respects its capacity and its
+eviction rule, and the memory preflight refuses absurd sizes. CPU (the same code paths as CUDA)."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import offload
+from infinigen import to_index
+from offload import KVStore, OffloadError, Pool
+
+HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --- Strategies
+@st.composite
+def store_case(draw, pooled=False):
+    """A store's shapes, the K, V appended in random chunks, and a random selection per layer."""
+    B, Hkv, S = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 12))
+    d = draw(st.sampled_from([1, 2, 4, 8]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16]))
+    t0 = draw(st.integers(1, S))
+    cuts = sorted(draw(st.sets(st.integers(1, t0 - 1), max_size=3))) if t0 > 1 else []
+    sels = [torch.tensor(draw(st.lists(st.booleans(), min_size=B * Hkv * t0, max_size=B * Hkv * t0))).view(B, Hkv, t0)
+            for _ in range(2)]
+    case = dict(B=B, Hkv=Hkv, S=S, d=d, dtype=dtype, t0=t0, chunks=list(zip([0, *cuts], [*cuts, t0])), sels=sels,
+                seed=draw(st.integers(0, 2**31 - 1)))
+    if pooled:
+        case["cap"] = draw(st.integers(1, S))
+        case["policy"] = draw(st.sampled_from(["fifo", "lru", "counter"]))
+    return case
+
+
+def filled_store(c, n_layers=2, pool=None):
+    """A store with layers' K, V (L, B, Hkv, t0, d) written through `append` in the case's chunks."""
+    store = KVStore(n_layers, c["B"], c["S"], c["Hkv"], c["d"], CPU, c["dtype"], pool)
+    g = torch.Generator().manual_seed(c["seed"])
+    K = torch.randn(n_layers, c["B"], c["Hkv"], c["t0"], c["d"], generator=g).to(c["dtype"])
+    V = torch.randn(n_layers, c["B"], c["Hkv"], c["t0"], c["d"], generator=g).to(c["dtype"])
+    for a, b in c["chunks"]:
+        for layer in range(n_layers):
+            store.append(layer, a, K[layer, :, :, a:b], V[layer, :, :, a:b])
+    return store, K, V
+
+
+def rows(buf, n):  # the first n token rows of a (S, B, Hkv, d) device buffer: (n, B, Hkv, d)
+    return buf[:n]
+
+
+# --- to_index: selections with different counts per head, padded
+@HYP
+@given(c=store_case())
+def test_to_index_pads_variable_counts(c):
+    sel = c["sels"][0]
+    idx, ok = to_index(sel)
+    n = max(int(sel.sum(-1).max()), 1)
+    assert idx.shape == ok.shape == (c["B"], c["Hkv"], n)
+    assert torch.equal(ok.sum(-1), sel.sum(-1))
+    assert (idx[..., 1:] > idx[..., :-1]).all(), "indices not strictly ascending"
+    assert ((idx >= 0) & (idx < c["t0"])).all()
+    for b in range(c["B"]):
+        for h in range(c["Hkv"]):
+            assert set(idx[b, h][ok[b, h]].tolist()) == set(sel[b, h].nonzero().flatten().tolist())
+
+
+# --- Gathers
+@HYP
+@given(c=store_case())
+def test_sparse_gather_brings_exactly_the_selected_rows(c):
+    store, K, V = filled_store(c)
+    B, Hkv, d = c["B"], c["Hkv"], c["d"]
+    sel_idx = [to_index(s) for s in c["sels"]]
+    handles = [store.fetch(layer, c["t0"], idx, ok) for layer, (idx, ok) in enumerate(sel_idx)]
+    for layer, ((idx, ok), h) in enumerate(zip(sel_idx, handles)):   # both in flight, then both taken
+        bk, bv, n, ok_out = store.take(h)
+        assert bk.shape == bv.shape == (c["S"], B, Hkv, d) and bk.dtype == c["dtype"]
+        assert n == idx.shape[-1] and torch.equal(ok_out, ok)
+        gk, gv = rows(bk, n), rows(bv, n)
+        for b in range(B):
+            for hh in range(Hkv):
+                for j in range(n):
+                    if ok[b, hh, j]:
+                        t = int(idx[b, hh, j])
+                        assert torch.equal(gk[j, b, hh], K[layer, b, hh, t]), (layer, b, hh, j, t)
+                        assert torch.equal(gv[j, b, hh], V[layer, b, hh, t]), (layer, b, hh, j, t)
+        # the same thing, vectorized: the selected (b, h, t) rows, in ascending t per (b, h)
+        want = torch.gather(K[layer], 2, idx[..., None].expand(-1, -1, -1, d))          # (B, Hkv, n, d)
+        assert torch.equal(gk.permute(1, 2, 0, 3)[ok], want[ok])
+
+
+@HYP
+@given(c=store_case(), data=st.data())
+def test_dense_fetch_brings_the_first_t0_tokens(c, data):
+    store, K, V = filled_store(c)
+    t = data.draw(st.integers(0, c["t0"]), label="t")
+    h0, h1 = store.fetch(0, t), store.fetch(1, c["t0"])
+    for layer, h, n_want in ((0, h0, t), (1, h1, c["t0"])):
+        bk, bv, n, ok = store.take(h)
+        assert n == n_want and ok is None
+        assert torch.equal(bk[:n], K[layer, :, :, :n].permute(2, 0, 1, 3))
+        assert torch.equal(bv[:n], V[layer, :, :, :n].permute(2, 0, 1, 3))
+
+
+@HYP
+@given(c=store_case())
+def test_ledger_counts_bytes(c):
+    store, K, V = filled_store(c, n_layers=3)
+    elt = torch.tensor([], dtype=c["dtype"]).element_size()
+    per_token = c["B"] * c["Hkv"] * c["d"] * elt                        # one token's K (or V) of one layer
+    assert store.ledger.d2h == [2 * c["t0"] * per_token] * 3
+    assert store.ledger.h2d == [0, 0, 0]
+    store.fetch(0, c["t0"])                                             # dense: t0 tokens, K and V
+    store.ledger.step_done()
+    idx, ok = to_index(c["sels"][0])
+    store.fetch(1, c["t0"], idx, ok)                                    # sparse: n rows per (b, h), padding too
+    store.fetch(2, c["t0"], idx, ok)
+    store.ledger.step_done()
+    n = idx.shape[-1]
+    assert store.ledger.h2d == [2 * c["t0"] * per_token, 2 * n * per_token, 2 * n * per_token]
+    assert store.ledger.step_h2d == [2 * c["t0"] * per_token, 4 * n * per_token]
+    assert store.ledger.steps == 2
+
+
+# --- The bounded pool
+def check_consistent(pool, L, B):
+    for layer in range(L):
+        for b in range(B):
+            where, owner = pool.where[layer, b], pool.owner[layer, b]
+            resident = (where >= 0).nonzero().flatten().tolist()
+            assert len(resident) <= pool.cap, f"{len(resident)} tokens resident > capacity {pool.cap}"
+            for t in resident:
+                assert int(owner[int(where[t])]) == t
+            for p, t in enumerate(owner.tolist()):
+                if t >= 0:
+                    assert int(where[t]) == p
+            assert len(resident) == int((owner >= 0).sum())
+
+
+@st.composite
+def pool_ops(draw):
+    L, B, S = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(2, 12))
+    policy = draw(st.sampled_from(["fifo", "lru", "counter"]))
+    Hkv = 1 if policy == "lru" else draw(st.integers(1, 3))   # lru over several KV heads: see the xfail below
+    cap = draw(st.integers(1, S + 2))
+    ops = []
+    for _ in range(draw(st.integers(1, 40))):
+        if draw(st.booleans()):
+            ops.append(("admit", draw(st.integers(0, L - 1)), draw(st.integers(0, B - 1))))
+        else:
+            sel = draw(st.lists(st.booleans(), min_size=B * Hkv * S, max_size=B * Hkv * S))
+            ops.append(("touch", draw(st.integers(0, L - 1)), torch.tensor(sel).view(B, Hkv, S)))
+    return dict(L=L, B=B, S=S, Hkv=Hkv, cap=cap, policy=policy, ops=ops)
+
+
+@HYP
+@given(c=pool_ops())
+def test_pool_capacity_and_eviction(c):
+    """Random admits (each sequence's tokens in order, as the store appends them) and touches, checked
+    against a model of the pool: residency, capacity, hits and misses, and the victim of each eviction."""
+    L, B, S, cap, policy = c["L"], c["B"], c["S"], c["cap"], c["policy"]
+    pool = Pool(L, B, S, cap, policy)
+    nxt = [[0] * B for _ in range(L)]
+    resident = [[set() for _ in range(B)] for _ in range(L)]
+    fetches = [[[0] * S for _ in range(B)] for _ in range(L)]
+    last = [[[0] * S for _ in range(B)] for _ in range(L)]
+    clock = misses = requests = 0
+    evicted = 0
+    for op, layer, arg in c["ops"]:
+        if op == "admit":
+            b, t = arg, nxt[layer][arg]
+            if t >= S:
+                continue
+            nxt[layer][b] += 1
+            res = resident[layer][b]
+            before = set(res)
+            p = pool.admit(layer, b, t)
+            after = set((pool.where[layer, b] >= 0).nonzero().flatten().tolist())
+            assert 0 <= p < cap and int(pool.where[layer, b, t]) == p
+            if len(before) < cap:
+                assert after == before | {t}, "evicted although the pool had room"
+            else:
+                gone = before - after
+                assert len(gone) == 1 and after == (before - gone) | {t}
+                v = gone.pop()
+                evicted += 1
+                if policy == "fifo":
+                    assert v == min(before), f"fifo evicted {v}, oldest is {min(before)}"
+                elif policy == "lru":
+                    assert last[layer][b][v] == min(last[layer][b][r] for r in before), f"lru evicted {v}"
+                else:
+                    srt = sorted(before)
+                    older = [r for r in srt if r <= srt[(len(srt) - 1) // 2]]
+                    assert v in older, f"counter evicted {v}, not in the older half {older}"
+                    assert fetches[layer][b][v] == min(fetches[layer][b][r] for r in older)
+            resident[layer][b] = after
+        else:
+            idx, ok = to_index(arg)
+            clock += 1
+            slots = pool.touch(layer, idx, ok)
+            for b in range(B):
+                for h in range(c["Hkv"]):
+                    for j in range(idx.shape[-1]):
+                        t, o = int(idx[b, h, j]), bool(ok[b, h, j])
+                        hit = o and t in resident[layer][b]
+                        want = int(pool.where[layer, b, t]) if hit else -1
+                        assert int(slots[b, h, j]) == want, (b, h, j, t)
+                        requests += o
+                        misses += o and not hit
+                        if hit:
+                            fetches[layer][b][t] += 1
+                            last[layer][b][t] = clock
+            assert (pool.misses, pool.requests) == (misses, requests)
+        check_consistent(pool, L, B)
+    if cap >= S:
+        assert evicted == 0
+
+
+@HYP
+@given(L=st.integers(1, 2), B=st.integers(1, 3), Hkv=st.integers(1, 3), S=st.integers(1, 10), extra=st.integers(0, 3),
+       policy=st.sampled_from(["fifo", "lru", "counter"]), data=st.data())
+def test_pool_large_enough_never_misses(L, B, Hkv, S, extra, policy, data):
+    pool = Pool(L, B, S, S + extra, policy)
+    for t in range(S):
+        for layer in range(L):
+            for b in range(B):
+                pool.admit(layer, b, t)
+    assert (pool.where >= 0).all(), "a token was evicted from a pool with room for all"
+    asked = 0
+    for _ in range(data.draw(st.integers(1, 4), label="touches")):
+        sel = torch.tensor(data.draw(st.lists(st.booleans(), min_size=L * B * Hkv * S, max_size=L * B * Hkv * S)))
+        for layer, s in enumerate(sel.view(L, B, Hkv, S)):
+            idx, ok = to_index(s)
+            slots = pool.touch(layer, idx, ok)
+            assert torch.equal(slots >= 0, ok)
+            asked += int(ok.sum())
+    assert pool.misses == 0 and pool.requests == asked
+    check_consistent(pool, L, B)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG offload.Pool.touch: last_use is written with scatter_ over every (head, "
+                   "entry), including the ok=False padding entries that to_index adds; when KV head 1 carries token t "
+                   "as padding after KV head 0 fetched it, head 1's write puts the old time back, so lru later evicts "
+                   "the token that was fetched most recently")
+def test_pool_lru_over_several_kv_heads():
+    pool = Pool(1, 1, 8, 3, "lru")
+    for t in range(3):
+        pool.admit(0, 0, t)
+    pool.touch(0, torch.tensor([[[1], [2]]]), torch.tensor([[[True], [True]]]))    # tokens 1, 2 at time 1
+    pool.touch(0, torch.tensor([[[0], [0]]]), torch.tensor([[[True], [False]]]))   # token 0 at time 2 (head 0)
+    assert int(pool.last_use[0, 0, 0]) == pool.clock
+    pool.admit(0, 0, 3)
+    assert int(pool.where[0, 0, 0]) >= 0, "lru evicted the most recently fetched token"
+
+
+@HYP
+@given(c=store_case(pooled=True))
+def test_gather_through_a_pool(c):
+    """With a bounded pool in the store: resident tokens come back right, evicted ones are reported missing."""
+    pool = Pool(2, c["B"], c["S"], c["cap"], c["policy"])
+    store, K, V = filled_store(c, pool=pool)
+    for layer in range(2):
+        idx, ok = to_index(c["sels"][layer])
+        bk, bv, n, ok_out = store.take(store.fetch(layer, c["t0"], idx, ok))
+        resident = torch.gather(pool.where[layer], 1, idx.reshape(c["B"], -1)).view_as(idx) >= 0
+        assert torch.equal(ok_out, ok & resident)
+        if c["cap"] >= c["t0"]:
+            assert torch.equal(ok_out, ok), "a pool holding every token missed"
+        want_k = torch.gather(K[layer], 2, idx[..., None].expand(-1, -1, -1, c["d"]))
+        want_v = torch.gather(V[layer], 2, idx[..., None].expand(-1, -1, -1, c["d"]))
+        assert torch.equal(bk[:n].permute(1, 2, 0, 3)[ok_out], want_k[ok_out])
+        assert torch.equal(bv[:n].permute(1, 2, 0, 3)[ok_out], want_v[ok_out])
+    check_consistent(pool, 2, c["B"])
+
+
+# --- Memory preflight
+def test_preflight_refuses_absurd_host_memory():
+    if offload.host_available() is None:
+        pytest.skip("no /proc/meminfo on this machine")
+    with pytest.raises(OffloadError, match=r"CPU KV store needs 931322\.57 GiB but only [\d.]+ GiB"):
+        offload.preflight(10**15, 0, CPU)
+    offload.preflight(2**20, 0, CPU)   # a MiB is fine
+
+
+def test_store_preflights_before_allocating():
+    if offload.host_available() is None:
+        pytest.skip("no /proc/meminfo on this machine")
+    L, B, S, Hkv, d = 10_000, 1_000, 10_000, 32, 128                     # ~1.6e15 bytes at fp16
+    need = 2 * L * S * B * Hkv * d * 2 + 2 * S * B * Hkv * d * 2
+    with pytest.raises(OffloadError, match=f"needs {need / 2**30:.2f} GiB"):
+        KVStore(L, B, S, Hkv, d, CPU, torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_preflight_refuses_absurd_device_memory():
+    with pytest.raises(OffloadError, match=r"device KV buffers need 931322\.57 GiB but only [\d.]+ GiB is free"):
+        offload.preflight(0, 10**15, torch.device("cuda"))

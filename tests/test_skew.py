@@ -1,0 +1,245 @@
+"""skew.py: the SVD skew is orthogonal and changes no score, GQA grouping, column choice, the partial
+map P = A[:, :, cols], and folding A into a random OPT's weights leaves its logits unchanged. CPU."""
+import os
+import tempfile
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import model
+import skew as SK
+
+HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and much faster when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randn(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def random_orthogonal(g, n, d):
+    """(n, d, d) orthogonal matrices (QR of Gaussians, signs fixed so the law is uniform)."""
+    q, r = torch.linalg.qr(randn(g, n, d, d).double())
+    return (q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]).float()
+
+
+# --- Strategies
+@st.composite
+def gqa(draw, min_rows_per_dim=None):
+    """Shapes of a GQA layer and a seed: Hkv, G, d (even), N calibration tokens."""
+    n_kv, G = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    d = draw(st.sampled_from([2, 4, 6, 8, 16, 32]))
+    lo = 1 if min_rows_per_dim is None else -(-d // G)          # G * N >= d when asked
+    N = draw(st.integers(lo, max(lo, 2 * d)))
+    return dict(n_kv=n_kv, G=G, H=n_kv * G, d=d, N=N, seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@st.composite
+def calib(draw, min_rows_per_dim=None):
+    """Calibration queries (N, H, d) and keys (N, Hkv, d) with uneven column scales (realistic energy)."""
+    s = draw(gqa(min_rows_per_dim))
+    g = torch.Generator().manual_seed(s["seed"])
+    scale = 0.1 + 3 * torch.rand(s["d"], generator=g)                     # some columns carry more energy
+    q = randn(g, s["N"], s["H"], s["d"]) * scale + 0.3 * randn(g, s["d"])
+    k = randn(g, s["N"], s["n_kv"], s["d"]) * scale.flip(0) + 0.3 * randn(g, s["d"])
+    return dict(s, q=q, k=k, ratio=draw(st.sampled_from([0.01, 0.1, 0.25, 0.3, 0.5, 0.7, 1.0])))
+
+
+# --- Grouping
+@HYP
+@given(s=gqa())
+def test_group_queries_stacks_the_heads_of_each_kv_head(s):
+    g = torch.Generator().manual_seed(s["seed"])
+    q = randn(g, s["N"], s["H"], s["d"])
+    qg = SK.group_queries(q, s["n_kv"])
+    assert qg.shape == (s["n_kv"], s["G"] * s["N"], s["d"])
+    for j in range(s["n_kv"]):   # KV head j serves query heads j*G .. j*G+G-1 (as SDPA's enable_gqa does)
+        want = torch.cat([q[:, j * s["G"] + i] for i in range(s["G"])])
+        assert torch.equal(qg[j], want), f"KV head {j}"
+
+
+# --- SVD skew
+@HYP
+@given(c=calib(min_rows_per_dim=True))
+def test_svd_skew_is_orthogonal_and_sorted(c):
+    qg = SK.group_queries(c["q"], c["n_kv"])
+    A = SK.svd_skew(qg)
+    d = c["d"]
+    assert A.shape == (c["n_kv"], d, d) and A.dtype == qg.dtype
+    eye = torch.eye(d).expand_as(A)
+    assert (A.transpose(1, 2) @ A - eye).abs().max() <= 1e-5
+    assert (A @ A.transpose(1, 2) - eye).abs().max() <= 1e-5
+    energy = (qg.double() @ A.double()).norm(dim=1)                       # (Hkv, d): the singular values
+    assert (energy[:, 1:] <= energy[:, :-1] * (1 + 1e-5) + 1e-5).all(), energy
+    sv = torch.linalg.svdvals(qg.double())
+    assert torch.allclose(energy, sv, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG skew.svd_skew: with fewer calibration rows than d (G*N < d, a short "
+                   "prompt) full_matrices=False gives A of shape (Hkv, d, G*N), not an orthogonal (d, d)")
+def test_svd_skew_few_rows_is_still_square():
+    qg = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    A = SK.svd_skew(qg)
+    assert A.shape == (2, 16, 16)
+    assert (A @ A.transpose(1, 2) - torch.eye(16)).abs().max() <= 1e-5
+
+
+@HYP
+@given(s=gqa(), B=st.integers(1, 2), T=st.integers(1, 5), Tk=st.integers(1, 6), use_svd=st.booleans())
+def test_skewed_scores_equal_unskewed(s, B, T, Tk, use_svd):
+    g = torch.Generator().manual_seed(s["seed"])
+    n_kv, G, d = s["n_kv"], s["G"], s["d"]
+    q, k = randn(g, B, s["H"], T, d), randn(g, B, n_kv, Tk, d)
+    A = SK.svd_skew(randn(g, n_kv, d + 3, d)) if use_svd else random_orthogonal(g, n_kv, d)
+    qs, ks = SK.apply_skew(q, A), SK.apply_skew(k, A)
+    assert qs.shape == q.shape and ks.shape == k.shape
+    for h in range(s["H"]):      # query head h uses KV head h // G, and both are rotated by A[h // G]
+        j = h // G
+        assert torch.allclose(qs[:, h], q[:, h] @ A[j], atol=1e-5)
+        want = q[:, h] @ k[:, j].transpose(-1, -2)
+        got = qs[:, h] @ ks[:, j].transpose(-1, -2)
+        tol = 1e-5 * max(1.0, want.abs().max().item())
+        assert (got - want).abs().max() <= tol, f"head {h}"
+    if d > 1:   # the rotation is not the identity: skewed q differs (the check above is not vacuous)
+        assert not torch.allclose(qs, q, atol=1e-3)
+
+
+# --- Partial columns
+@HYP
+@given(c=calib(), planes=st.booleans(), rotate=st.booleans())
+def test_choose_columns(c, planes, rotate):
+    d, n_kv = c["d"], c["n_kv"]
+    qg, kg = SK.group_queries(c["q"], n_kv), c["k"].transpose(0, 1)
+    if rotate:
+        A = random_orthogonal(torch.Generator().manual_seed(c["seed"] + 1), n_kv, d)
+        qg, kg = qg @ A, kg @ A
+    cols = SK.choose_columns(qg, kg, c["ratio"], planes=planes)
+    m = SK.n_columns(c["ratio"], d, planes)
+    assert 1 <= m <= d and (m % 2 == 0 if planes else True)
+    assert cols.shape == (n_kv, m) and cols.dtype == torch.long
+    for j in range(n_kv):
+        row = cols[j].tolist()
+        assert row == sorted(set(row)), f"KV head {j}: {row} not distinct and sorted"
+        assert all(0 <= c_ < d for c_ in row)
+        if planes:
+            half = d // 2
+            low = [c_ for c_ in row if c_ < half]
+            assert len(low) == m // 2 and row == sorted(low + [c_ + half for c_ in low]), f"planes broken: {row}"
+            e = SK.plane_energy(qg, kg)[j]
+            chosen = torch.zeros(half, dtype=torch.bool)
+            chosen[low] = True
+        else:
+            e = SK.column_energy(qg, kg)[j]
+            chosen = torch.zeros(d, dtype=torch.bool)
+            chosen[row] = True
+        if (~chosen).any():   # the most energetic columns (planes) are the ones kept
+            assert e[chosen].min() >= e[~chosen].max() - 1e-6
+
+
+@pytest.mark.parametrize("ratio,d,planes,m", [(0.25, 64, False, 16), (0.25, 64, True, 16), (0.01, 64, False, 1),
+                                              (0.01, 64, True, 2), (1.0, 8, True, 8), (0.3, 10, True, 4),
+                                              (0.3, 10, False, 3)])
+def test_n_columns(ratio, d, planes, m):
+    assert SK.n_columns(ratio, d, planes) == m
+
+
+@HYP
+@given(c=calib(min_rows_per_dim=True), mode=st.sampled_from(SK.MODES))
+def test_make_skew_partial_map(c, mode):
+    n_kv, d, ratio = c["n_kv"], c["d"], c["ratio"]
+    P, A = SK.make_skew(c["q"], c["k"], mode, ratio)
+    m = SK.n_columns(ratio, d, mode == "planes")
+    assert A.shape == (n_kv, d, d) and P.shape == (n_kv, d, m)
+    qg, kg = SK.group_queries(c["q"], n_kv), c["k"].transpose(0, 1)
+    if mode == "svd":
+        assert torch.allclose(A, SK.svd_skew(qg))
+    else:
+        assert torch.equal(A, torch.eye(d).expand(n_kv, d, d))
+    cols = SK.choose_columns(qg @ A, kg @ A, ratio, planes=mode == "planes")
+    for j in range(n_kv):
+        assert torch.equal(P[j], A[j][:, cols[j]]), f"KV head {j}: P is not A[:, :, cols]"
+    assert (P.transpose(1, 2) @ P - torch.eye(m)).abs().max() <= 1e-5
+    if m == d:   # all columns: partial scores are the full scores
+        q0, k0 = c["q"][:, :1].transpose(0, 1), c["k"][:, :1].transpose(0, 1)       # head 0 and KV head 0
+        assert torch.allclose((q0 @ P[0]) @ (k0 @ P[0]).transpose(-1, -2), q0 @ k0.transpose(-1, -2),
+                              rtol=1e-4, atol=1e-4)
+
+
+def test_make_skew_unknown_mode():
+    with pytest.raises(ValueError, match="unknown skew mode 'pca'"):
+        SK.make_skew(torch.randn(4, 2, 8), torch.randn(4, 1, 8), "pca", 0.25)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG skew.make_skew: modes 'none'/'planes' build A = torch.eye(d) on the CPU, "
+                   "whatever the calibration tensors' device; on CUDA `qg @ A` then raises (device mismatch), so "
+                   "infinigen with the default skew cannot run on a GPU. Shown here with the meta device.")
+@pytest.mark.parametrize("mode", ["none", "planes"])
+def test_make_skew_stays_on_the_calibration_device(mode):
+    q, k = torch.randn(30, 4, 8, device="meta"), torch.randn(30, 2, 8, device="meta")
+    P, A = SK.make_skew(q, k, mode, 0.25)
+    assert P.device == q.device and A.device == q.device
+
+
+# --- Folding into a random OPT
+def random_opt(folder, seed, layers, heads, head_dim, pre_norm, vocab=61):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    hidden = heads * head_dim
+    hf = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=2 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=heads,
+                                        max_position_embeddings=64, word_embed_proj_dim=hidden,
+                                        do_layer_norm_before=pre_norm, dropout=0.0, attention_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():   # peaky attention and non-zero biases, so that a wrong fold would show
+        for name, p in hf.named_parameters():
+            if "layer_norm" in name and name.endswith("weight"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif p.ndim == 1:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(1.5 / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
+    hf.save_pretrained(folder)
+    m, _ = model.load(folder)
+    assert m.cfg.arch == "opt" and m.cfg.n_kv_heads == heads and m.cfg.head_dim == head_dim
+    return m
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), layers=st.integers(1, 3), heads=st.integers(1, 4),
+       head_dim=st.sampled_from([4, 8, 16]), pre_norm=st.booleans(), T=st.integers(2, 12))
+def test_fold_into_opt_weights_keeps_logits(seed, layers, heads, head_dim, pre_norm, T):
+    with tempfile.TemporaryDirectory() as d:
+        m = random_opt(d, seed, layers, heads, head_dim, pre_norm)
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(0, m.cfg.vocab_size, (2, T), generator=g)
+    x = torch.randn(2, T, m.cfg.dim, generator=g)
+    with torch.no_grad():
+        before = m(toks)
+        q_before = [blk.attn.query(x, None) for blk in m.layers]
+        k_before = [blk.attn.heads(blk.attn.wk(x), heads) for blk in m.layers]
+        As = [random_orthogonal(g, heads, head_dim) for _ in m.layers]
+        for blk, A in zip(m.layers, As):
+            SK.fold_into_weights(blk.attn, A)
+        after = m(toks)
+        for i, (blk, A) in enumerate(zip(m.layers, As)):   # q and k now come out skewed by A, per head
+            q_after = blk.attn.query(x, None)
+            k_after = blk.attn.heads(blk.attn.wk(x), heads)
+            assert torch.allclose(q_after, SK.apply_skew(q_before[i], A), atol=1e-4), f"layer {i} q"
+            assert torch.allclose(k_after, SK.apply_skew(k_before[i], A), atol=1e-4), f"layer {i} k"
+            if head_dim > 1:
+                assert not torch.allclose(q_after, q_before[i], atol=1e-3), f"layer {i}: fold changed nothing"
+    tol = 1e-4 * max(1.0, before.abs().max().item())
+    err = (after - before).abs().max().item()
+    assert err <= tol, f"logits moved by {err:.3g} > {tol:.3g}"
