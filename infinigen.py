@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import model as M
 import skew as SK
@@ -82,13 +83,27 @@ def to_index(sel):
     return idx, torch.gather(sel, -1, idx)
 
 
-def speculate(x, attn_next, rope, P, kpart, scale):
-    """Approximate scores of the next layer: x (B, 1, C) this layer's attention input, P (Hkv, d, m)
-    the next layer's partial map, kpart (B, Hkv, t, m) its partial keys -> (B, Hkv, t), max over G."""
-    q = attn_next.query(x, rope)                                                 # (B, H, 1, d)
-    B, H, _, d = q.shape
-    qp = q.view(B, P.shape[0], H // P.shape[0], d) @ P[None]                     # (B, Hkv, G, m)
-    return (qp @ kpart.transpose(-1, -2)).amax(2) * scale                         # (B, Hkv, t)
+def partial_query(x, attn, rope, P, Wp=None):
+    """The next layer's query in the partial columns: x (B, 1, C) -> (B, Hkv, G, m).
+    With a partial query weight Wp (H*m, C) (whole RoPE planes, no rotation) only m of the d
+    columns are computed: RoPE acts inside each plane, so it can rotate the partial query alone."""
+    Hkv, d, m = P.shape
+    if Wp is None:                                                              # skewed: full q, then A
+        q = attn.query(x, rope)                                                  # (B, H, 1, d)
+        return q.view(q.shape[0], Hkv, -1, d) @ P[None]                          # (B, Hkv, G, m)
+    B, T, _ = x.shape
+    qp = F.linear(x, *Wp).view(B, T, -1, m).transpose(1, 2)                     # (B, H, T, m)
+    if rope is not None:
+        cols = P.argmax(1).repeat_interleave(qp.shape[1] // Hkv, 0)             # (H, m) dims kept per head
+        cos, sin = (t.expand(-1, qp.shape[1], -1, -1).gather(-1, cols[None, :, None].expand(t.shape[0], -1, t.shape[2], -1)) for t in rope)
+        qp = M.apply_rope(qp, cos, sin)
+    return qp.reshape(B, Hkv, -1, m)
+
+
+def speculate(qp, kpart, scale):
+    """Approximate scores: partial queries (B, Hkv, G, m) times partial keys (B, Hkv, t, m)
+    -> (B, Hkv, t), the max over the G query heads that share a KV head."""
+    return (qp @ kpart.transpose(-1, -2)).amax(2) * scale
 
 
 def threshold_select(s, alpha, cap, allowed):
@@ -205,6 +220,9 @@ class InfiniGen(OffloadCache):
         super().__init__(model, pol, batch, slots, device, dtype)
         cfg = self.cfg
         self.P = partial or [None] * cfg.n_layers          # per layer (Hkv, d, m), from calibration
+        self.Wp = [None] * cfg.n_layers                     # per layer (H*m, C) and bias: the partial query weight
+        # Columns alone can be projected and rotated when no rotation mixes them with others.
+        self.plane_closed = pol.skew == "planes" or (pol.skew == "none" and cfg.arch == "opt")
         m = SK.n_columns(pol.partial_ratio, cfg.head_dim, pol.skew == "planes")
         self.kpart = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, slots, m, device=device, dtype=dtype)  # (L, B, Hkv, S, m)
 
@@ -214,14 +232,17 @@ class InfiniGen(OffloadCache):
             qc = q.transpose(1, 2)[keep]                                         # (N, H, d)
             kc = kd[:, :, -self.T:].transpose(1, 2)[keep]                        # (N, Hkv, d)
             self.P[layer] = SK.make_skew(qc, kc, self.pol.skew, self.pol.partial_ratio)[0].to(self.dev, q.dtype)
+        if self.Wp[layer] is None and self.P[layer] is not None and self.plane_closed:
+            wq = self.model.layers[layer].attn.wq
+            self.Wp[layer] = SK.partial_query_weight(wq.weight, wq.bias, self.P[layer])
 
     def after_append(self, layer, k):
         if self.P[layer] is not None:
             self.kpart[layer, :, :, self.t0:self.t0 + self.T] = k @ self.P[layer][None]   # (B, Hkv, T, m)
 
     def select(self, layer, q, x, rope):
-        P = self.P[layer]
-        s = speculate(x, self.model.layers[layer].attn, rope, P, self.kpart[layer, :, :, :self.t0], self.scale)
+        qp = partial_query(x, self.model.layers[layer].attn, rope, self.P[layer], self.Wp[layer])
+        s = speculate(qp, self.kpart[layer, :, :, :self.t0], self.scale)
         return threshold_select(s, self.pol.alpha, self.pol.count(self.length), self.allowed)
 
 

@@ -73,6 +73,17 @@ def make_skew(q, k, mode, ratio):
     return torch.gather(A, 2, cols[:, None, :].expand(n_kv, d, cols.shape[1])), A
 
 
+# --- Partial query weight
+def partial_query_weight(wq, bq, P):
+    """When P only picks columns (A = I): the rows of Wq (H*d, C) and its bias that make those
+    columns, per head, so x @ Wp.T + bp is the partial query itself. -> (H*m, C), (H*m,) or None."""
+    n_kv, d, m = P.shape
+    cols = P.argmax(1)                                                        # (Hkv, m)
+    H = wq.shape[0] // d
+    rows = (torch.arange(H, device=wq.device)[:, None] * d + cols.repeat_interleave(H // n_kv, 0)).reshape(-1)
+    return wq[rows], None if bq is None else bq[rows]
+
+
 # --- Folding into OPT weights
 @torch.no_grad()
 def fold_into_weights(attn, A):

@@ -151,10 +151,10 @@ def pool_ops(draw):
     L, B, S = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(2, 12))
     policy = draw(st.sampled_from(["fifo", "lru", "counter"]))
     Hkv = 1 if policy == "lru" else draw(st.integers(1, 3))   # lru over several KV heads: see the xfail below
-    cap = draw(st.integers(1, S + 2))
+    cap = draw(st.one_of(st.integers(1, 3), st.integers(1, S + 2)))     # small pools evict often
     ops = []
     for _ in range(draw(st.integers(1, 40))):
-        if draw(st.booleans()):
+        if draw(st.sampled_from([True, True, False])):
             ops.append(("admit", draw(st.integers(0, L - 1)), draw(st.integers(0, B - 1))))
         else:
             sel = draw(st.lists(st.booleans(), min_size=B * Hkv * S, max_size=B * Hkv * S))
@@ -245,6 +245,32 @@ def test_pool_large_enough_never_misses(L, B, Hkv, S, extra, policy, data):
             asked += int(ok.sum())
     assert pool.misses == 0 and pool.requests == asked
     check_consistent(pool, L, B)
+
+
+def one_head_touch(pool, tokens):
+    """Fetch `tokens` of sequence 0 of layer 0, one KV head."""
+    return pool.touch(0, torch.tensor([[tokens]]), torch.ones(1, 1, len(tokens), dtype=torch.bool))
+
+
+@pytest.mark.parametrize("policy,touches,victim", [
+    ("fifo", [[0, 1], [0]], 0),            # the oldest, however often fetched
+    ("lru", [[0, 1], [2, 3], [0]], 1),     # fetched longest ago
+    ("lru", [[1, 2, 3]], 0),               # never fetched
+    ("counter", [[0, 2], [0], [3]], 1),    # fewest fetches among the older half {0, 1}
+    ("counter", [[1], [1, 2]], 0),
+])
+def test_pool_victims(policy, touches, victim):
+    pool = Pool(1, 1, 8, 4, policy)
+    for t in range(4):
+        assert pool.admit(0, 0, t) == t           # free slots are used in order
+    for tokens in touches:
+        assert (one_head_touch(pool, tokens) >= 0).all()
+    p = pool.admit(0, 0, 4)
+    assert int(pool.where[0, 0, victim]) == -1, f"{policy} should evict token {victim}"
+    assert p == victim and int(pool.where[0, 0, 4]) == p
+    assert int((pool.where[0, 0] >= 0).sum()) == 4
+    assert pool.misses == 0 and pool.requests == sum(map(len, touches))
+    assert int(one_head_touch(pool, [victim])[0, 0, 0]) == -1 and pool.misses == 1
 
 
 @pytest.mark.xfail(strict=True, reason="BUG offload.Pool.touch: last_use is written with scatter_ over every (head, "

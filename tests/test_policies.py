@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import infinigen as IG
 import model
+import skew as SK
 from infinigen import Policy
 
 N_NEW = 16
@@ -169,6 +170,92 @@ VARIANTS = {f"infinigen-{s}": Policy("infinigen", budget=1.0, alpha=math.inf, sk
 VARIANTS.update({n: Policy(n, budget=1.0) for n in ("h2o", "oracle", "streaming")})
 
 
+# --- Selection math
+@st.composite
+def scored(draw):
+    B, Hkv, S = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 12))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scores = torch.randn(B, Hkv, S, generator=g).round(decimals=1)       # ties happen
+    allowed = torch.rand(B, draw(st.sampled_from([1, Hkv])), S, generator=g) < draw(st.sampled_from([0.5, 0.9, 1.0]))
+    k = torch.tensor(draw(st.lists(st.integers(0, S + 2), min_size=B, max_size=B)))
+    return scores, k, allowed
+
+
+def check_top(sel, scores, allowed, want_counts):
+    """sel holds want_counts (B, Hkv) allowed tokens per (b, h), and none scores below one left out."""
+    allowed = allowed.expand_as(sel)
+    assert not (sel & ~allowed).any(), "a token that is not allowed was selected"
+    assert torch.equal(sel.sum(-1), want_counts)
+    lo = scores.masked_fill(~sel, float("inf")).amin(-1)
+    hi = scores.masked_fill(~allowed | sel, float("-inf")).amax(-1)
+    assert ((lo >= hi) | (want_counts == 0)).all(), "a better allowed token was left out"
+
+
+@settings(max_examples=60, deadline=None)
+@given(c=scored())
+def test_topk_mask(c):
+    scores, k, allowed = c
+    sel = IG.topk_mask(scores, k, allowed)
+    assert sel.shape == scores.shape and sel.dtype == torch.bool
+    check_top(sel, scores, allowed, torch.minimum(k[:, None], allowed.expand_as(scores).sum(-1)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(c=scored(), alpha=st.sampled_from([0.0, 0.15, 0.5, 2.0, math.inf]))
+def test_threshold_select(c, alpha):
+    scores, k, allowed = c
+    sel = IG.threshold_select(scores, alpha, k, allowed)
+    a = allowed.expand_as(scores)
+    best = scores.masked_fill(~a, float("-inf")).amax(-1, keepdim=True)
+    near = a & (scores > best - alpha)
+    assert not (sel & ~near).any(), "selected a token further than alpha from the best"
+    check_top(sel, scores, near, torch.minimum(k[:, None], near.sum(-1)))
+
+
+@st.composite
+def attn_case(draw):
+    arch = draw(st.sampled_from(["llama", "opt"]))
+    n_kv, d = draw(st.integers(1, 3)), draw(st.sampled_from([4, 8, 16]))
+    G = draw(st.integers(1, 3)) if arch == "llama" else 1
+    cfg = model.Config(arch=arch, vocab_size=10, dim=draw(st.sampled_from([8, 24])), n_layers=1, n_heads=n_kv * G,
+                       n_kv_heads=n_kv, ffn_dim=8, max_seq_len=4096, head_dim=d, attn_bias=draw(st.booleans()))
+    return dict(cfg=cfg, mode=draw(st.sampled_from(SKEWS)), ratio=draw(st.sampled_from([0.25, 0.5, 1.0])),
+                B=draw(st.integers(1, 3)), t=draw(st.integers(1, 9)), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=attn_case())
+def test_partial_query_and_speculate(c):
+    """The partial query is the query times P, also when only its columns' rows of Wq are computed;
+    with every column kept, speculated scores are the exact scores (max over the G heads)."""
+    cfg, B = c["cfg"], c["B"]
+    g = torch.Generator().manual_seed(c["seed"])
+    torch.manual_seed(c["seed"])
+    attn = randomize(model.Attention(cfg), c["seed"])
+    x = torch.randn(B, 1, cfg.dim, generator=g)
+    rope = None
+    if cfg.arch == "llama":
+        pos = torch.randint(0, 3000, (B, 1), generator=g)
+        rope = model.rope_tables(model.rope_inv_freq(cfg), pos)
+    N = cfg.head_dim + 4                                     # enough calibration rows for svd
+    P, A = SK.make_skew(torch.randn(N, cfg.n_heads, cfg.head_dim, generator=g),
+                        torch.randn(N, cfg.n_kv_heads, cfg.head_dim, generator=g), c["mode"], c["ratio"])
+    with torch.no_grad():
+        q = attn.query(x, rope)                                                       # (B, H, 1, d)
+        want = q.view(B, cfg.n_kv_heads, -1, cfg.head_dim) @ P[None]                   # (B, Hkv, G, m)
+        qp = IG.partial_query(x, attn, rope, P)
+        assert torch.allclose(qp, want, atol=1e-5)
+        if c["mode"] == "planes" or (c["mode"] == "none" and cfg.arch == "opt"):     # rows of Wq alone
+            qw = IG.partial_query(x, attn, rope, P, SK.partial_query_weight(attn.wq.weight, attn.wq.bias, P))
+            assert torch.allclose(qw, want, atol=1e-5), (qw - want).abs().max()
+        k = torch.randn(B, cfg.n_kv_heads, c["t"], cfg.head_dim, generator=g)
+        s = IG.speculate(qp, k @ P[None], cfg.head_dim ** -0.5)
+        assert s.shape == (B, cfg.n_kv_heads, c["t"])
+        if P.shape[-1] == cfg.head_dim:
+            exact = (q.view(B, cfg.n_kv_heads, -1, cfg.head_dim) @ k.transpose(-1, -2)).amax(2) * cfg.head_dim ** -0.5
+            assert torch.allclose(s, exact, atol=1e-4)
+
+
 # --- offload == full
 def test_offload_equals_full(case):
     ids, logits = case.full()
@@ -303,6 +390,19 @@ def test_offload_recall_is_not_zero(llama):
     assert all(r is None or abs(r - 1.0) <= 1e-6 for r in stats["recall_per_layer"]), stats["recall_per_layer"]
 
 
+@pytest.mark.xfail(strict=True, raises=(TypeError, AttributeError), reason="BUG infinigen.OffloadCache.begin/issue: with "
+                   "dense_layers=0, layer 0 counts as sparse, so begin() calls issue(0) -> InfiniGen.select(0, x=None) "
+                   "with x=None: TypeError or AttributeError. Layer 0 has no previous layer to speculate from; "
+                   "the engine should refuse dense_layers < 1 for infinigen or fetch layer 0 densely")
+def test_infinigen_without_dense_layers(llama):
+    try:
+        pol = Policy("infinigen", budget=1.0, alpha=math.inf, dense_layers=0)
+    except ValueError:
+        return                                   # refusing the setting is a fix too
+    ids, _ = llama.generate(pol)
+    assert ids == llama.full()[0].tolist()
+
+
 # --- Random configurations
 @st.composite
 def configs(draw):
@@ -319,7 +419,7 @@ def configs(draw):
     name = draw(st.sampled_from(["offload", "infinigen", "h2o", "oracle", "streaming"]))
     kw = dict(budget=1.0)
     if name == "infinigen":
-        kw.update(alpha=math.inf, skew=draw(st.sampled_from(SKEWS)), dense_layers=draw(st.integers(0, 3)),
+        kw.update(alpha=math.inf, skew=draw(st.sampled_from(SKEWS)), dense_layers=draw(st.integers(1, 3)),  # 0: xfail
                   partial_ratio=draw(st.sampled_from([0.1, 0.25, 0.5, 1.0])))
     elif name in ("h2o", "streaming"):
         kw.update(recent=draw(st.sampled_from([0.0, 0.3, 0.5, 1.0])), sinks=draw(st.integers(0, 6)))
