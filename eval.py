@@ -40,37 +40,36 @@ def full_logprobs(model, windows, start):
 
 @torch.no_grad()
 def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
-    """Decode windows (B, N) teacher-forced with `pol` after a dense prefix; compare with full."""
-    B, N = windows.shape
+    """Decode each window (W, N) teacher-forced with `pol` after a dense prefix; compare with full.
+    Windows run one at a time: on a CPU, batch 1 is the fast shape for the vocabulary projection."""
+    W, N = windows.shape
     prefix = prefix or N // 2
-    ref = full_logprobs(model, windows, prefix)          # position t's logits predict token t+1
-    cache = I.make_cache(model, pol, B, N)
-    I.prefill(model, cache, windows[:, :prefix], torch.ones(B, prefix, dtype=torch.bool))
-    nll, nll_full, agree, kl = [], [], [], []
-    t0 = time.time()
-    for t in range(prefix, N - 1):
-        lp = I.decode_one(model, cache, windows[:, t]).float().log_softmax(-1)   # predicts token t+1
-        r = ref[:, t - prefix]
-        tgt = windows[:, t + 1, None]
-        nll.append(-lp.gather(-1, tgt)[:, 0]), nll_full.append(-r.gather(-1, tgt)[:, 0])
-        agree.append((lp.argmax(-1) == r.argmax(-1)).float())
-        kl.append((r.exp() * (r - lp)).sum(-1).clamp(min=0))
-        if progress and (t - prefix) % 64 == 0:
-            print(f"\r  {pol.name}: {t - prefix + 1}/{N - 1 - prefix} positions ({time.time() - t0:.0f}s)",
-                  end="", file=sys.stderr, flush=True)
+    rows, frac, t0 = [], [], time.time()
+    for w in range(W):
+        win = windows[w:w + 1]
+        ref = full_logprobs(model, win, prefix)[0]                     # position t's logits predict token t+1
+        cache = I.make_cache(model, pol, 1, N)
+        I.prefill(model, cache, win[:, :prefix], torch.ones(1, prefix, dtype=torch.bool))
+        for t in range(prefix, N - 1):
+            lp = I.decode_one(model, cache, win[:, t])[0].float().log_softmax(-1)   # predicts token t+1
+            r, tgt = ref[t - prefix], win[0, t + 1]
+            rows.append([-lp[tgt], -r[tgt], float(lp.argmax() == r.argmax()), (r.exp() * (r - lp)).sum().clamp(min=0)])
+            if progress and (t - prefix) % 64 == 0:
+                print(f"\r  {pol.name}: window {w + 1}/{W}, {t - prefix + 1}/{N - 1 - prefix} positions "
+                      f"({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
+        frac.append(I.stats_of(model, cache, 0, 1, 1, 1).get("fetched_fraction_per_layer", [1.0] * model.cfg.n_layers))
     if progress:
         print(file=sys.stderr)
-    nll, nll_full, agree, kl = (torch.stack(x, 1) for x in (nll, nll_full, agree, kl))   # (B, n)
-    st = I.stats_of(model, cache, 0, 1, 1, B)
-    frac = st.get("fetched_fraction_per_layer", [1.0] * model.cfg.n_layers)
+    nll, nll_full, agree, kl = torch.tensor(rows).view(W, N - 1 - prefix, 4).unbind(-1)   # each (W, n)
+    frac = torch.tensor(frac).mean(0).tolist()                                            # per layer
     dense = pol.dense_layers if pol.name not in ("full", "offload") else model.cfg.n_layers
     chunks = [{"start": prefix + 1 + c, "ppl": math.exp(nll[:, c:c + chunk].mean()),
                "ppl_full": math.exp(nll_full[:, c:c + chunk].mean()), "kl": kl[:, c:c + chunk].mean().item()}
               for c in range(0, nll.shape[1], chunk)]
     return {"ppl": math.exp(nll.mean()), "ppl_full": math.exp(nll_full.mean()), "top1": agree.mean().item(),
             "kl": kl.mean().item(), "fetched_fraction": sum(frac) / len(frac),
-            "sparse_fraction": sum(frac[dense:]) / max(len(frac) - dense, 1) if dense < len(frac) else 1.0,
-            "positions": int(nll.numel()), "chunks": chunks}
+            "sparse_fraction": sum(frac[dense:]) / (len(frac) - dense) if dense < len(frac) else 1.0,
+            "fetched_per_layer": [round(f, 4) for f in frac], "positions": int(nll.numel()), "chunks": chunks}
 
 
 def windows_of(tok, path, n, count, seed=0):

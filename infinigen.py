@@ -21,11 +21,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import model as M
 import skew as SK
+from model import Tok
 from offload import KVStore, OffloadError, Pool
+from skew import partial_query, speculate
 
 POLICIES = ("full", "offload", "infinigen", "h2o", "streaming", "oracle")
 
@@ -52,6 +53,8 @@ class Policy:
             raise ValueError(f"impossible budget {self.budget}: give a fraction in (0, 1] or a token count > 1")
         if not 0 < self.partial_ratio <= 1:
             raise ValueError(f"partial ratio {self.partial_ratio} must be in (0, 1]")
+        if self.name == "infinigen" and self.dense_layers < 1:
+            raise ValueError("infinigen speculates layer i+1 from layer i, so layer 0 is dense: --dense-layers >= 1")
         if self.capacity and (self.name == "oracle" or self.measure_recall):
             raise ValueError("oracle and --measure-recall read every key: they need an unbounded CPU store")
         if self.skew not in SK.MODES:
@@ -83,33 +86,10 @@ def to_index(sel):
     return idx, torch.gather(sel, -1, idx)
 
 
-def partial_query(x, attn, rope, P, Wp=None):
-    """The next layer's query in the partial columns: x (B, 1, C) -> (B, Hkv, G, m).
-    With a partial query weight Wp (H*m, C) (whole RoPE planes, no rotation) only m of the d
-    columns are computed: RoPE acts inside each plane, so it can rotate the partial query alone."""
-    Hkv, d, m = P.shape
-    if Wp is None:                                                              # skewed: full q, then A
-        q = attn.query(x, rope)                                                  # (B, H, 1, d)
-        return q.view(q.shape[0], Hkv, -1, d) @ P[None]                          # (B, Hkv, G, m)
-    B, T, _ = x.shape
-    qp = F.linear(x, *Wp).view(B, T, -1, m).transpose(1, 2)                     # (B, H, T, m)
-    if rope is not None:
-        cols = P.argmax(1).repeat_interleave(qp.shape[1] // Hkv, 0)             # (H, m) dims kept per head
-        cos, sin = (t.expand(-1, qp.shape[1], -1, -1).gather(-1, cols[None, :, None].expand(t.shape[0], -1, t.shape[2], -1)) for t in rope)
-        qp = M.apply_rope(qp, cos, sin)
-    return qp.reshape(B, Hkv, -1, m)
-
-
-def speculate(qp, kpart, scale):
-    """Approximate scores: partial queries (B, Hkv, G, m) times partial keys (B, Hkv, t, m)
-    -> (B, Hkv, t), the max over the G query heads that share a KV head."""
-    return (qp @ kpart.transpose(-1, -2)).amax(2) * scale
-
-
 def threshold_select(s, alpha, cap, allowed):
     """Tokens whose score is within alpha of the best, at most cap (B,) of them. (B, Hkv, t) bool."""
     s = s.masked_fill(~allowed, float("-inf"))
-    near = s > s.amax(-1, keepdim=True) - alpha
+    near = s >= s.amax(-1, keepdim=True) - alpha
     return topk_mask(s, cap, near & allowed)
 
 
@@ -307,29 +287,6 @@ def make_cache(model, pol: Policy, batch, slots, partial=None):
     return CACHES[pol.name](model, pol, batch, slots, p.device, p.dtype)
 
 
-# --- Tokenizer and chat format
-class Tok:
-    """tokenizer.json through `tokenizers`, plus the chat format a folder's chat.json names."""
-    def __init__(self, folder):
-        from tokenizers import Tokenizer
-        path = os.path.join(folder, "tokenizer.json")
-        if not os.path.exists(path):
-            raise M.ModelError(f"no tokenizer.json in {folder}")
-        self.tok = Tokenizer.from_file(path)
-        chat = os.path.join(folder, "chat.json")
-        self.chat = json.load(open(chat)) if os.path.exists(chat) else None
-        self.stop_ids = [self.tok.token_to_id(s) for s in (self.chat or {}).get("stop", []) if self.tok.token_to_id(s) is not None]
-
-    def encode(self, text, chat=True):
-        if chat and self.chat:  # ChatML
-            sys_msg = f"<|im_start|>system\n{self.chat['system']}<|im_end|>\n" if self.chat.get("system") else ""
-            text = f"{sys_msg}<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-        return self.tok.encode(text).ids
-
-    def decode(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-
 # --- Sampling
 def sample(logits, temperature, top_p, gen):
     """logits (B, V) -> next tokens (B,): greedy at temperature 0, else nucleus sampling."""
@@ -417,8 +374,8 @@ def stats_of(model, cache, t_prefill, t_decode, steps, B):
             "copy_wait_s": round(cache.store.wait_seconds(), 4),
         })
         if cache.pol.measure_recall:
-            sp = cache.pol.dense_layers
-            s["recall_per_layer"] = [None] * sp + [round(r / n, 4) for r in cache.recall.tolist()[sp:]]
+            dense = cache.cfg.n_layers if cache.name == "offload" else cache.pol.dense_layers   # recall 1 there
+            s["recall_per_layer"] = [1.0 if i < dense else round(r / n, 4) for i, r in enumerate(cache.recall.tolist())]
         if cache.store.pool:
             s["pool_misses"], s["pool_requests"] = cache.store.pool.misses, cache.store.pool.requests
     return s

@@ -290,6 +290,29 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
 
+# --- Tokenizer and chat format
+class Tok:
+    """tokenizer.json through `tokenizers`, plus the chat format a folder's chat.json names."""
+    def __init__(self, folder):
+        from tokenizers import Tokenizer
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.exists(path):
+            raise ModelError(f"no tokenizer.json in {folder}")
+        self.tok = Tokenizer.from_file(path)
+        chat = os.path.join(folder, "chat.json")
+        self.chat = json.load(open(chat)) if os.path.exists(chat) else None
+        self.stop_ids = [self.tok.token_to_id(s) for s in (self.chat or {}).get("stop", []) if self.tok.token_to_id(s) is not None]
+
+    def encode(self, text, chat=True):
+        if chat and self.chat:  # ChatML
+            sys_msg = f"<|im_start|>system\n{self.chat['system']}<|im_end|>\n" if self.chat.get("system") else ""
+            text = f"{sys_msg}<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+        return self.tok.encode(text).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
 # --- Loading
 HF_NAMES = [  # (Hugging Face name, ours); {i} is the layer index
     ("model.embed_tokens.weight", "embed.weight"), ("model.norm.weight", "norm.weight"),

@@ -85,6 +85,7 @@ class Pool:
             p = int((res == victim).nonzero()[0])
             self.where[layer, b, victim] = -1
         self.owner[layer, b, p], self.where[layer, b, t] = t, p
+        self.last_use[layer, b, t] = self.clock                          # admitted counts as a use
         return p
 
     def touch(self, layer, idx, ok):
@@ -97,7 +98,7 @@ class Pool:
         self.misses += int((ok & (slots < 0)).sum())
         flat = idx.reshape(B, -1)
         self.fetches[layer].scatter_add_(1, flat, hit.reshape(B, -1).long())
-        self.last_use[layer].scatter_(1, flat, torch.where(hit.reshape(B, -1), self.clock, self.last_use[layer].gather(1, flat)))
+        self.last_use[layer].scatter_reduce_(1, flat, hit.reshape(B, -1).long() * self.clock, reduce="amax")
         return torch.where(hit, slots, -1)
 
 
@@ -111,14 +112,15 @@ class KVStore:
         P = pool.cap if pool else slots
         elt = torch.tensor([], dtype=dtype).element_size()
         self.row_bytes = head_dim * elt
-        host = 2 * n_layers * P * batch * n_kv * head_dim * elt + 2 * slots * batch * n_kv * head_dim * elt
+        host = 2 * n_layers * P * batch * n_kv * head_dim * elt + 4 * slots * batch * n_kv * head_dim * elt
         dev = 2 * 2 * slots * batch * n_kv * head_dim * elt
         preflight(host, dev, device)
         pin = self.cuda
         self.k = torch.empty(n_layers, P, batch, n_kv, head_dim, dtype=dtype, pin_memory=pin)   # (L, S|P, B, Hkv, d)
         self.v = torch.empty_like(self.k, pin_memory=pin)
-        self.stage_k = torch.empty(slots * batch * n_kv, head_dim, dtype=dtype, pin_memory=pin)  # (rows, d)
-        self.stage_v = torch.empty_like(self.stage_k, pin_memory=pin)
+        # Staging rows for gathers, one pair per buffer parity: (rows, d)
+        self.stage_k = [torch.empty(slots * batch * n_kv, head_dim, dtype=dtype, pin_memory=pin) for _ in range(2)]
+        self.stage_v = [torch.empty_like(b, pin_memory=pin) for b in self.stage_k]
         # Two device buffers (even and odd layers): layer i+1's copy lands while layer i reads its own.
         self.buf_k = [torch.empty(slots, batch, n_kv, head_dim, dtype=dtype, device=device) for _ in range(2)]  # (S, B, Hkv, d)
         self.buf_v = [torch.empty_like(b) for b in self.buf_k]
@@ -164,10 +166,13 @@ class KVStore:
                 off = torch.arange(self.B * self.Hkv).view(self.B, self.Hkv, 1)     # b * Hkv + h
                 rows = (slots.clamp(min=0) * (self.B * self.Hkv) + off).permute(2, 0, 1).reshape(-1)  # (n*B*Hkv,)
                 m = rows.numel()
-                torch.index_select(self.k[layer].view(-1, self.d), 0, rows, out=self.stage_k[:m])
-                torch.index_select(self.v[layer].view(-1, self.d), 0, rows, out=self.stage_v[:m])
-                self.buf_k[buf].view(-1, self.d)[:m].copy_(self.stage_k[:m], non_blocking=True)
-                self.buf_v[buf].view(-1, self.d)[:m].copy_(self.stage_v[:m], non_blocking=True)
+                sk, sv = self.stage_k[buf][:m], self.stage_v[buf][:m]
+                if self.cuda and self.ready[buf] is not None:
+                    self.ready[buf].synchronize()                  # the last copy out of this staging is done
+                torch.index_select(self.k[layer].view(-1, self.d), 0, rows, out=sk)
+                torch.index_select(self.v[layer].view(-1, self.d), 0, rows, out=sv)
+                self.buf_k[buf].view(-1, self.d)[:m].copy_(sk, non_blocking=True)
+                self.buf_v[buf].view(-1, self.d)[:m].copy_(sv, non_blocking=True)
                 moved = 2 * m * self.row_bytes
             if self.cuda:
                 self.ready[buf] = torch.cuda.Event()

@@ -6,6 +6,9 @@ their energy in decreasing order, and a few of them predict the scores. Shapes: 
 tokens, H query heads, Hkv key/value heads, G = H // Hkv, d head dim, m partial columns.
 """
 import torch
+import torch.nn.functional as F
+
+from model import apply_rope
 
 MODES = ("none", "svd", "planes")
 
@@ -20,7 +23,7 @@ def group_queries(q, n_kv):
 # --- Skew
 def svd_skew(qg):
     """qg (Hkv, M, d) -> A (Hkv, d, d) orthogonal, columns in decreasing singular value."""
-    _, _, vh = torch.linalg.svd(qg.double(), full_matrices=False)
+    _, _, vh = torch.linalg.svd(qg.double(), full_matrices=True)         # square even when M < d
     return vh.transpose(-1, -2).to(qg.dtype)
 
 
@@ -68,7 +71,7 @@ def make_skew(q, k, mode, ratio):
         raise ValueError(f"unknown skew mode {mode!r} (choose from {', '.join(MODES)})")
     n_kv, d = k.shape[1], k.shape[2]
     qg, kg = group_queries(q.float(), n_kv), k.float().transpose(0, 1)      # (Hkv, G*N, d), (Hkv, N, d)
-    A = svd_skew(qg) if mode == "svd" else torch.eye(d).expand(n_kv, d, d)
+    A = svd_skew(qg) if mode == "svd" else torch.eye(d, device=qg.device).expand(n_kv, d, d)
     cols = choose_columns(qg @ A, kg @ A, ratio, planes=mode == "planes")
     return torch.gather(A, 2, cols[:, None, :].expand(n_kv, d, cols.shape[1])), A
 
@@ -82,6 +85,30 @@ def partial_query_weight(wq, bq, P):
     H = wq.shape[0] // d
     rows = (torch.arange(H, device=wq.device)[:, None] * d + cols.repeat_interleave(H // n_kv, 0)).reshape(-1)
     return wq[rows], None if bq is None else bq[rows]
+
+
+# --- Speculation
+def partial_query(x, attn, rope, P, Wp=None):
+    """The next layer's query in the partial columns: x (B, 1, C) -> (B, Hkv, G, m).
+    With a partial query weight Wp (H*m, C) (whole RoPE planes, no rotation) only m of the d
+    columns are computed: RoPE acts inside each plane, so it can rotate the partial query alone."""
+    Hkv, d, m = P.shape
+    if Wp is None:                                                              # skewed: full q, then A
+        q = attn.query(x, rope)                                                  # (B, H, 1, d)
+        return q.view(q.shape[0], Hkv, -1, d) @ P[None]                          # (B, Hkv, G, m)
+    B, T, _ = x.shape
+    qp = F.linear(x, *Wp).view(B, T, -1, m).transpose(1, 2)                     # (B, H, T, m)
+    if rope is not None:
+        cols = P.argmax(1).repeat_interleave(qp.shape[1] // Hkv, 0)             # (H, m) dims kept per head
+        cos, sin = (t.expand(-1, qp.shape[1], -1, -1).gather(-1, cols[None, :, None].expand(t.shape[0], -1, t.shape[2], -1)) for t in rope)
+        qp = apply_rope(qp, cos, sin)
+    return qp.reshape(B, Hkv, -1, m)
+
+
+def speculate(qp, kpart, scale):
+    """Approximate scores: partial queries (B, Hkv, G, m) times partial keys (B, Hkv, t, m)
+    -> (B, Hkv, t), the max over the G query heads that share a KV head."""
+    return (qp @ kpart.transpose(-1, -2)).amax(2) * scale
 
 
 # --- Folding into OPT weights
