@@ -111,6 +111,43 @@ def passkey(model, tok, pol, contexts, depths=(0.1, 0.5, 0.9), seed=0):
     return out
 
 
+# --- The study (make eval)
+def study(model, tok, args):
+    """Every comparison of `make eval`; one JSON per part in results/, plots, and the README table."""
+    base = dict(budget=0.1, alpha=args.alpha, partial_ratio=args.partial_ratio, skew=args.skew)
+    win = windows_of(tok, args.text, args.context, args.windows)
+    parts = {
+        "policies": [dict(base, name=n, skew=sk, budget=b) for b in (0.05, 0.1, 0.2) for n, sk in
+                     [("infinigen", "planes"), ("infinigen", "svd"), ("infinigen", "none"), ("h2o", "planes"),
+                      ("streaming", "planes"), ("oracle", "planes")]],
+        "alpha": [dict(base, name="infinigen", alpha=a) for a in (2.0, 5.0, 8.0, math.inf)],
+        "ratio": [dict(base, name="infinigen", partial_ratio=r) for r in (0.125, 0.25, 0.5, 1.0)],
+        "pool": [dict(base, name="infinigen", capacity=0.8, eviction=e) for e in ("fifo", "lru", "counter")],
+    }
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    meta = {"text": os.path.basename(args.text), "context": args.context, "windows": args.windows,
+            "command": "python eval.py --study " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d")}
+    for part, pols in parts.items():
+        if args.only and part not in args.only.split(","):
+            continue
+        rows = []
+        for kw in pols:
+            r = compare(model, win, I.Policy(**kw))
+            rows.append(dict(policy={k: (str(v) if v == math.inf else v) for k, v in kw.items()}, **r))
+            print(f"  {part}: {kw} -> kl {r['kl']:.4f} top1 {r['top1']:.3f} sparse {r['sparse_fraction']:.3f}", file=sys.stderr)
+            save(f"eval-{part}.json", dict(meta, rows=rows))
+    if not args.only or "passkey" in args.only.split(","):
+        ctx = [int(c) for c in args.contexts.split(",")]
+        rows = [dict(policy={k: (str(v) if v == math.inf else v) for k, v in kw.items()}, accuracy=passkey(model, tok, I.Policy(**kw), ctx))
+                for kw in (dict(name="full"), dict(base, name="infinigen"), dict(base, name="h2o"))]
+        save("eval-passkey.json", dict(meta, rows=rows))
+
+
+def save(name, obj):
+    with open(os.path.join(HERE, "results", name), "w") as f:
+        json.dump(obj, f, indent=1)
+
+
 # --- Command line
 def policy_from(args, **over):
     kw = dict(name=args.policy, budget=args.budget, alpha=args.alpha, partial_ratio=args.partial_ratio,
@@ -137,11 +174,15 @@ def main(argv=None):
     a("--passkey", action="store_true", help="run passkey retrieval instead")
     a("--contexts", default="1024,2048,4096,8192", help="passkey contexts")
     a("--model", default=None)
+    a("--study", action="store_true", help="run the whole study of `make eval` into results/")
+    a("--only", default="", help="with --study: comma list of parts (policies,alpha,ratio,pool,passkey)")
     a("--json", action="store_true")
     args = p.parse_args(argv)
     try:
         pol = policy_from(args)
-        model, tok = I.load_model(args.model, torch.device("cpu"), torch.float32)
+        model, tok = M.load_with_tokenizer(args.model, torch.device("cpu"), torch.float32)
+        if args.study:
+            return study(model, tok, args)
         if args.passkey:
             res = {"passkey": passkey(model, tok, pol, [int(c) for c in args.contexts.split(",")])}
         else:

@@ -26,7 +26,7 @@ import model as M
 import skew as SK
 from model import Tok
 from offload import KVStore, OffloadError, Pool
-from skew import partial_query, speculate
+from skew import partial_query, speculate, threshold_select, to_index, topk_mask
 
 POLICIES = ("full", "offload", "infinigen", "h2o", "streaming", "oracle")
 
@@ -36,8 +36,8 @@ POLICIES = ("full", "offload", "infinigen", "h2o", "streaming", "oracle")
 class Policy:
     name: str = "full"
     budget: float = 0.2          # past tokens per sparse layer: a fraction (<= 1) or a count (> 1)
-    alpha: float = 5.0           # infinigen: keep tokens whose speculated score > max - alpha
-    partial_ratio: float = 0.25  # infinigen: fraction of the d columns kept in the partial key cache
+    alpha: float = 8.0           # infinigen: keep tokens whose speculated score > max - alpha
+    partial_ratio: float = 0.3   # infinigen: fraction of the d columns kept in the partial key cache
     skew: str = "planes"         # none | svd | planes
     dense_layers: int = 2        # layers that always fetch everything (sparse policies)
     recent: float = 0.5          # h2o / streaming: share of the budget given to the recent window
@@ -63,34 +63,6 @@ class Policy:
     def count(self, n):  # n (B,) past tokens -> tokens to keep (B,)
         k = torch.ceil(n * self.budget) if self.budget <= 1 else torch.full_like(n, self.budget)
         return torch.minimum(k.long().clamp(min=1), n)
-
-
-# --- Selection math
-def topk_mask(scores, k, allowed):
-    """scores (B, Hkv, S), k (B,) per sequence, allowed (B, 1|Hkv, S) -> bool (B, Hkv, S), k best allowed."""
-    s = scores.masked_fill(~allowed, float("-inf"))
-    kmax = int(k.max()) if k.numel() else 0
-    if kmax == 0:
-        return torch.zeros_like(s, dtype=torch.bool)
-    top = s.topk(min(kmax, s.shape[-1]), dim=-1).indices                                   # (B, Hkv, kmax)
-    keep = (torch.arange(top.shape[-1], device=s.device) < k[:, None, None]).expand_as(top)
-    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, keep) & allowed
-
-
-def to_index(sel):
-    """sel (B, Hkv, S) bool -> idx (B, Hkv, n) slots in ascending order, ok (B, Hkv, n); n = max count."""
-    S = sel.shape[-1]
-    n = max(int(sel.sum(-1).max()), 1)
-    key = torch.where(sel, 0, S) + torch.arange(S, device=sel.device)
-    idx = key.topk(n, dim=-1, largest=False).indices.sort(-1).values                        # (B, Hkv, n)
-    return idx, torch.gather(sel, -1, idx)
-
-
-def threshold_select(s, alpha, cap, allowed):
-    """Tokens whose score is within alpha of the best, at most cap (B,) of them. (B, Hkv, t) bool."""
-    s = s.masked_fill(~allowed, float("-inf"))
-    near = s >= s.amax(-1, keepdim=True) - alpha
-    return topk_mask(s, cap, near & allowed)
 
 
 # --- Offloaded caches
@@ -160,7 +132,6 @@ class OffloadCache(M.Cache):
         if self.pol.measure_recall and T == 1 and self.sparse(layer):
             self.recall[layer] += self.recall_of(layer, q, k, slots, mask)
         self.store.append(layer, t0, k, v)
-        self.after_append(layer, k)
         return out
 
     def end(self):
@@ -169,13 +140,7 @@ class OffloadCache(M.Cache):
         self.store.ledger.step_done()
         super().end()
 
-    def select(self, layer, q, x, rope):
-        raise NotImplementedError
-
-    def observe(self, layer, q, kd, mask, slots):
-        pass
-
-    def after_append(self, layer, k):
+    def observe(self, layer, q, kd, mask, slots):  # what a policy learns from a layer's attention
         pass
 
     def recall_of(self, layer, q, k, slots, mask):
@@ -215,10 +180,8 @@ class InfiniGen(OffloadCache):
         if self.Wp[layer] is None and self.P[layer] is not None and self.plane_closed:
             wq = self.model.layers[layer].attn.wq
             self.Wp[layer] = SK.partial_query_weight(wq.weight, wq.bias, self.P[layer])
-
-    def after_append(self, layer, k):
-        if self.P[layer] is not None:
-            self.kpart[layer, :, :, self.t0:self.t0 + self.T] = k @ self.P[layer][None]   # (B, Hkv, T, m)
+        if self.P[layer] is not None:                                   # the partial key cache grows
+            self.kpart[layer, :, :, self.t0:self.t0 + self.T] = kd[:, :, -self.T:] @ self.P[layer][None]   # (B, Hkv, T, m)
 
     def select(self, layer, q, x, rope):
         qp = partial_query(x, self.model.layers[layer].attn, rope, self.P[layer], self.Wp[layer])
@@ -279,12 +242,19 @@ CACHES = {"offload": Offload, "infinigen": InfiniGen, "h2o": H2O, "streaming": S
 
 
 def make_cache(model, pol: Policy, batch, slots, partial=None):
+    """The policy's cache for `batch` sequences of up to `slots` tokens (partial: offline skew)."""
     p = next(model.parameters())
     if pol.name == "full":
         return M.DenseCache(model.cfg, batch, slots, p.device, p.dtype)
-    if pol.name == "infinigen":
-        return InfiniGen(model, pol, batch, slots, p.device, p.dtype, partial)
-    return CACHES[pol.name](model, pol, batch, slots, p.device, p.dtype)
+    extra = (partial,) if pol.name == "infinigen" else ()
+    return CACHES[pol.name](model, pol, batch, slots, p.device, p.dtype, *extra)
+
+
+def calibrate(model, tokens, pol: Policy):
+    """Offline skew: the partial maps P per layer from a calibration text (1, T) instead of the prompt."""
+    cache = make_cache(model, Policy("infinigen", skew=pol.skew, partial_ratio=pol.partial_ratio), 1, tokens.shape[1])
+    prefill(model, cache, tokens.to(next(model.parameters()).device), torch.ones_like(tokens, dtype=torch.bool))
+    return cache.P
 
 
 # --- Sampling
@@ -319,17 +289,13 @@ def decode_one(model, cache, tok):
     return model(tok[:, None], cache)[:, 0]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, seed=0, stop_ids=(),
              on_token=None, partial=None, progress=False):
     """Greedy or sampled generation for a batch of token lists (left-padded). Returns (outputs, stats)."""
     pol = pol or Policy()
     dev = next(model.parameters()).device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda d: None)
     B, T = len(prompts), max(len(p) for p in prompts)
     if T + max_new > model.cfg.max_seq_len:
         raise ValueError(f"prompt of {T} tokens + {max_new} new tokens exceeds the model's context of {model.cfg.max_seq_len}")
@@ -418,6 +384,7 @@ def build_parser():
     a("--cpu-kv-capacity", type=float, default=0, help="CPU pool: tokens per sequence (>1) or fraction of context")
     a("--eviction", choices=["fifo", "lru", "counter"], default=d.eviction)
     a("--measure-recall", action="store_true", help="also compute full attention to report captured mass")
+    a("--calib", help="infinigen: calibrate the skew offline on this text file (default: on the prompt)")
     return p
 
 
@@ -425,14 +392,6 @@ def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def load_model(name, device, dtype):
-    if name is None:
-        import prepare
-        name = prepare.prepare()
-    model, folder = M.load(name, device, dtype)
-    return model, Tok(folder)
 
 
 def main(argv=None):
@@ -443,46 +402,41 @@ def main(argv=None):
         pol = Policy(args.policy, args.budget, args.alpha, args.partial_ratio, args.skew, args.dense_layers,
                      args.recent, capacity=args.cpu_kv_capacity, eviction=args.eviction,
                      measure_recall=args.measure_recall)
-        if args.prompt_file:
-            if not os.path.exists(args.prompt_file):
-                raise ValueError(f"prompt file not found: {args.prompt_file}")
-            prompts = [open(args.prompt_file, encoding="utf-8").read()]
-        else:
-            prompts = args.prompt or ["Explain in two sentences why the sky is blue."]
-        model, tok = load_model(args.model, dev, dtype)
+        for f in (args.prompt_file, args.calib):
+            if f and not os.path.exists(f):
+                raise ValueError(f"file not found: {f}")
+        read = lambda f: open(f, encoding="utf-8", errors="replace").read()
+        prompts = [read(args.prompt_file)] if args.prompt_file else args.prompt or ["Explain in two sentences why the sky is blue."]
+        model, tok = M.load_with_tokenizer(args.model, dev, dtype)
         ids = [tok.encode(p, chat=not args.no_chat) for p in prompts]
-        stream = len(ids) == 1 and not args.json
-        shown, acc = [""], []
+        partial = None
+        if args.calib and pol.name == "infinigen":
+            partial = calibrate(model, torch.tensor([tok.encode(read(args.calib), chat=False)[:1024]]), pol)
+        stream, acc = len(ids) == 1 and not args.json, []
 
-        def on_token(nxt):  # print text as it is produced
+        def on_token(nxt):  # print text as it is produced (whole characters only)
+            before = tok.decode(acc)
             acc.append(int(nxt[0]))
-            text = tok.decode(acc)
-            if not text.endswith("\ufffd"):
-                print(text[len(shown[0]):], end="", flush=True)
-                shown[0] = text
+            if not tok.decode(acc).endswith("\ufffd"):
+                print(tok.decode(acc)[len(before.rstrip("\ufffd")):], end="", flush=True)
 
         stop = list(model.cfg.eos_ids) + tok.stop_ids
-        out, stats = generate(model, ids, pol, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop,
-                              on_token if stream else None, progress=not args.json)
+        out, st = generate(model, ids, pol, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop,
+                           on_token if stream else None, partial, progress=not args.json)
     except (M.ModelError, OffloadError, ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")
     texts = [tok.decode(o) for o in out]
     if args.json:
         one = len(texts) == 1
-        print(json.dumps({"text": texts[0] if one else texts, "tokens": out[0] if one else out, "stats": stats}))
+        print(json.dumps({"text": texts[0] if one else texts, "tokens": out[0] if one else out, "stats": st}))
         return
-    if stream:
-        print()
-    else:
-        for t in texts:
-            print(t, "\n---")
-    tps = stats["tokens_per_s"]
-    print(f"[{args.policy}] prefill {stats['prefill_s']:.2f}s, decode {stats['decode_steps']} steps in "
-          f"{stats['decode_s']:.2f}s ({tps} tok/s), KV {stats['kv_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
-    if "fetched_fraction_per_layer" in stats:
-        f = stats["fetched_fraction_per_layer"]
+    print("" if stream else "\n---\n".join(texts))
+    print(f"[{args.policy}] prefill {st['prefill_s']:.2f}s, decode {st['decode_steps']} steps in {st['decode_s']:.2f}s "
+          f"({st['tokens_per_s']} tok/s), KV {st['kv_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
+    if "fetched_fraction_per_layer" in st:
+        f = st["fetched_fraction_per_layer"]
         print(f"  fetched {sum(f) / len(f):.3f} of the KV per layer on average, "
-              f"{stats['h2d_bytes_per_step'] / 2**20:.2f} MiB host->device per step", file=sys.stderr)
+              f"{st['h2d_bytes_per_step'] / 2**20:.2f} MiB host->device per step", file=sys.stderr)
 
 
 if __name__ == "__main__":

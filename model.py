@@ -395,3 +395,12 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
     if cfg.arch == "llama":
         model.inv_freq = rope_inv_freq(cfg).to(device)
     return model.eval(), folder
+
+
+def load_with_tokenizer(name, device="cpu", dtype=torch.float32):
+    """load() plus the folder's tokenizer; name None = the built-in default model (prepared once)."""
+    if name is None:
+        import prepare
+        name = prepare.prepare()
+    model, folder = load(name, device, dtype)
+    return model, Tok(folder)

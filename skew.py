@@ -1,4 +1,4 @@
-"""Skewing and partial columns: pure functions over calibration queries and keys.
+"""Skewing, partial columns, speculation and selection: pure functions.
 
 For any orthogonal A (d, d), (qA)(kA)^T = q k^T, so rotating queries and keys changes no score.
 With A from the SVD of a head's calibration queries (Q = U S V^T, A = V) the columns of QA carry
@@ -109,6 +109,34 @@ def speculate(qp, kpart, scale):
     """Approximate scores: partial queries (B, Hkv, G, m) times partial keys (B, Hkv, t, m)
     -> (B, Hkv, t), the max over the G query heads that share a KV head."""
     return (qp @ kpart.transpose(-1, -2)).amax(2) * scale
+
+
+# --- Selection math
+def topk_mask(scores, k, allowed):
+    """scores (B, Hkv, S), k (B,) per sequence, allowed (B, 1|Hkv, S) -> bool (B, Hkv, S), k best allowed."""
+    s = scores.masked_fill(~allowed, float("-inf"))
+    kmax = int(k.max()) if k.numel() else 0
+    if kmax == 0:
+        return torch.zeros_like(s, dtype=torch.bool)
+    top = s.topk(min(kmax, s.shape[-1]), dim=-1).indices                                   # (B, Hkv, kmax)
+    keep = (torch.arange(top.shape[-1], device=s.device) < k[:, None, None]).expand_as(top)
+    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, keep) & allowed
+
+
+def to_index(sel):
+    """sel (B, Hkv, S) bool -> idx (B, Hkv, n) slots in ascending order, ok (B, Hkv, n); n = max count."""
+    S = sel.shape[-1]
+    n = max(int(sel.sum(-1).max()), 1)
+    key = torch.where(sel, 0, S) + torch.arange(S, device=sel.device)
+    idx = key.topk(n, dim=-1, largest=False).indices.sort(-1).values                        # (B, Hkv, n)
+    return idx, torch.gather(sel, -1, idx)
+
+
+def threshold_select(s, alpha, cap, allowed):
+    """Tokens whose score is within alpha of the best, at most cap (B,) of them. (B, Hkv, t) bool."""
+    s = s.masked_fill(~allowed, float("-inf"))
+    near = s >= s.amax(-1, keepdim=True) - alpha
+    return topk_mask(s, cap, near & allowed)
 
 
 # --- Folding into OPT weights
