@@ -2,7 +2,8 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip --disable-pip-version-check -q
 TORCH   ?= torch==2.13.0
-PROMPT  ?= Explain in three sentences how a CPU cache works.
+PROMPT  ?= prompts/demo.txt
+TEXT    ?= ../shared/data/tinyshakespeare.txt
 
 .PHONY: help install dev model demo test eval bench figures lines clean
 
@@ -29,15 +30,16 @@ model: .venv/.core  ## prepare the built-in default model (SmolLM2-135M-Instruct
 
 demo: model  ## generate with full attention, then with InfiniGen, and compare what they moved
 	@echo "== full attention (the KV cache on the device)"
-	$(PY) infinigen.py --policy full --max-new-tokens 64 --prompt "$(PROMPT)"
+	$(PY) infinigen.py --policy full --max-new-tokens 64 --prompt-file $(PROMPT)
 	@echo "== InfiniGen (KV in CPU memory, speculated tokens fetched one layer ahead)"
-	$(PY) infinigen.py --policy infinigen --max-new-tokens 64 --prompt "$(PROMPT)"
+	$(PY) infinigen.py --policy infinigen --max-new-tokens 64 --prompt-file $(PROMPT)
 
 test: .venv/.dev model  ## run every test (CPU; CUDA tests skip without a GPU)
 	$(PY) -m pytest -q
 
 eval: .venv/.dev model  ## the accuracy study: results/eval-*.json, plots, README table
-	$(PY) eval.py --study --text ../shared/data/tinyshakespeare.txt
+	$(PY) eval.py --study --text $(TEXT) --context 2048 --decode 512
+	$(PY) eval.py --passkey --json --contexts 1024,2048,4096,8192
 
 bench: .venv/.dev model  ## decode throughput of every policy (GPU; prints what it can on CPU)
 	$(PY) bench.py

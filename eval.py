@@ -5,8 +5,8 @@
   python eval.py --passkey [--contexts 1024,2048] [--policy P] ...
   python eval.py --study --text FILE     (the whole study of `make eval`)
 
-Each window of N tokens is prefilled densely for its first half, then decoded token by token with
-the policy, always feeding the true next token. Every decoded position's next-token distribution
+Each window of N tokens is prefilled densely but for its last --decode tokens, which are decoded one
+by one with the policy, always feeding the true next token. Every decoded position's next-token distribution
 is compared with full attention's: perplexity, top-1 agreement, KL(full || policy).
 """
 import argparse
@@ -117,22 +117,21 @@ def study(model, tok, args):
     base = dict(budget=0.1, alpha=args.alpha, partial_ratio=args.partial_ratio, skew=args.skew)
     win = windows_of(tok, args.text, args.context, args.windows)
     parts = {
-        "policies": [dict(base, name=n, skew=sk, budget=b) for b in (0.05, 0.1, 0.2) for n, sk in
-                     [("infinigen", "planes"), ("infinigen", "svd"), ("infinigen", "none"), ("h2o", "planes"),
-                      ("streaming", "planes"), ("oracle", "planes")]],
-        "alpha": [dict(base, name="infinigen", alpha=a) for a in (2.0, 5.0, 8.0, math.inf)],
-        "ratio": [dict(base, name="infinigen", partial_ratio=r) for r in (0.125, 0.25, 0.5, 1.0)],
+        "policies": [dict(base, name=n, budget=b) for b in (0.05, 0.1, 0.2) for n in ("infinigen", "h2o", "oracle")]
+        + [dict(base, name="streaming"), dict(base, name="infinigen", skew="svd"), dict(base, name="infinigen", skew="none")],
+        "alpha": [dict(base, name="infinigen", alpha=a) for a in (2.0, 5.0, math.inf)],
+        "ratio": [dict(base, name="infinigen", partial_ratio=r) for r in (0.125, 0.5, 1.0)],
         "pool": [dict(base, name="infinigen", capacity=0.8, eviction=e) for e in ("fifo", "lru", "counter")],
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    meta = {"text": os.path.basename(args.text), "context": args.context, "windows": args.windows,
+    meta = {"text": os.path.basename(args.text), "context": args.context, "windows": args.windows, "decode": args.decode,
             "command": "python eval.py --study " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d")}
     for part, pols in parts.items():
         if args.only and part not in args.only.split(","):
             continue
         rows = []
         for kw in pols:
-            r = compare(model, win, I.Policy(**kw))
+            r = compare(model, win, I.Policy(**kw), prefix=args.context - args.decode)
             rows.append(dict(policy={k: (str(v) if v == math.inf else v) for k, v in kw.items()}, **r))
             print(f"  {part}: {kw} -> kl {r['kl']:.4f} top1 {r['top1']:.3f} sparse {r['sparse_fraction']:.3f}", file=sys.stderr)
             save(f"eval-{part}.json", dict(meta, rows=rows))
@@ -141,6 +140,84 @@ def study(model, tok, args):
         rows = [dict(policy={k: (str(v) if v == math.inf else v) for k, v in kw.items()}, accuracy=passkey(model, tok, I.Policy(**kw), ctx))
                 for kw in (dict(name="full"), dict(base, name="infinigen"), dict(base, name="h2o"))]
         save("eval-passkey.json", dict(meta, rows=rows))
+
+
+def load_part(name):
+    path = os.path.join(HERE, "results", f"eval-{name}.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def label(p):
+    extra = f" {p['skew']}" if p["name"] == "infinigen" else ""
+    return f"{p['name']}{extra}"
+
+
+def report():
+    """The README's accuracy table and the plots, from results/eval-*.json."""
+    rows = []
+    for part in ("policies", "alpha", "ratio", "pool"):
+        res = load_part(part)
+        for r in (res or {}).get("rows", []):
+            p = r["policy"]
+            knobs = f"α={p['alpha']}, r={p['partial_ratio']}" if p["name"] == "infinigen" else ""
+            knobs += f", pool 80% {p['eviction']}" if p.get("capacity") else ""
+            rows.append(f"| {part} | {label(p)} | {p['budget']} | {knobs} | {r['kl']:.4f} | {r['top1']:.3f} | "
+                        f"{r['ppl']:.2f} / {r['ppl_full']:.2f} | {r['fetched_fraction']:.3f} | {r['sparse_fraction']:.3f} |")
+    if rows:
+        meta = load_part("policies") or load_part("alpha") or {}
+        table = (f"Default model, `{meta.get('text')}`, {meta.get('windows')} window(s) of {meta.get('context')} tokens, "
+                 f"the last {meta.get('decode', 512)} decoded with the policy; made by `{meta.get('command')}` on "
+                 f"{meta.get('date')}.\n\n| part | policy | budget | settings | KL(full‖policy) | top-1 | ppl / full | "
+                 "fetched (all layers) | fetched (sparse layers) |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+        pk = load_part("passkey")
+        if pk:
+            ctx = list(pk["rows"][0]["accuracy"])
+            table += ("\n\nPasskey retrieval (accuracy over depths 10%, 50%, 90%):\n\n| policy | " + " | ".join(ctx)
+                      + " |\n|---|" + "---|" * len(ctx) + "\n" + "\n".join(
+                          f"| {label(r['policy']) if r['policy']['name'] != 'full' else 'full'} "
+                          f"{r['policy'].get('budget', '') if r['policy']['name'] != 'full' else ''} | "
+                          + " | ".join(f"{r['accuracy'][c]:.2f}" for c in ctx) + " |" for r in pk["rows"]))
+        readme = os.path.join(HERE, "README.md")
+        text = open(readme).read()
+        a, b = text.index("<!-- eval:begin -->"), text.index("<!-- eval:end -->")
+        open(readme, "w").write(text[:a] + "<!-- eval:begin -->\n" + table + "\n" + text[b:])
+    plots()
+
+
+def plots():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pol = load_part("policies")
+    if not pol:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name in ("infinigen", "h2o", "oracle"):
+        pts = sorted((r["policy"]["budget"], r["kl"]) for r in pol["rows"]
+                     if r["policy"]["name"] == name and r["policy"].get("skew") in ("planes", None))
+        ax[0].plot(*zip(*pts), "o-", label=name)
+    ax[0].set(xlabel="budget per sparse layer", ylabel="KL(full ‖ policy)", yscale="log", title="accuracy vs budget")
+    ax[0].legend()
+    for r in pol["rows"]:
+        if r["policy"]["budget"] == 0.1 and r["policy"].get("skew", "planes") == "planes":
+            ax[1].plot([c["start"] for c in r["chunks"]], [c["ppl"] for c in r["chunks"]], "o-", label=label(r["policy"]))
+    ax[1].plot([c["start"] for c in r["chunks"]], [c["ppl_full"] for c in r["chunks"]], "k--", label="full")
+    ax[1].set(xlabel="position", ylabel="perplexity per 256-token chunk", title="budget 0.1")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "results", "eval-policies.png"), dpi=90)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
+    for i, (part, key) in enumerate((("alpha", "alpha"), ("ratio", "partial_ratio"))):
+        res = load_part(part)
+        if res:
+            pts = sorted((float(r["policy"][key]), r["kl"], r["sparse_fraction"]) for r in res["rows"])
+            xs = [x if x != math.inf else 16 for x, _, _ in pts]
+            ax[i].plot(xs, [k for _, k, _ in pts], "o-")
+            for x, (_, k, f) in zip(xs, pts):
+                ax[i].annotate(f"{f:.3f}", (x, k), fontsize=7)
+            ax[i].set(xlabel=key + (" (16 = inf)" if key == "alpha" else ""), ylabel="KL", title=f"infinigen, budget 0.1: {key} (labels: fetched)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "results", "eval-sweeps.png"), dpi=90)
 
 
 def save(name, obj):
@@ -162,7 +239,8 @@ def main(argv=None):
     a = p.add_argument
     a("--text", help="text file for teacher-forced evaluation")
     a("--context", type=I.positive_int, default=2048, help="window length in tokens")
-    a("--windows", type=I.positive_int, default=2, help="windows evaluated (as one batch)")
+    a("--windows", type=I.positive_int, default=1, help="windows evaluated")
+    a("--decode", type=I.positive_int, default=512, help="positions decoded with the policy at each window's end")
     a("--policy", choices=I.POLICIES, default="infinigen")
     a("--budget", type=float, default=d.budget)
     a("--alpha", type=float, default=d.alpha)
@@ -175,20 +253,26 @@ def main(argv=None):
     a("--contexts", default="1024,2048,4096,8192", help="passkey contexts")
     a("--model", default=None)
     a("--study", action="store_true", help="run the whole study of `make eval` into results/")
+    a("--report", action="store_true", help="only rebuild the README table and plots from results/eval-*.json")
     a("--only", default="", help="with --study: comma list of parts (policies,alpha,ratio,pool,passkey)")
     a("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.report:
+        return report()
     try:
         pol = policy_from(args)
         model, tok = M.load_with_tokenizer(args.model, torch.device("cpu"), torch.float32)
         if args.study:
-            return study(model, tok, args)
+            study(model, tok, args)
+            return report()
         if args.passkey:
             res = {"passkey": passkey(model, tok, pol, [int(c) for c in args.contexts.split(",")])}
         else:
             if not args.text:
                 raise ValueError("--text FILE is required (or --passkey)")
-            res = compare(model, windows_of(tok, args.text, args.context, args.windows), pol)
+            if args.decode >= args.context:
+                raise ValueError(f"--decode {args.decode} must be smaller than --context {args.context}")
+            res = compare(model, windows_of(tok, args.text, args.context, args.windows), pol, args.context - args.decode)
     except (M.ModelError, ValueError, FileNotFoundError, I.OffloadError) as e:
         sys.exit(f"error: {e}")
     if args.json:

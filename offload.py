@@ -6,9 +6,7 @@ found by one flat index: row = slot * B * Hkv + b * Hkv + h.
 On a machine without CUDA the "device" is the CPU, the stream is None, and the same gathers and
 copies run as plain copies, so the tests exercise this very code.
 """
-import os
 import time
-from collections import defaultdict
 
 import torch
 
@@ -148,7 +146,7 @@ class KVStore:
     def fetch(self, layer, t0, idx=None, ok=None):
         """Start copying layer's past K, V to the device: all of slots 0..t0 (idx None), or for
         each (b, h) the slots idx (B, Hkv, n) where ok. Returns a handle for `take`."""
-        buf = layer % 2
+        buf, start = layer % 2, time.perf_counter()
         if self.cuda:  # the buffer must not be overwritten while layer-2 still reads it
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream) if self.cuda else _nullctx():
@@ -178,6 +176,8 @@ class KVStore:
                 self.ready[buf] = torch.cuda.Event()
                 self.ready[buf].record(self.stream)
         self.ledger.h2d[layer] += moved
+        if not self.cuda:                                    # no stream: the compute waits for the whole copy
+            self.ledger.wait_s += time.perf_counter() - start
         return buf, n, ok
 
     def take(self, handle):
