@@ -1,15 +1,12 @@
-"""InfiniGen: the policies, the decode loop and the command line.
-
-Every policy is a cache object handed to the one model in model.py:
+"""InfiniGen: the policies, the decode loop and the command line. Every policy is a cache object
+handed to the one model in model.py:
   full      K, V of every layer stay on the device (model.DenseCache).
-  offload   K, V live in CPU memory; every layer's whole past is copied each step, layer i+1's
-            copy issued while layer i computes.
-  infinigen layers 0..dense-1 dense; while layer i runs, layer i+1's scores are speculated from
-            layer i's attention input, its partial query weight and its partial key cache; the
-            tokens within alpha of the best (capped by the budget) are prefetched.
+  offload   K, V in CPU memory; every layer's whole past copied each step, layer i+1's while i computes.
+  infinigen layers 0..dense-1 dense; while layer i runs, layer i+1's scores are speculated from layer
+            i's attention input, partial query weight and partial key cache; the tokens within alpha
+            of the best (capped by the budget) are prefetched.
   h2o       heavy hitters by accumulated attention plus a recent window; evicted for good.
-  streaming attention sinks plus a recent window.
-  oracle    the true top-k by the real scores (evaluation only: it reads every key).
+  streaming attention sinks plus a recent window.   oracle  the true top-k (evaluation only).
 Shapes: B batch, T new tokens, S slots, H heads, Hkv KV heads, G = H // Hkv, d head dim, n fetched.
 """
 import argparse
@@ -68,8 +65,9 @@ class Policy:
 # --- Offloaded caches
 class OffloadCache(M.Cache):
     """K, V in the CPU store; each layer attends over what its fetch brought plus the new tokens.
-    Subclasses choose `select(layer, q, x, rope)`; `ahead` says whether it runs one layer early."""
-    ahead = True
+    Alone it is the `offload` policy; subclasses choose `select(layer, q, x, rope)`, and `ahead`
+    says whether that runs one layer early (speculation) or at the layer itself."""
+    name, ahead = "offload", True
 
     def __init__(self, model, pol: Policy, batch, slots, device, dtype):
         super().__init__(batch, slots, device)
@@ -90,27 +88,37 @@ class OffloadCache(M.Cache):
         pos = super().begin(valid_new)
         self.allowed = self.valid[:, None, :self.t0]                                # (B, 1, t0) past tokens
         if self.ahead:
-            self.issue(0)
+            self.issue(0, self.plan(0))
         return pos
 
-    def issue(self, layer, q=None, x=None, rope=None):
-        """Choose what `layer` needs of the past and start its copy."""
+    def plan(self, layer, q=None, x=None, rope=None):
+        """What `layer` needs of the past: None (all, one block) or (idx, ok) per KV head, already on
+        their way to host memory (a copy and an event on CUDA) so the host waits for nothing else."""
         if self.t0 == 0 or (not self.sparse(layer) and self.store.pool is None):
-            self.handles[layer] = self.store.fetch(layer, self.t0)            # everything, one block
-            return
+            return None
         if self.sparse(layer):
             sel = self.select(layer, q, x, rope) & self.allowed                 # (B, Hkv, t0)
         else:  # dense, but a bounded pool scatters tokens: fetch every past token by index
             sel = self.allowed.expand(-1, self.cfg.n_kv_heads, -1)
         idx, ok = to_index(sel)
         self.idx[layer] = idx
-        self.handles[layer] = self.store.fetch(layer, self.t0, idx, ok)
+        ev = torch.cuda.Event() if self.store.cuda else None
+        host = (idx.to("cpu", non_blocking=True), ok.to("cpu", non_blocking=True))   # pinned, async on CUDA
+        if ev:
+            ev.record()
+        return (*host, ev)
+
+    def issue(self, layer, plan):
+        """Start copying what `plan` chose for `layer`."""
+        if plan is not None and plan[2] is not None:
+            plan[2].synchronize()                           # only the selection, not the queued attention
+        self.handles[layer] = self.store.fetch(layer, self.t0, *(plan[:2] if plan else ()))
 
     def attend(self, layer, q, k, v, x, rope):
-        if self.ahead and layer + 1 < self.cfg.n_layers:
-            self.issue(layer + 1, x=x, rope=rope)           # layer i+1's copy overlaps layer i's compute
+        ahead = self.ahead and layer + 1 < self.cfg.n_layers
+        nxt = self.plan(layer + 1, x=x, rope=rope) if ahead else None   # speculate layer i+1 first
         if not self.ahead:
-            self.issue(layer, q=q)
+            self.issue(layer, self.plan(layer, q=q))
         kb, vb, n, ok = self.store.take(self.handles.pop(layer))
         t0, T = self.t0, self.T
         kb[n:n + T], vb[n:n + T] = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)    # (T, B, Hkv, d)
@@ -127,7 +135,9 @@ class OffloadCache(M.Cache):
             slots = torch.cat([self.idx.pop(layer), new_slots], -1)                   # (B, Hkv, n+T)
             if T == 1:
                 self.fetched[layer] += (ok.sum((1, 2)).double() / (ok.shape[1] * self.length.clamp(min=1))).mean().item()
-        out = M.attention(q, kd, vd, mask)
+        out = M.attention(q, kd, vd, mask)                  # queued before the host gathers for i+1
+        if ahead:
+            self.issue(layer + 1, nxt)                      # its copy overlaps this layer's attention and MLP
         self.observe(layer, q, kd, mask, slots)
         if self.pol.measure_recall and T == 1 and self.sparse(layer):
             self.recall[layer] += self.recall_of(layer, q, k, slots, mask)
@@ -152,10 +162,6 @@ class OffloadCache(M.Cache):
         chosen = torch.zeros_like(p, dtype=torch.bool)
         chosen.scatter_(-1, slots.repeat_interleave(self.G, 1)[:, :, None], mask)
         return ((p * chosen).sum(-1).mean()).item()
-
-
-class Offload(OffloadCache):
-    name = "offload"
 
 
 class InfiniGen(OffloadCache):
@@ -238,7 +244,7 @@ class H2O(OffloadCache):
         return sel
 
 
-CACHES = {"offload": Offload, "infinigen": InfiniGen, "h2o": H2O, "streaming": Streaming, "oracle": Oracle}
+CACHES = {"offload": OffloadCache, "infinigen": InfiniGen, "h2o": H2O, "streaming": Streaming, "oracle": Oracle}
 
 
 def make_cache(model, pol: Policy, batch, slots, partial=None):
