@@ -300,10 +300,71 @@ def suite_gpu(a):
                                  "pinned_h2d_bytes_per_s": round(bw), "rows": rows})
 
 
+# --- Timeline
+def suite_timeline(a):
+    """One traced decode step of `offload` and `infinigen`: when each layer computed (compute stream)
+    and when each layer's K, V copy ran (copy stream, or the host on a CPU). Plot and JSON."""
+    from offload import mark
+    cuda = torch.cuda.is_available()
+    dev, dtype = (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
+    name = a.models.split(",")[0]
+    folder = llama7b_dir(4096) if name == "7b" and cuda else prepare.prepare()
+    model, _ = M.load(folder, dev, dtype)
+    B, ctx = int(a.batches.split(",")[0]), int(a.contexts.split(",")[0])
+    ids = torch.randint(0, model.cfg.vocab_size, (B, ctx), generator=torch.Generator().manual_seed(0)).to(dev)
+    out = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "model": name, "batch": B, "context": ctx,
+           "command": " ".join(["python"] + sys.argv), "runs": {},
+           "note": "CUDA: copy-stream and compute-stream events, so overlap is real concurrency" if cuda else
+           "CPU: host clock; a copy inside the previous layer's span ran serially within it, not concurrently"}
+    for pol in ("offload", "infinigen"):
+        say(f"timeline: {pol}, batch {B}, context {ctx} ...")
+        cache = I.make_cache(model, I.Policy(pol), B, ctx + 4)
+        I.prefill(model, cache, ids, torch.ones_like(ids, dtype=torch.bool))
+        tok = ids[:, -1]
+        for _ in range(2):                                           # warm up
+            I.decode_one(model, cache, tok)
+        marks = []
+        hooks = [b.register_forward_pre_hook(lambda m, x, i=i: marks.append(("start", i, mark(cuda))))
+                 for i, b in enumerate(model.layers)]
+        hooks += [b.register_forward_hook(lambda m, x, y, i=i: marks.append(("end", i, mark(cuda))))
+                  for i, b in enumerate(model.layers)]
+        cache.store.trace = []
+        t0 = mark(cuda)
+        I.decode_one(model, cache, tok)
+        for h in hooks:
+            h.remove()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        ms = (lambda e: t0.elapsed_time(e)) if cuda else (lambda t: (t - t0) * 1e3)
+        starts = {i: ms(e) for k, i, e in marks if k == "start"}
+        layers = [(i, starts[i], ms(e)) for k, i, e in marks if k == "end"]
+        copies = [(i, ms(s), ms(e)) for _, i, s, e in cache.store.trace]
+        overlap = sum(max(0.0, min(ce, le) - max(cs, ls)) for ci, cs, ce in copies
+                      for li, ls, le in layers if li == ci - 1)      # copy of i+1 during layer i
+        out["runs"][pol] = {"layers_ms": layers, "copies_ms": copies, "copy_ms": sum(e - s for _, s, e in copies),
+                            "copy_during_previous_layer_ms": overlap}
+        say(f"  copies {out['runs'][pol]['copy_ms']:.2f} ms in all, {overlap:.2f} ms of it during the previous layer")
+    slug = "".join(c if c.isalnum() else "-" for c in out["device"].lower()).strip("-")
+    write(f"timeline-{slug}.json", out)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 1, figsize=(11, 3.8))
+    for ax, (pol, run) in zip(axes, out["runs"].items()):
+        for row, spans in ((1, run["layers_ms"]), (0, run["copies_ms"])):
+            ax.broken_barh([(s, e - s) for _, s, e in spans], (row - 0.4, 0.8),
+                           facecolors=[plt.cm.tab20(i % 20) for i, _, _ in spans])
+        ax.set(yticks=[0, 1], yticklabels=["copy", "compute"], title=f"{pol}: one decode step on {out['device']}")
+    axes[-1].set_xlabel("ms (colour = layer; a copy lands before its layer computes)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "results", f"timeline-{slug}.png"), dpi=90)
+    say(f"wrote results/timeline-{slug}.png")
+
+
 # --- Command line
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--suite", choices=["cpu", "gpu", "timeline"], default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--text", help="cpu: the prompt's source text (default: GPL-3 in /usr/share/common-licenses)")
     p.add_argument("--prompt-tokens", type=int, default=512, help="cpu: prompt length in tokens")
     p.add_argument("--new-tokens", type=int, default=None, help="default: 128 (cpu), 16 (gpu)")
@@ -312,7 +373,7 @@ def main():
     p.add_argument("--batches", default="1,8,16,32", help="gpu")
     p.add_argument("--contexts", default="1024,2048,4096,8192", help="gpu: prompt + new tokens")
     a = p.parse_args()
-    suite_cpu(a) if a.suite == "cpu" else suite_gpu(a)
+    {"cpu": suite_cpu, "gpu": suite_gpu, "timeline": suite_timeline}[a.suite](a)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ found by one flat index: row = slot * B * Hkv + b * Hkv + h.
 On a machine without CUDA the "device" is the CPU, the stream is None, and the same gathers and
 copies run as plain copies, so the tests exercise this very code.
 """
+import contextlib
 import time
 
 import torch
@@ -123,7 +124,10 @@ class KVStore:
         self.buf_k = [torch.empty(slots, batch, n_kv, head_dim, dtype=dtype, device=device) for _ in range(2)]  # (S, B, Hkv, d)
         self.buf_v = [torch.empty_like(b) for b in self.buf_k]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.ready = [None, None]           # per buffer: the CUDA event its copy recorded
+        self.ready = [None, None]           # per buffer: the event its last copy recorded (copy stream)
+        self.freed = [None, None]           # per buffer: an event after its last reader (compute stream)
+        self.appended = [None] * n_layers   # per layer: the event after its last device->host append
+        self.trace = None                   # a list to record ("copy", layer, start, end) marks into
         self.wait_events = []               # (before, after) pairs on the compute stream
         self.ledger = Ledger(n_layers)
 
@@ -132,8 +136,12 @@ class KVStore:
         """Write the new tokens' K, V (B, Hkv, T, d) on the device into slots t0..t0+T (device->host)."""
         T = k.shape[2]
         kt, vt = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)                 # (T, B, Hkv, d)
-        if self.pool is None:
-            self.k[layer, t0:t0 + T].copy_(kt), self.v[layer, t0:t0 + T].copy_(vt)
+        if self.pool is None:  # asynchronous on CUDA; a fetch of this layer waits for `appended`
+            self.k[layer, t0:t0 + T].copy_(kt.contiguous(), non_blocking=True)
+            self.v[layer, t0:t0 + T].copy_(vt.contiguous(), non_blocking=True)
+            if self.cuda:
+                self.appended[layer] = torch.cuda.Event()
+                self.appended[layer].record()
         else:
             kt, vt = kt.cpu(), vt.cpu()
             for b in range(self.B):
@@ -148,8 +156,15 @@ class KVStore:
         each (b, h) the slots idx (B, Hkv, n) where ok. Returns a handle for `take`."""
         buf, start = layer % 2, time.perf_counter()
         if self.cuda:  # the buffer must not be overwritten while layer-2 still reads it
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream) if self.cuda else _nullctx():
+            if layer == 0 or self.freed[buf] is None:       # a new step: after everything before
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            else:
+                self.stream.wait_event(self.freed[buf])
+            if self.appended[layer] is not None:            # the store holds this layer's last token
+                self.stream.wait_event(self.appended[layer])
+                self.appended[layer].synchronize()
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+            first = mark(self.cuda) if self.trace is not None else None
             if idx is None:
                 n = t0
                 assert self.pool is None or n == 0, "with a bounded pool, fetch by index"
@@ -175,6 +190,8 @@ class KVStore:
             if self.cuda:
                 self.ready[buf] = torch.cuda.Event()
                 self.ready[buf].record(self.stream)
+            if first is not None:
+                self.trace.append(("copy", layer, first, mark(self.cuda)))
         self.ledger.h2d[layer] += moved
         if not self.cuda:                                    # no stream: the compute waits for the whole copy
             self.ledger.wait_s += time.perf_counter() - start
@@ -186,7 +203,8 @@ class KVStore:
         if self.cuda:
             cur = torch.cuda.current_stream(self.device)
             before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            before.record(cur)
+            before.record(cur)                               # everything queued so far, layer-1's
+            self.freed[1 - buf] = before                     # attention included, has read the other buffer
             cur.wait_event(self.ready[buf])
             after.record(cur)
             self.wait_events.append((before, after))
@@ -201,9 +219,10 @@ class KVStore:
         return self.ledger.wait_s
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def mark(cuda):
+    """A point in time for a timeline: an event on the current CUDA stream, or the host clock."""
+    if not cuda:
+        return time.perf_counter()
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e

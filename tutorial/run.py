@@ -1,0 +1,76 @@
+"""Run a chapter's code: its ```python blocks with no include marker, top to bottom, in one
+namespace, from the repository root (which is on sys.path), on one CPU thread.
+
+  python tutorial/run.py tutorial/04-attention-is-sparse.md     run one chapter, printing its output
+  python tutorial/run.py --write [CHAPTER ...]                   also refresh its output blocks
+
+An output block is a ```text fence right after the line `<!-- output -->`; it shows what the
+runnable block before it printed the last time the chapter was run with --write.
+"""
+import contextlib
+import io
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tutorial import sync  # noqa: E402
+
+
+class Tee(io.StringIO):
+    """Collects what a block prints and passes it on."""
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def write(self, s):
+        self.out.write(s)
+        return super().write(s)
+
+
+def run_chapter(path, write=False, threads=1, echo=sys.stdout):
+    """Execute the runnable blocks of one chapter; with write, refresh its output blocks."""
+    import torch
+    torch.set_num_threads(threads)
+    lines = open(path, encoding="utf-8").read().splitlines()
+    bl = sync.blocks(lines)
+    ns, printed, cwd = {"__name__": "__chapter__"}, {}, os.getcwd()
+    os.chdir(ROOT)
+    try:
+        for n, b in enumerate(bl):
+            if not sync.runnable(b):
+                continue
+            code = "\n" * (b["open"] + 1) + "\n".join(b["body"]) + "\n"   # tracebacks give the .md line
+            out = Tee(echo)
+            with contextlib.redirect_stdout(out):
+                exec(compile(code, path, "exec"), ns)
+            printed[n] = out.getvalue()
+    finally:
+        os.chdir(cwd)
+    if write:
+        new, last = lines[:], None
+        for n, b in reversed(list(enumerate(bl))):
+            if b["marker"] == sync.OUTPUT:
+                src = max((k for k in printed if k < n), default=None)
+                if src is None:
+                    raise ValueError(f"{path}:{b['open'] + 1}: an output block with no runnable block before it")
+                new[b["open"] + 1:b["close"]] = printed[src].rstrip("\n").splitlines()
+        if new != lines:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("\n".join(new) + "\n")
+    return printed
+
+
+def main(argv):
+    write = "--write" in argv
+    paths = [a for a in argv if not a.startswith("--")] or sync.chapters()
+    for p in paths:
+        print(f"== {os.path.relpath(p, ROOT)}", file=sys.stderr)
+        run_chapter(p, write)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
