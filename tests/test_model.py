@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import model
 from model import Config, DenseCache, ModelError
+from helpers import randomize
 
 HYP = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -72,20 +73,6 @@ def cases(draw, archs=("llama", "opt")):
                 impl=draw(st.sampled_from(["eager", "sdpa"])), legacy=draw(st.booleans()))
 
 
-def randomize(m, seed):
-    """Non-trivial weights: O(1) activations, norm weights around 1, non-zero biases everywhere."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():   # tied parameters come once
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(1.5 / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
-    return m
 
 
 def padded(prompts, pad):

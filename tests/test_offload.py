@@ -14,12 +14,6 @@ HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChec
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --- Strategies

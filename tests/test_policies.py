@@ -17,18 +17,12 @@ import infinigen as IG
 import model
 import skew as SK
 from infinigen import Policy
+from helpers import randomize
 
 N_NEW = 16
 SKEWS = ("none", "svd", "planes")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models decode one token at a time: one thread is as fast, and far faster on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --- Helpers
@@ -41,20 +35,6 @@ def assert_close(ours, ref, rel, what):
     assert err <= tol, f"{what}: max abs diff {err:.3g} > tol {tol:.3g}"
 
 
-def randomize(m, seed):
-    """Non-trivial weights (peaky attention, varied greedy tokens) for HF or our modules."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(1.5 / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
-    return m
 
 
 def padded(prompts):

@@ -10,17 +10,11 @@ from hypothesis import strategies as st
 
 import model
 import skew as SK
+from helpers import randomize
 
 HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and much faster when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def randn(g, *shape):
@@ -194,17 +188,7 @@ def random_opt(folder, seed, layers, heads, head_dim, pre_norm, vocab=61):
                                         num_hidden_layers=layers, num_attention_heads=heads,
                                         max_position_embeddings=64, word_embed_proj_dim=hidden,
                                         do_layer_norm_before=pre_norm, dropout=0.0, attention_dropout=0.0))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():   # peaky attention and non-zero biases, so that a wrong fold would show
-        for name, p in hf.named_parameters():
-            if "layer_norm" in name and name.endswith("weight"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(1.5 / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
+    randomize(hf, seed)                     # peaky attention and non-zero biases: a wrong fold would show
     hf.save_pretrained(folder)
     m, _ = model.load(folder)
     assert m.cfg.arch == "opt" and m.cfg.n_kv_heads == heads and m.cfg.head_dim == head_dim
