@@ -77,7 +77,7 @@ class OffloadCache(M.Cache):
         cap = pol.capacity if pol.capacity > 1 else round(pol.capacity * slots)
         pool = Pool(cfg.n_layers, batch, slots, int(cap), pol.eviction) if 0 < cap < slots else None
         self.store = KVStore(cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim, device, dtype, pool)
-        self.fetched = torch.zeros(cfg.n_layers, dtype=torch.float64)     # sum over steps of fraction fetched
+        self.fetched = torch.zeros(cfg.n_layers, device=device)          # sum over steps of fraction fetched
         self.recall = torch.zeros(cfg.n_layers, dtype=torch.float64)
         self.decode_steps, self.handles, self.idx = 0, {}, {}
 
@@ -134,7 +134,7 @@ class OffloadCache(M.Cache):
             new_slots = (t0 + torch.arange(T, device=self.dev)).expand(self.B, ok.shape[1], T)
             slots = torch.cat([self.idx.pop(layer), new_slots], -1)                   # (B, Hkv, n+T)
             if T == 1:
-                self.fetched[layer] += (ok.sum((1, 2)).double() / (ok.shape[1] * self.length.clamp(min=1))).mean().item()
+                self.fetched[layer] += (ok.sum((1, 2)) / (ok.shape[1] * self.length.clamp(min=1))).mean()   # no sync
         out = M.attention(q, kd, vd, mask)                  # queued before the host gathers for i+1
         if ahead:
             self.issue(layer + 1, nxt)                      # its copy overlaps this layer's attention and MLP
