@@ -44,6 +44,9 @@ eval: .venv/.dev model  ## the accuracy study: results/eval-*.json, plots, READM
 bench: .venv/.dev model  ## decode throughput of every policy (GPU; prints what it can on CPU)
 	$(PY) bench.py
 
+figures: .venv/.dev model  ## regenerate the tutorial's pictures from real runs
+	$(PY) tutorial/figures.py
+
 lines:  ## count the engine's lines (the README keeps this number)
 	@wc -l model.py skew.py offload.py infinigen.py
 

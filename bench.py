@@ -313,6 +313,7 @@ def suite_timeline(a):
     B, ctx = int(a.batches.split(",")[0]), int(a.contexts.split(",")[0])
     ids = torch.randint(0, model.cfg.vocab_size, (B, ctx), generator=torch.Generator().manual_seed(0)).to(dev)
     out = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "model": name, "batch": B, "context": ctx,
+           "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "command": " ".join(["python"] + sys.argv), "runs": {},
            "note": "CUDA: copy-stream and compute-stream events, so overlap is real concurrency" if cuda else
            "CPU: host clock; a copy inside the previous layer's span ran serially within it, not concurrently"}

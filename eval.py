@@ -122,10 +122,12 @@ def study(model, tok, args):
         "alpha": [dict(base, name="infinigen", alpha=a) for a in (2.0, 5.0, math.inf)],
         "ratio": [dict(base, name="infinigen", partial_ratio=r) for r in (0.125, 0.5, 1.0)],
         "pool": [dict(base, name="infinigen", capacity=0.8, eviction=e) for e in ("fifo", "lru", "counter")],
+        "noalpha": [dict(base, name="infinigen", alpha=math.inf, budget=b) for b in (0.05, 0.2)]
+        + [dict(base, name="infinigen", alpha=math.inf, partial_ratio=r) for r in (0.125, 0.5)],
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     meta = {"text": os.path.basename(args.text), "context": args.context, "windows": args.windows, "decode": args.decode,
-            "command": "python eval.py --study " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d")}
+            "command": "python eval.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d")}
     for part, pols in parts.items():
         if args.only and part not in args.only.split(","):
             continue
@@ -155,7 +157,7 @@ def label(p):
 def report():
     """The README's accuracy table and the plots, from results/eval-*.json."""
     rows = []
-    for part in ("policies", "alpha", "ratio", "pool"):
+    for part in ("policies", "alpha", "noalpha", "ratio", "pool"):
         res = load_part(part)
         for r in (res or {}).get("rows", []):
             p = r["policy"]
@@ -254,7 +256,7 @@ def main(argv=None):
     a("--model", default=None)
     a("--study", action="store_true", help="run the whole study of `make eval` into results/")
     a("--report", action="store_true", help="only rebuild the README table and plots from results/eval-*.json")
-    a("--only", default="", help="with --study: comma list of parts (policies,alpha,ratio,pool,passkey)")
+    a("--only", default="", help="with --study: comma list of parts (policies,alpha,noalpha,ratio,pool,passkey)")
     a("--json", action="store_true")
     args = p.parse_args(argv)
     if args.report:

@@ -33,7 +33,7 @@ POLICIES = ("full", "offload", "infinigen", "h2o", "streaming", "oracle")
 class Policy:
     name: str = "full"
     budget: float = 0.2          # past tokens per sparse layer: a fraction (<= 1) or a count (> 1)
-    alpha: float = 8.0           # infinigen: keep tokens whose speculated score > max - alpha
+    alpha: float = math.inf      # infinigen: keep tokens whose speculated score >= max - alpha
     partial_ratio: float = 0.3   # infinigen: fraction of the d columns kept in the partial key cache
     skew: str = "planes"         # none | svd | planes
     dense_layers: int = 2        # layers that always fetch everything (sparse policies)

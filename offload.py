@@ -112,7 +112,7 @@ class KVStore:
         elt = torch.tensor([], dtype=dtype).element_size()
         self.row_bytes = head_dim * elt
         host = 2 * n_layers * P * batch * n_kv * head_dim * elt + 4 * slots * batch * n_kv * head_dim * elt
-        dev = 2 * 2 * slots * batch * n_kv * head_dim * elt
+        dev = 4 * 2 * slots * batch * n_kv * head_dim * elt                 # buffers and landing rows
         preflight(host, dev, device)
         pin = self.cuda
         self.k = torch.empty(n_layers, P, batch, n_kv, head_dim, dtype=dtype, pin_memory=pin)   # (L, S|P, B, Hkv, d)
@@ -120,6 +120,11 @@ class KVStore:
         # Staging rows for gathers, one pair per buffer parity: (rows, d)
         self.stage_k = [torch.empty(slots * batch * n_kv, head_dim, dtype=dtype, pin_memory=pin) for _ in range(2)]
         self.stage_v = [torch.empty_like(b, pin_memory=pin) for b in self.stage_k]
+        self.stage_pos = [torch.empty(slots * batch * n_kv, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        # Where gathered rows land on the device before index_copy_ puts them in place: (rows, d)
+        self.land_k = [torch.empty(slots * batch * n_kv, head_dim, dtype=dtype, device=device) for _ in range(2)]
+        self.land_v = [torch.empty_like(b) for b in self.land_k]
+        self.land_pos = [torch.empty(slots * batch * n_kv, dtype=torch.long, device=device) for _ in range(2)]
         # Two device buffers (even and odd layers): layer i+1's copy lands while layer i reads its own.
         self.buf_k = [torch.empty(slots, batch, n_kv, head_dim, dtype=dtype, device=device) for _ in range(2)]  # (S, B, Hkv, d)
         self.buf_v = [torch.empty_like(b) for b in self.buf_k]
@@ -178,15 +183,19 @@ class KVStore:
                 n = idx.shape[2]
                 off = torch.arange(self.B * self.Hkv).view(self.B, self.Hkv, 1)     # b * Hkv + h
                 rows = (slots.clamp(min=0) * (self.B * self.Hkv) + off).permute(2, 0, 1).reshape(-1)  # (n*B*Hkv,)
-                m = rows.numel()
-                sk, sv = self.stage_k[buf][:m], self.stage_v[buf][:m]
+                pos = ok.permute(2, 0, 1).reshape(-1).nonzero().squeeze(1)   # only wanted rows travel
+                m = pos.numel()
+                sk, sv, sp = self.stage_k[buf][:m], self.stage_v[buf][:m], self.stage_pos[buf][:m]
                 if self.cuda and self.ready[buf] is not None:
                     self.ready[buf].synchronize()                  # the last copy out of this staging is done
-                torch.index_select(self.k[layer].view(-1, self.d), 0, rows, out=sk)
-                torch.index_select(self.v[layer].view(-1, self.d), 0, rows, out=sv)
-                self.buf_k[buf].view(-1, self.d)[:m].copy_(sk, non_blocking=True)
-                self.buf_v[buf].view(-1, self.d)[:m].copy_(sv, non_blocking=True)
-                moved = 2 * m * self.row_bytes
+                torch.index_select(self.k[layer].view(-1, self.d), 0, rows[pos], out=sk)
+                torch.index_select(self.v[layer].view(-1, self.d), 0, rows[pos], out=sv)
+                sp.copy_(pos)
+                dk, dv, dp = self.land_k[buf][:m], self.land_v[buf][:m], self.land_pos[buf][:m]
+                dk.copy_(sk, non_blocking=True), dv.copy_(sv, non_blocking=True), dp.copy_(sp, non_blocking=True)
+                self.buf_k[buf].view(-1, self.d).index_copy_(0, dp, dk)     # into place, on the device
+                self.buf_v[buf].view(-1, self.d).index_copy_(0, dp, dv)
+                moved = 2 * m * self.row_bytes + m * sp.element_size()
             if self.cuda:
                 self.ready[buf] = torch.cuda.Event()
                 self.ready[buf].record(self.stream)

@@ -23,7 +23,8 @@ def group_queries(q, n_kv):
 # --- Skew
 def svd_skew(qg):
     """qg (Hkv, M, d) -> A (Hkv, d, d) orthogonal, columns in decreasing singular value."""
-    _, _, vh = torch.linalg.svd(qg.double(), full_matrices=True)         # square even when M < d
+    square = qg.shape[1] < qg.shape[2]                                    # M < d: V must still be (d, d)
+    _, _, vh = torch.linalg.svd(qg.double(), full_matrices=square)       # never the (M, M) U otherwise
     return vh.transpose(-1, -2).to(qg.dtype)
 
 

@@ -116,12 +116,13 @@ def test_ledger_counts_bytes(c):
     store.fetch(0, c["t0"])                                             # dense: t0 tokens, K and V
     store.ledger.step_done()
     idx, ok = to_index(c["sels"][0])
-    store.fetch(1, c["t0"], idx, ok)                                    # sparse: n rows per (b, h), padding too
-    store.fetch(2, c["t0"], idx, ok)
+    store.fetch(1, c["t0"], idx, ok)                                    # sparse: only the wanted rows
+    store.fetch(2, c["t0"], idx, ok)                                    # and their positions travel
     store.ledger.step_done()
-    n = idx.shape[-1]
-    assert store.ledger.h2d == [2 * c["t0"] * per_token, 2 * n * per_token, 2 * n * per_token]
-    assert store.ledger.step_h2d == [2 * c["t0"] * per_token, 4 * n * per_token]
+    rows = int(ok.sum())
+    sparse = 2 * rows * c["d"] * elt + rows * 8
+    assert store.ledger.h2d == [2 * c["t0"] * per_token, sparse, sparse]
+    assert store.ledger.step_h2d == [2 * c["t0"] * per_token, 2 * sparse]
     assert store.ledger.steps == 2
 
 

@@ -1,6 +1,7 @@
 """Make every picture of the tutorial (tutorial/figures/*.png) from real runs on the default model.
 
   python tutorial/figures.py          (or: make figures)        progress on stderr; one thread
+  python tutorial/figures.py 6 7      only the pictures of chapters 6 and 7
 
 Each picture's caption in its chapter says what it shows; the numbers behind them are recomputed
 here every time, on the CPU, in float32.
@@ -52,7 +53,7 @@ def fig_sparsity(rec, L):
     ax.set(yscale="log", xlabel="layer", ylabel="share of past tokens",
            title=f"fewest tokens holding 90% of a head's attention ({PROMPT}-token prompt, {STEPS} decode steps)")
     ax.axhline(0.1, color="grey", ls=":", lw=1)
-    ax.set_xticks(range(0, L, 2))
+    ax.set_xticks(list(range(0, L, 2)), [str(i) for i in range(0, L, 2)])
     fig.tight_layout()
     save(fig, "04-sparsity.png")
 
@@ -113,7 +114,7 @@ def fig_skew(model, rec, L):
         curves["pre svd"].append(cum(e(gpre, Apre)))
         curves["post none"].append(cum(e(gpost)))
         curves["post svd"].append(cum(e(gpost, Apost)))
-        curves["post planes"].append(torch.repeat_interleave(cum(plane), 2))          # whole planes
+        curves["post planes"].append(cum(plane))                                      # whole planes: 2, 4, .. columns
         curves["pre A after RoPE"].append(cum(e(gpost, Apre)))
     style = {"pre svd": ("SVD of queries before RoPE (not usable)", "black", "--"),
              "post none": ("no skew (mode none)", "tab:grey", "-"),
@@ -123,10 +124,11 @@ def fig_skew(model, rec, L):
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
     cols = torch.arange(1, cfg.head_dim + 1)
     for k, (name, color, ls) in style.items():
-        ax[0].plot(cols, curves[k][10], color=color, ls=ls, label=name)
-        ax[1].plot(cols, torch.stack(curves[k][2:]).mean(0), color=color, ls=ls, label=name)
+        x = cols[1::2] if k == "post planes" else cols
+        ax[0].plot(x, curves[k][10], color=color, ls=ls, label=name)
+        ax[1].plot(x, torch.stack(curves[k][2:]).mean(0), color=color, ls=ls, label=name)
     for a, t in zip(ax, ("layer 10", f"mean of layers 2..{cfg.n_layers - 1}")):
-        a.axvline(SK.n_columns(0.3, cfg.head_dim, True), color="grey", ls=":", lw=1)
+        a.axvline(SK.n_columns(I.Policy().partial_ratio, cfg.head_dim, True), color="grey", ls=":", lw=1)
         a.set(xlabel="columns kept (largest energy first)", ylabel="share of query energy", ylim=(0, 1.01),
               xlim=(1, cfg.head_dim), title=f"query energy per column, {t}")
     ax[1].legend(fontsize=7, loc="lower right")
@@ -137,11 +139,11 @@ def fig_skew(model, rec, L):
 # --- Chapter 7: recall of the engine
 def fig_recall(model, ids, L):
     say("chapter 7: recall per layer of the infinigen policy (Policy(measure_recall=True)) ...")
-    runs = [("planes, budget 0.1, alpha 8", dict(budget=0.1)),
-            ("planes, budget 0.2, alpha 8", dict(budget=0.2)),
-            ("planes, budget 0.2, alpha 4", dict(budget=0.2, alpha=4.0)),
-            ("svd, budget 0.1, alpha 8", dict(budget=0.1, skew="svd")),
-            ("none, budget 0.1, alpha 8", dict(budget=0.1, skew="none"))]
+    runs = [("planes, budget 0.1, alpha 8", dict(budget=0.1, alpha=8.0, skew="planes")),
+            ("planes, budget 0.2, alpha 8", dict(budget=0.2, alpha=8.0, skew="planes")),
+            ("planes, budget 0.2, alpha 4", dict(budget=0.2, alpha=4.0, skew="planes")),
+            ("svd, budget 0.1, alpha 8", dict(budget=0.1, alpha=8.0, skew="svd")),
+            ("none, budget 0.1, alpha 8", dict(budget=0.1, alpha=8.0, skew="none"))]
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
     for label, kw in runs:
         t = time.time()
@@ -170,35 +172,43 @@ def fig_pool(model, tok):
     for ev in ("fifo", "lru", "counter"):
         rate = []
         for cap in caps:
-            _, st = I.generate(model, [ids], I.Policy("infinigen", budget=0.2, capacity=cap, eviction=ev),
+            _, st = I.generate(model, [ids], I.Policy("infinigen", budget=0.2, alpha=8.0, capacity=cap, eviction=ev),
                                max_new=new, stop_ids=())
             rate.append(st["pool_misses"] / st["pool_requests"])
             say(f"  {ev} capacity {cap}: {st['pool_misses']} misses of {st['pool_requests']} requests")
         ax.plot(caps, rate, "o-", label=ev)
     ax.set(xlabel=f"pool capacity (tokens per layer; {len(ids) + new} in all)", ylabel="misses / requests",
-           title="bounded CPU pool, infinigen budget 0.2")
+           title="bounded CPU pool, infinigen budget 0.2, alpha 8")
     ax.legend()
     fig.tight_layout()
     save(fig, "09-pool.png")
 
 
-def main():
+def main(argv):
+    """argv: chapter numbers to redraw (default: all)."""
+    only = {int(a) for a in argv} or {4, 5, 6, 7, 9}
     torch.set_num_threads(1)
     os.makedirs(OUT, exist_ok=True)
     t = time.time()
     model, tok = M.load_with_tokenizer(None)
     L = model.cfg.n_layers
     ids = lab.text_tokens(tok, PROMPT)
-    say(f"recording a {PROMPT}-token prompt and {STEPS} greedy steps on the default model ...")
-    rec = lab.record(model, ids, STEPS)
-    fig_sparsity(rec, L)
-    fig_layers(model, rec, L)
-    fig_skew(model, rec, L)
-    del rec
-    fig_recall(model, ids, L)
-    fig_pool(model, tok)
+    if only & {4, 5, 6}:
+        say(f"recording a {PROMPT}-token prompt and {STEPS} greedy steps on the default model ...")
+        rec = lab.record(model, ids, STEPS)
+        if 4 in only:
+            fig_sparsity(rec, L)
+        if 5 in only:
+            fig_layers(model, rec, L)
+        if 6 in only:
+            fig_skew(model, rec, L)
+        del rec
+    if 7 in only:
+        fig_recall(model, ids, L)
+    if 9 in only:
+        fig_pool(model, tok)
     say(f"done in {time.time() - t:.0f}s")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

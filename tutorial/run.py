@@ -31,7 +31,7 @@ class Tee(io.StringIO):
         return super().write(s)
 
 
-def run_chapter(path, write=False, threads=1, echo=sys.stdout):
+def run_chapter(path, write=False, threads=1, echo=None):
     """Execute the runnable blocks of one chapter; with write, refresh its output blocks."""
     import torch
     torch.set_num_threads(threads)
@@ -44,7 +44,7 @@ def run_chapter(path, write=False, threads=1, echo=sys.stdout):
             if not sync.runnable(b):
                 continue
             code = "\n" * (b["open"] + 1) + "\n".join(b["body"]) + "\n"   # tracebacks give the .md line
-            out = Tee(echo)
+            out = Tee(echo or sys.stdout)
             with contextlib.redirect_stdout(out):
                 exec(compile(code, path, "exec"), ns)
             printed[n] = out.getvalue()
