@@ -91,7 +91,7 @@ def passkey_prompt(tok, context, depth, key):
     """A key hidden at `depth` (0..1) of `context` tokens of filler, then the question."""
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
     question = "What is the pass key? The pass key is"
-    n_fill = context - len(tok.encode(needle + question, chat=False)) - 2
+    n_fill = context - len(tok.encode(needle + question, chat=False)) - 16      # room for the answer
     fill = tok.encode(FILLER * (context // 10), chat=False)[:n_fill]
     cut = int(len(fill) * depth)
     text = tok.decode(fill[:cut]) + needle + tok.decode(fill[cut:]) + question
@@ -197,7 +197,12 @@ def plots():
     for name in ("infinigen", "h2o", "oracle"):
         pts = sorted((r["policy"]["budget"], r["kl"]) for r in pol["rows"]
                      if r["policy"]["name"] == name and r["policy"].get("skew") in ("planes", None))
-        ax[0].plot(*zip(*pts), "o-", label=name)
+        ax[0].plot(*zip(*pts), "o-", label=name + (" α=8" if name == "infinigen" else ""))
+    rows = [r for part in ("alpha", "noalpha") for r in (load_part(part) or {}).get("rows", [])]
+    pts = sorted((r["policy"]["budget"], r["kl"]) for r in rows
+                 if r["policy"]["alpha"] == "inf" and r["policy"]["partial_ratio"] == 0.3)
+    if pts:
+        ax[0].plot(*zip(*pts), "o-", label="infinigen α=∞ (default)")
     ax[0].set(xlabel="budget per sparse layer", ylabel="KL(full ‖ policy)", yscale="log", title="accuracy vs budget")
     ax[0].legend()
     for r in pol["rows"]:
