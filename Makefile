@@ -39,7 +39,6 @@ test: .venv/.dev model  ## run every test (CPU; CUDA tests skip without a GPU)
 
 eval: .venv/.dev model  ## the accuracy study: results/eval-*.json, plots, README table
 	$(PY) eval.py --study --text $(TEXT) --context 2048 --decode 512
-	$(PY) eval.py --passkey --json --contexts 1024,2048,4096,8192
 
 bench: .venv/.dev model  ## decode throughput of every policy (GPU; prints what it can on CPU)
 	$(PY) bench.py
