@@ -58,7 +58,7 @@ class Policy:
             raise ValueError(f"unknown skew mode {self.skew!r} (choose from {', '.join(SK.MODES)})")
 
     def count(self, n):  # n (B,) past tokens -> tokens to keep (B,)
-        k = torch.ceil(n * self.budget) if self.budget <= 1 else torch.full_like(n, self.budget)
+        k = torch.ceil(n * self.budget) if self.budget <= 1 else torch.full_like(n, int(self.budget))
         return torch.minimum(k.long().clamp(min=1), n)
 
 
@@ -170,7 +170,7 @@ class InfiniGen(OffloadCache):
     def __init__(self, model, pol, batch, slots, device, dtype, partial=None):
         super().__init__(model, pol, batch, slots, device, dtype)
         cfg = self.cfg
-        self.P = partial or [None] * cfg.n_layers          # per layer (Hkv, d, m), from calibration
+        self.P = list(partial or [None] * cfg.n_layers)    # per layer (Hkv, d, m), from calibration
         self.Wp = [None] * cfg.n_layers                     # per layer (H*m, C) and bias: the partial query weight
         # Columns alone can be projected and rotated when no rotation mixes them with others.
         self.plane_closed = pol.skew == "planes" or (pol.skew == "none" and cfg.arch == "opt")
