@@ -12,7 +12,6 @@ N-1 decode forwards of N new tokens). Transformers: a LogitsProcessor stamps the
 on CUDA) each time it is called, i.e. once after every forward; decode time = last stamp - first
 stamp, which spans the same N-1 decode forwards, and prefill time = first stamp - start.
 """
-import argparse
 import datetime
 import gc
 import json
@@ -364,7 +363,7 @@ def suite_timeline(a):
 
 # --- Command line
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = I.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=["cpu", "gpu", "timeline"], default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--text", help="cpu: the prompt's source text (default: GPL-3 in /usr/share/common-licenses)")
     p.add_argument("--prompt-tokens", type=int, default=512, help="cpu: prompt length in tokens")
