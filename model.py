@@ -331,7 +331,7 @@ HF_NAMES = [  # (Hugging Face name, ours); {i} is the layer index
     ("model.decoder", "fc1", "mlp.up"), ("model.decoder", "fc2", "mlp.down")]]
 
 
-def map_name(name, n_layers):
+def map_name(name):  # a Hugging Face tensor name -> ours, or None when we do not use it
     parts = name.split(".")
     i = next((p for p in parts if p.isdigit()), None)
     for hf, ours in HF_NAMES:
@@ -379,7 +379,7 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
     for fname in files:
         with safe_open(os.path.join(folder, fname), framework="pt") as f:
             for name in f.keys():
-                ours = map_name(name, cfg.n_layers)
+                ours = map_name(name)
                 if ours is None or ours not in params:
                     continue
                 t = f.get_tensor(name)
