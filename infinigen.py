@@ -43,19 +43,22 @@ class Policy:
     eviction: str = "counter"    # fifo | lru | counter
     measure_recall: bool = False
 
-    def __post_init__(self):
-        if self.name not in POLICIES:
-            raise ValueError(f"unknown policy {self.name!r} (choose from {', '.join(POLICIES)})")
-        if self.budget <= 0:
-            raise ValueError(f"impossible budget {self.budget}: give a fraction in (0, 1] or a token count > 1")
-        if not 0 < self.partial_ratio <= 1:
-            raise ValueError(f"partial ratio {self.partial_ratio} must be in (0, 1]")
-        if self.name == "infinigen" and self.dense_layers < 1:
-            raise ValueError("infinigen speculates layer i+1 from layer i, so layer 0 is dense: --dense-layers >= 1")
-        if self.capacity and (self.name == "oracle" or self.measure_recall):
-            raise ValueError("oracle and --measure-recall read every key: they need an unbounded CPU store")
-        if self.skew not in SK.MODES:
-            raise ValueError(f"unknown skew mode {self.skew!r} (choose from {', '.join(SK.MODES)})")
+    def __post_init__(self):  # every impossible setting, refused with one line
+        for ok, why in [
+            (self.name in POLICIES, f"unknown policy {self.name!r} (choose from {', '.join(POLICIES)})"),
+            (self.budget > 0 and math.isfinite(self.budget),
+             f"impossible budget {self.budget}: give a fraction in (0, 1] or a token count > 1"),
+            (0 < self.partial_ratio <= 1, f"partial ratio {self.partial_ratio} must be in (0, 1]"),
+            (self.alpha >= 0, f"alpha {self.alpha} must be >= 0 (inf: no threshold, the budget decides)"),
+            (0 <= self.recent <= 1, f"recent share {self.recent} must be in [0, 1]"),
+            (self.capacity >= 0, f"CPU KV capacity {self.capacity} must be >= 0 (0: unbounded)"),
+            (self.dense_layers >= (self.name == "infinigen"), "--dense-layers must be >= 0, and >= 1 for "
+             "infinigen: it speculates layer i+1 from layer i, so layer 0 is dense"),
+            (not self.capacity or (self.name != "oracle" and not self.measure_recall),
+             "oracle and --measure-recall read every key: they need an unbounded CPU store"),
+            (self.skew in SK.MODES, f"unknown skew mode {self.skew!r} (choose from {', '.join(SK.MODES)})")]:
+            if not ok:
+                raise ValueError(why)
 
     def count(self, n):  # n (B,) past tokens -> tokens to keep (B,)
         k = torch.ceil(n * self.budget) if self.budget <= 1 else torch.full_like(n, int(self.budget))
@@ -303,6 +306,8 @@ def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, s
     dev = next(model.parameters()).device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda d: None)
     B, T = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("an empty prompt: give at least one token (or drop --no-chat)")
     if T + max_new > model.cfg.max_seq_len:
         raise ValueError(f"prompt of {T} tokens + {max_new} new tokens exceeds the model's context of {model.cfg.max_seq_len}")
     tokens = torch.zeros(B, T, dtype=torch.long)
@@ -340,11 +345,9 @@ def stats_of(model, cache, t_prefill, t_decode, steps, B):
          "kv_bytes": 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * elt * int(cache.length.sum())}
     if isinstance(cache, OffloadCache):
         led, n = cache.store.ledger, max(cache.decode_steps, 1)
-        s.update({
-            "h2d_bytes_per_step": round(sum(led.step_h2d[-cache.decode_steps:]) / n) if cache.decode_steps else 0,
-            "fetched_fraction_per_layer": [round(f / n, 4) for f in cache.fetched.tolist()],
-            "copy_wait_s": round(cache.store.wait_seconds(), 4),
-        })
+        s.update(h2d_bytes_per_step=round(sum(led.step_h2d[-cache.decode_steps:]) / n) if cache.decode_steps else 0,
+                 fetched_fraction_per_layer=[round(f / n, 4) for f in cache.fetched.tolist()],
+                 copy_wait_s=round(cache.store.wait_seconds(), 4))
         if cache.pol.measure_recall:
             dense = cache.cfg.n_layers if cache.name == "offload" else cache.pol.dense_layers   # recall 1 there
             s["recall_per_layer"] = [1.0 if i < dense else round(r / n, 4) for i, r in enumerate(cache.recall.tolist())]
@@ -394,22 +397,20 @@ def build_parser():
     return p
 
 
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        dev = pick_device(args.device)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+        dev = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, args.dtype or ("float16" if dev.type == "cuda" else "float32"))
         pol = Policy(args.policy, args.budget, args.alpha, args.partial_ratio, args.skew, args.dense_layers,
                      args.recent, capacity=args.cpu_kv_capacity, eviction=args.eviction,
                      measure_recall=args.measure_recall)
+        if args.temperature < 0 or not 0 < args.top_p <= 1:
+            raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
         for f in (args.prompt_file, args.calib):
-            if f and not os.path.exists(f):
+            if f and not os.path.isfile(f):
                 raise ValueError(f"file not found: {f}")
         read = lambda f: open(f, encoding="utf-8", errors="replace").read()
         prompts = [read(args.prompt_file)] if args.prompt_file else args.prompt or ["Explain in two sentences why the sky is blue."]

@@ -61,6 +61,12 @@ def error_cases(tiny):
         "policy nope": (["--policy", "nope", "--prompt", "hi"], "nope"),
         "budget 0": (["--budget", "0", "--prompt", "hi"], "budget"),
         "missing prompt file": (["--prompt-file", str(tiny / "absent.txt")], "absent.txt"),
+        "prompt file is a folder": (["--prompt-file", str(tiny)], "file not found"),
+        "empty prompt": (["--model", str(tiny / "llama"), "--no-chat", "--prompt", ""], "empty prompt"),
+        "budget nan": (["--budget", "nan", "--prompt", "hi"], "budget"),
+        "top-p 0": (["--top-p", "0", "--prompt", "hi"], "--top-p"),
+        "negative alpha": (["--policy", "infinigen", "--alpha", "-1", "--prompt", "hi"], "alpha"),
+        "negative capacity": (["--cpu-kv-capacity", "-1", "--prompt", "hi"], "capacity"),
     }
     if not CUDA:
         cases["cuda unavailable"] = (["--device", "cuda", "--prompt", "hi"], "CUDA")
@@ -86,7 +92,8 @@ def runs(tiny):
 # --- Error paths
 ERROR_NAMES = ["missing model folder", "no safetensors", "unsupported model_type", "prompt longer than context",
                "max-new-tokens 0", "temperature abc", "policy nope", "budget 0", "missing prompt file",
-               "cuda unavailable"]
+               "prompt file is a folder", "empty prompt", "budget nan", "top-p 0", "negative alpha",
+               "negative capacity", "cuda unavailable"]
 
 
 @pytest.mark.parametrize("name", ERROR_NAMES)
