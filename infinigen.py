@@ -158,7 +158,7 @@ class OffloadCache(M.Cache):
 
     def recall_of(self, layer, q, k, slots, mask):
         """Attention mass (true, full attention) on the tokens the layer attended to."""
-        kall = self.store.k[layer, :self.t0].permute(1, 2, 0, 3).to(self.dev, q.dtype)        # (B, Hkv, t0, d)
+        kall = self.store.keys(layer, self.t0).to(self.dev, q.dtype)                   # (B, Hkv, t0, d)
         kall = torch.cat([kall, k], 2)
         full_mask = self.valid[:, None, None, :self.t0 + 1]
         p = M.attention_probs(q, kall, full_mask)                                   # (B, H, 1, t0+1)
@@ -202,7 +202,7 @@ class Oracle(OffloadCache):
     name, ahead = "oracle", False
 
     def select(self, layer, q, x, rope):
-        kall = self.store.k[layer, :self.t0].permute(1, 2, 0, 3).to(self.dev, q.dtype)   # (B, Hkv, t0, d)
+        kall = self.store.keys(layer, self.t0).to(self.dev, q.dtype)                      # (B, Hkv, t0, d)
         s = (q.view(self.B, -1, self.G, q.shape[-1]) @ kall.transpose(-1, -2)).amax(2)    # (B, Hkv, t0)
         return topk_mask(s, self.pol.count(self.length), self.allowed)
 

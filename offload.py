@@ -111,7 +111,8 @@ class KVStore:
         P = pool.cap if pool else slots
         elt = torch.tensor([], dtype=dtype).element_size()
         self.row_bytes = head_dim * elt
-        host = 2 * n_layers * P * batch * n_kv * head_dim * elt + 4 * slots * batch * n_kv * head_dim * elt
+        rows = slots * batch * n_kv
+        host = 2 * n_layers * P * batch * n_kv * head_dim * elt + 4 * rows * head_dim * elt + 2 * rows * 8
         dev = 4 * 2 * slots * batch * n_kv * head_dim * elt                 # buffers and landing rows
         preflight(host, dev, device)
         pin = self.cuda
@@ -154,6 +155,11 @@ class KVStore:
                     p = self.pool.admit(layer, b, t0 + j)
                     self.k[layer, p, b], self.v[layer, p, b] = kt[j, b], vt[j, b]
         self.ledger.d2h[layer] += 2 * k.numel() * k.element_size()
+
+    def keys(self, layer, t0):
+        """Every past key of a layer as stored, (B, Hkv, t0, d) on the host: for the oracle and recall,
+        which read everything (so they refuse a bounded pool, whose slots are not token order)."""
+        return self.k[layer, :t0].permute(1, 2, 0, 3)
 
     # --- Fetch
     def fetch(self, layer, t0, idx=None, ok=None):

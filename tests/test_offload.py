@@ -313,7 +313,7 @@ def test_store_preflights_before_allocating():
     if offload.host_available() is None:
         pytest.skip("no /proc/meminfo on this machine")
     L, B, S, Hkv, d = 10_000, 1_000, 10_000, 32, 128                     # ~1.6e15 bytes at fp16
-    need = 2 * L * S * B * Hkv * d * 2 + 4 * S * B * Hkv * d * 2       # the store + two staging pairs
+    need = 2 * L * S * B * Hkv * d * 2 + 4 * S * B * Hkv * d * 2 + 2 * S * B * Hkv * 8   # store, staging rows, positions
     with pytest.raises(OffloadError, match=f"needs {need / 2**30:.2f} GiB"):
         KVStore(L, B, S, Hkv, d, CPU, torch.float16)
 
