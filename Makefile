@@ -38,7 +38,7 @@ test: .venv/.dev model  ## run every test (CPU; CUDA tests skip without a GPU)
 	$(PY) -m pytest -q
 
 eval: .venv/.dev model  ## the accuracy study: results/eval-*.json, plots, README table
-	$(PY) eval.py --study --text $(TEXT) --context 2048 --decode 512
+	$(PY) eval.py --study --text $(TEXT) --context 2048 --windows 2 --decode 512
 
 bench: .venv/.dev model  ## decode throughput of every policy (GPU; prints what it can on CPU)
 	$(PY) bench.py

@@ -192,7 +192,11 @@ def pinned_h2d_bandwidth(dev, n=5):
 
 def free_memory():
     gc.collect()
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
+    host_empty = getattr(torch._C, "_host_emptyCache", None)     # pinned blocks go back too (CUDA builds)
+    if host_empty is not None:
+        host_empty()
 
 
 def llama7b_dir(max_len):

@@ -119,11 +119,9 @@ def study(model, tok, args):
     parts = {
         "policies": [dict(base, name=n, budget=b) for b in (0.05, 0.1, 0.2) for n in ("infinigen", "h2o", "oracle")]
         + [dict(base, name="streaming"), dict(base, name="infinigen", skew="svd"), dict(base, name="infinigen", skew="none")],
-        "alpha": [dict(base, name="infinigen", alpha=a) for a in (2.0, 5.0, math.inf)],
-        "ratio": [dict(base, name="infinigen", partial_ratio=r) for r in (0.125, 0.5, 1.0)],
+        "alpha": [dict(base, name="infinigen", alpha=a) for a in (2.0, 5.0, 8.0, math.inf)],
+        "ratio": [dict(base, name="infinigen", partial_ratio=r) for r in (0.125, 0.3, 0.5, 0.75, 1.0)],
         "pool": [dict(base, name="infinigen", capacity=0.8, eviction=e) for e in ("fifo", "lru", "counter")],
-        "noalpha": [dict(base, name="infinigen", alpha=math.inf, budget=b) for b in (0.05, 0.2)]
-        + [dict(base, name="infinigen", alpha=math.inf, partial_ratio=r) for r in (0.125, 0.5)],
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     meta = {"text": os.path.basename(args.text), "context": args.context, "windows": args.windows, "decode": args.decode,
@@ -157,7 +155,7 @@ def label(p):
 def report():
     """The README's accuracy table and the plots, from results/eval-*.json."""
     rows = []
-    for part in ("policies", "alpha", "noalpha", "ratio", "pool"):
+    for part in ("policies", "alpha", "ratio", "pool"):
         res = load_part(part)
         for r in (res or {}).get("rows", []):
             p = r["policy"]
@@ -197,12 +195,7 @@ def plots():
     for name in ("infinigen", "h2o", "oracle"):
         pts = sorted((r["policy"]["budget"], r["kl"]) for r in pol["rows"]
                      if r["policy"]["name"] == name and r["policy"].get("skew") in ("planes", None))
-        ax[0].plot(*zip(*pts), "o-", label=name + (" α=8" if name == "infinigen" else ""))
-    rows = [r for part in ("alpha", "noalpha") for r in (load_part(part) or {}).get("rows", [])]
-    pts = sorted((r["policy"]["budget"], r["kl"]) for r in rows
-                 if r["policy"]["alpha"] == "inf" and r["policy"]["partial_ratio"] == 0.3)
-    if pts:
-        ax[0].plot(*zip(*pts), "o-", label="infinigen α=∞ (default)")
+        ax[0].plot(*zip(*pts), "o-", label=name)
     ax[0].set(xlabel="budget per sparse layer", ylabel="KL(full ‖ policy)", yscale="log", title="accuracy vs budget")
     ax[0].legend()
     for r in pol["rows"]:
@@ -261,7 +254,7 @@ def main(argv=None):
     a("--model", default=None)
     a("--study", action="store_true", help="run the whole study of `make eval` into results/")
     a("--report", action="store_true", help="only rebuild the README table and plots from results/eval-*.json")
-    a("--only", default="", help="with --study: comma list of parts (policies,alpha,noalpha,ratio,pool,passkey)")
+    a("--only", default="", help="with --study: comma list of parts (policies,alpha,ratio,pool,passkey)")
     a("--json", action="store_true")
     args = p.parse_args(argv)
     if args.report:

@@ -34,7 +34,7 @@ class Policy:
     name: str = "full"
     budget: float = 0.2          # past tokens per sparse layer: a fraction (<= 1) or a count (> 1)
     alpha: float = math.inf      # infinigen: keep tokens whose speculated score >= max - alpha
-    partial_ratio: float = 0.3   # infinigen: fraction of the d columns kept in the partial key cache
+    partial_ratio: float = 0.5   # infinigen: fraction of the d columns kept in the partial key cache
     skew: str = "planes"         # none | svd | planes
     dense_layers: int = 2        # layers that always fetch everything (sparse policies)
     recent: float = 0.5          # h2o / streaming: share of the budget given to the recent window
@@ -68,8 +68,8 @@ class Policy:
 # --- Offloaded caches
 class OffloadCache(M.Cache):
     """K, V in the CPU store; each layer attends over what its fetch brought plus the new tokens.
-    Alone it is the `offload` policy; subclasses choose `select(layer, q, x, rope)`, and `ahead`
-    says whether that runs one layer early (speculation) or at the layer itself."""
+    Alone it is the `offload` policy; subclasses choose `select(layer, q, x, rope)` (at most `kmax`
+    tokens per KV head), and `ahead` says whether that runs one layer early or at the layer itself."""
     name, ahead = "offload", True
 
     def __init__(self, model, pol: Policy, batch, slots, device, dtype):
@@ -90,6 +90,7 @@ class OffloadCache(M.Cache):
     def begin(self, valid_new):
         pos = super().begin(valid_new)
         self.allowed = self.valid[:, None, :self.t0]                                # (B, 1, t0) past tokens
+        self.kmax = int(self.pol.count(self.length.cpu()).max())   # on the host once: no device sync per layer
         if self.ahead:
             self.issue(0, self.plan(0))
         return pos
@@ -103,7 +104,7 @@ class OffloadCache(M.Cache):
             sel = self.select(layer, q, x, rope) & self.allowed                 # (B, Hkv, t0)
         else:  # dense, but a bounded pool scatters tokens: fetch every past token by index
             sel = self.allowed.expand(-1, self.cfg.n_kv_heads, -1)
-        idx, ok = to_index(sel)
+        idx, ok = to_index(sel, max(self.kmax, self.pol.sinks) if self.sparse(layer) else self.t0)   # n: a bound
         self.idx[layer] = idx
         ev = torch.cuda.Event() if self.store.cuda else None
         host = (idx.to("cpu", non_blocking=True), ok.to("cpu", non_blocking=True))   # pinned, async on CUDA
@@ -130,7 +131,7 @@ class OffloadCache(M.Cache):
             mask, slots = self.mask, None
             self.fetched[layer] += 1.0 if T == 1 else 0.0
         else:                                               # by index: a mask per KV head
-            ok = ok.to(self.dev)
+            ok = ok.to(self.dev, non_blocking=True)                                    # pinned on CUDA
             new = self.mask[:, :, :, t0:].expand(-1, ok.shape[1], -1, -1)              # (B, Hkv, T, T)
             mask = torch.cat([ok[:, :, None].expand(-1, -1, T, -1), new], -1)          # (B, Hkv, T, n+T)
             mask = mask.repeat_interleave(self.G, dim=1)                              # (B, H, T, n+T)
@@ -194,8 +195,8 @@ class InfiniGen(OffloadCache):
 
     def select(self, layer, q, x, rope):
         qp = partial_query(x, self.model.layers[layer].attn, rope, self.P[layer], self.Wp[layer])
-        s = speculate(qp, self.kpart[layer, :, :, :self.t0], self.scale)
-        return threshold_select(s, self.pol.alpha, self.pol.count(self.length), self.allowed)
+        s = speculate(qp, self.kpart[layer, :, :, :self.t0], self.scale, self.allowed)
+        return threshold_select(s, self.pol.alpha, self.pol.count(self.length), self.allowed, self.kmax)
 
 
 class Oracle(OffloadCache):
@@ -203,8 +204,8 @@ class Oracle(OffloadCache):
 
     def select(self, layer, q, x, rope):
         kall = self.store.keys(layer, self.t0).to(self.dev, q.dtype)                      # (B, Hkv, t0, d)
-        s = (q.view(self.B, -1, self.G, q.shape[-1]) @ kall.transpose(-1, -2)).amax(2)    # (B, Hkv, t0)
-        return topk_mask(s, self.pol.count(self.length), self.allowed)
+        s = speculate(q.view(self.B, -1, self.G, q.shape[-1]), kall, self.scale, self.allowed)   # (B, Hkv, t0)
+        return topk_mask(s, self.pol.count(self.length), self.allowed, self.kmax)
 
 
 class Streaming(OffloadCache):
@@ -241,7 +242,7 @@ class H2O(OffloadCache):
         rank = self.allowed.long().cumsum(-1)
         recent = rank > (self.length - n_recent)[:, None, None]
         alive = self.alive[layer, :, :, :self.t0] & self.allowed
-        heavy = topk_mask(self.score[layer, :, :, :self.t0], k - n_recent, alive & ~recent)
+        heavy = topk_mask(self.score[layer, :, :, :self.t0], k - n_recent, alive & ~recent, self.kmax)
         sel = heavy | (recent & self.allowed)
         self.alive[layer, :, :, :self.t0] &= sel                                   # evicted for good
         return sel
@@ -262,7 +263,7 @@ def make_cache(model, pol: Policy, batch, slots, partial=None):
 def calibrate(model, tokens, pol: Policy):
     """Offline skew: the partial maps P per layer from a calibration text (1, T) instead of the prompt."""
     cache = make_cache(model, Policy("infinigen", skew=pol.skew, partial_ratio=pol.partial_ratio), 1, tokens.shape[1])
-    prefill(model, cache, tokens.to(next(model.parameters()).device), torch.ones_like(tokens, dtype=torch.bool))
+    prefill(model, cache, tokens.to(cache.dev), torch.ones_like(tokens, dtype=torch.bool, device=cache.dev))
     return cache.P
 
 
@@ -409,9 +410,8 @@ def main(argv=None):
                      measure_recall=args.measure_recall)
         if args.temperature < 0 or not 0 < args.top_p <= 1:
             raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
-        for f in (args.prompt_file, args.calib):
-            if f and not os.path.isfile(f):
-                raise ValueError(f"file not found: {f}")
+        if missing := [f for f in (args.prompt_file, args.calib) if f and not os.path.isfile(f)]:
+            raise ValueError(f"file not found: {missing[0]}")
         read = lambda f: open(f, encoding="utf-8", errors="replace").read()
         prompts = [read(args.prompt_file)] if args.prompt_file else args.prompt or ["Explain in two sentences why the sky is blue."]
         model, tok = M.load_with_tokenizer(args.model, dev, dtype)

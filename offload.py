@@ -127,8 +127,8 @@ class KVStore:
         self.land_v = [torch.empty_like(b) for b in self.land_k]
         self.land_pos = [torch.empty(slots * batch * n_kv, dtype=torch.long, device=device) for _ in range(2)]
         # Two device buffers (even and odd layers): layer i+1's copy lands while layer i reads its own.
-        self.buf_k = [torch.empty(slots, batch, n_kv, head_dim, dtype=dtype, device=device) for _ in range(2)]  # (S, B, Hkv, d)
-        self.buf_v = [torch.empty_like(b) for b in self.buf_k]
+        self.buf_k = [torch.zeros(slots, batch, n_kv, head_dim, dtype=dtype, device=device) for _ in range(2)]  # (S, B, Hkv, d)
+        self.buf_v = [torch.zeros_like(b) for b in self.buf_k]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.ready = [None, None]           # per buffer: the event its last copy recorded (copy stream)
         self.freed = [None, None]           # per buffer: an event after its last reader (compute stream)
@@ -173,7 +173,8 @@ class KVStore:
                 self.stream.wait_event(self.freed[buf])
             if self.appended[layer] is not None:            # the store holds this layer's last token
                 self.stream.wait_event(self.appended[layer])
-                self.appended[layer].synchronize()
+                if idx is not None:                          # the host gather reads the store itself
+                    self.appended[layer].synchronize()
         with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
             first = mark(self.cuda) if self.trace is not None else None
             if idx is None:
@@ -185,7 +186,7 @@ class KVStore:
             else:
                 idx, ok = idx.cpu(), ok.cpu()                                # the one sync of a sparse step
                 slots = self.pool.touch(layer, idx, ok) if self.pool else idx
-                ok = ok & (slots >= 0)
+                ok = (ok & (slots >= 0)).pin_memory() if self.cuda else ok & (slots >= 0)   # async to the device
                 n = idx.shape[2]
                 off = torch.arange(self.B * self.Hkv).view(self.B, self.Hkv, 1)     # b * Hkv + h
                 rows = (slots.clamp(min=0) * (self.B * self.Hkv) + off).permute(2, 0, 1).reshape(-1)  # (n*B*Hkv,)

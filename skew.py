@@ -106,17 +106,23 @@ def partial_query(x, attn, rope, P, Wp=None):
     return qp.reshape(B, Hkv, -1, m)
 
 
-def speculate(qp, kpart, scale):
-    """Approximate scores: partial queries (B, Hkv, G, m) times partial keys (B, Hkv, t, m)
-    -> (B, Hkv, t), the max over the G query heads that share a KV head."""
-    return (qp @ kpart.transpose(-1, -2)).amax(2) * scale
+def speculate(qp, kpart, scale, allowed=None):
+    """Approximate scores: partial queries (B, Hkv, G, m) times partial keys (B, Hkv, t, m) -> (B, Hkv, t):
+    the log of the attention probability a token gets, summed over the G query heads sharing its KV head
+    (allowed (B, 1|Hkv, t) masks the softmax). With G = 1 this is the score minus a constant per head, so
+    "within alpha of the best" keeps the paper's meaning; with G > 1 a token that one head needs counts."""
+    s = (qp @ kpart.transpose(-1, -2)) * scale                                   # (B, Hkv, G, t)
+    if allowed is not None:
+        s = s.masked_fill(~allowed[:, :, None], float("-inf"))
+    return s.float().log_softmax(-1).logsumexp(2)
 
 
 # --- Selection math
-def topk_mask(scores, k, allowed):
-    """scores (B, Hkv, S), k (B,) per sequence, allowed (B, 1|Hkv, S) -> bool (B, Hkv, S), k best allowed."""
+def topk_mask(scores, k, allowed, kmax=None):
+    """scores (B, Hkv, S), k (B,) per sequence, allowed (B, 1|Hkv, S) -> bool (B, Hkv, S), k best allowed.
+    kmax: k.max() if the caller knows it on the host (reading it from a device k waits for the device)."""
     s = scores.masked_fill(~allowed, float("-inf"))
-    kmax = int(k.max()) if k.numel() else 0
+    kmax = (int(k.max()) if k.numel() else 0) if kmax is None else kmax
     if kmax == 0:
         return torch.zeros_like(s, dtype=torch.bool)
     top = s.topk(min(kmax, s.shape[-1]), dim=-1).indices                                   # (B, Hkv, kmax)
@@ -124,20 +130,25 @@ def topk_mask(scores, k, allowed):
     return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, keep) & allowed
 
 
-def to_index(sel):
-    """sel (B, Hkv, S) bool -> idx (B, Hkv, n) slots in ascending order, ok (B, Hkv, n); n = max count."""
+def to_index(sel, n=None):
+    """sel (B, Hkv, S) bool -> idx (B, Hkv, n) slots in ascending order, ok (B, Hkv, n); n = the max count,
+    or a bound on it known on the host (the rows past a head's count have ok False)."""
     S = sel.shape[-1]
-    n = max(int(sel.sum(-1).max()), 1)
+    if n is None or not sel.is_cuda:                # reading the count waits for the device: not on CUDA
+        most = int(sel.sum(-1).max())
+        if n is not None and most > n:
+            raise ValueError(f"a selection of {most} tokens per KV head exceeds its bound of {n}")
+    n = max(most if n is None else min(n, S), 1)
     key = torch.where(sel, 0, S) + torch.arange(S, device=sel.device)
     idx = key.topk(n, dim=-1, largest=False).indices.sort(-1).values                        # (B, Hkv, n)
     return idx, torch.gather(sel, -1, idx)
 
 
-def threshold_select(s, alpha, cap, allowed):
+def threshold_select(s, alpha, cap, allowed, kmax=None):
     """Tokens whose score is within alpha of the best, at most cap (B,) of them. (B, Hkv, t) bool."""
     s = s.masked_fill(~allowed, float("-inf"))
     near = s >= s.amax(-1, keepdim=True) - alpha
-    return topk_mask(s, cap, near & allowed)
+    return topk_mask(s, cap, near & allowed, kmax)
 
 
 # --- Folding into OPT weights

@@ -53,11 +53,16 @@ def rows(buf, n):  # the first n token rows of a (S, B, Hkv, d) device buffer: (
 
 # --- to_index: selections with different counts per head, padded
 @HYP
-@given(c=store_case())
-def test_to_index_pads_variable_counts(c):
+@given(c=store_case(), extra=st.none() | st.integers(0, 5))
+def test_to_index_pads_variable_counts(c, extra):
+    """Exact padding (n = the largest count), or a bound known on the host (n = count + extra)."""
     sel = c["sels"][0]
-    idx, ok = to_index(sel)
     n = max(int(sel.sum(-1).max()), 1)
+    idx, ok = to_index(sel, None if extra is None else n + extra)
+    n = n if extra is None else max(min(n + extra, sel.shape[-1]), 1)
+    if int(sel.sum(-1).max()) > 1:                                 # a bound below the count is refused
+        with pytest.raises(ValueError, match="exceeds its bound"):
+            to_index(sel, int(sel.sum(-1).max()) - 1)
     assert idx.shape == ok.shape == (c["B"], c["Hkv"], n)
     assert torch.equal(ok.sum(-1), sel.sum(-1))
     assert (idx[..., 1:] > idx[..., :-1]).all(), "indices not strictly ascending"

@@ -172,10 +172,11 @@ def check_top(sel, scores, allowed, want_counts):
 
 
 @settings(max_examples=60, deadline=None)
-@given(c=scored())
-def test_topk_mask(c):
+@given(c=scored(), extra=st.none() | st.integers(0, 4))
+def test_topk_mask(c, extra):
+    """k best allowed per row; the same with kmax, a host-side bound >= k.max(), given."""
     scores, k, allowed = c
-    sel = IG.topk_mask(scores, k, allowed)
+    sel = IG.topk_mask(scores, k, allowed, None if extra is None else int(k.max()) + extra)
     assert sel.shape == scores.shape and sel.dtype == torch.bool
     check_top(sel, scores, allowed, torch.minimum(k[:, None], allowed.expand_as(scores).sum(-1)))
 
@@ -207,7 +208,7 @@ def attn_case(draw):
 @given(c=attn_case())
 def test_partial_query_and_speculate(c):
     """The partial query is the query times P, also when only its columns' rows of Wq are computed;
-    with every column kept, speculated scores are the exact scores (max over the G heads)."""
+    with every column kept, speculation is the exact attention probability summed over the G heads."""
     cfg, B = c["cfg"], c["B"]
     g = torch.Generator().manual_seed(c["seed"])
     torch.manual_seed(c["seed"])
@@ -232,8 +233,17 @@ def test_partial_query_and_speculate(c):
         s = IG.speculate(qp, k @ P[None], cfg.head_dim ** -0.5)
         assert s.shape == (B, cfg.n_kv_heads, c["t"])
         if P.shape[-1] == cfg.head_dim:
-            exact = (q.view(B, cfg.n_kv_heads, -1, cfg.head_dim) @ k.transpose(-1, -2)).amax(2) * cfg.head_dim ** -0.5
-            assert torch.allclose(s, exact, atol=1e-4)
+            exact = (q.view(B, cfg.n_kv_heads, -1, cfg.head_dim) @ k.transpose(-1, -2)) * cfg.head_dim ** -0.5
+            assert torch.allclose(s.exp(), exact.softmax(-1).sum(2), atol=1e-4)
+        allowed = torch.rand(B, 1, c["t"], generator=g) < 0.6
+        allowed[..., 0] = True
+        sm = IG.speculate(qp, k @ P[None], cfg.head_dim ** -0.5, allowed)
+        assert torch.isinf(sm[~allowed.expand_as(sm)]).all()                 # masked tokens get no mass
+        assert torch.allclose(sm.exp().sum(-1), torch.full_like(sm[..., 0], qp.shape[2]), atol=1e-4)
+        if qp.shape[2] == 1:                                                 # G = 1: the score minus a constant
+            raw = (qp @ (k @ P[None]).transpose(-1, -2))[:, :, 0] * cfg.head_dim ** -0.5
+            d = (raw - s)[..., :1]
+            assert torch.allclose(raw - s, d.expand_as(raw), atol=1e-4)
 
 
 # --- offload == full

@@ -105,7 +105,7 @@ def cosine_next(rec):
 @torch.no_grad()
 def speculated_recall(model, rec, layer, budget, source=None, P=None, Wp=None):
     """At every recorded decode step: pick `budget` (a fraction) of the past tokens of `layer` the
-    engine's way (skew.speculate, max over the G heads of a KV head; skew.topk_mask), from the
+    engine's way (skew.speculate, probability summed over a KV head's G heads; skew.topk_mask), from the
     attention input of layer `source` (default: the layer before) and the partial map P (default:
     all d columns). Returns the mean true attention mass on the picked tokens plus the current one."""
     source = layer - 1 if source is None else source
