@@ -114,7 +114,8 @@ def passkey(model, tok, pol, contexts, depths=(0.1, 0.5, 0.9), seed=0):
 # --- The study (make eval)
 def study(model, tok, args):
     """Every comparison of `make eval`; one JSON per part in results/, plots, and the README table."""
-    base = dict(budget=0.1, alpha=args.alpha, partial_ratio=args.partial_ratio, skew=args.skew)
+    base = dict(budget=0.1, alpha=args.alpha, partial_ratio=args.partial_ratio, skew=args.skew, layer_budget=args.layer_budget)
+    other = "uniform" if args.layer_budget == "prompt" else "prompt"                 # the layers part: the other rule
     win = windows_of(tok, args.text, args.context, args.windows)
     parts = {
         "policies": [dict(base, name=n, budget=b) for b in (0.05, 0.1, 0.2) for n in ("infinigen", "h2o", "oracle")]
@@ -122,6 +123,7 @@ def study(model, tok, args):
         "alpha": [dict(base, name="infinigen", alpha=a) for a in (2.0, 5.0, 8.0, math.inf)],
         "ratio": [dict(base, name="infinigen", partial_ratio=r) for r in (0.125, 0.3, 0.5, 0.75, 1.0)],
         "pool": [dict(base, name="infinigen", capacity=0.8, eviction=e) for e in ("fifo", "lru", "counter")],
+        "layers": [dict(base, name=n, budget=b, layer_budget=other) for b in (0.1, 0.2) for n in ("infinigen", "h2o", "oracle")],
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     meta = {"text": os.path.basename(args.text), "context": args.context, "windows": args.windows, "decode": args.decode,
@@ -155,12 +157,13 @@ def label(p):
 def report():
     """The README's accuracy table and the plots, from results/eval-*.json."""
     rows = []
-    for part in ("policies", "alpha", "ratio", "pool"):
+    for part in ("policies", "alpha", "ratio", "pool", "layers"):
         res = load_part(part)
         for r in (res or {}).get("rows", []):
             p = r["policy"]
-            knobs = f"α={p['alpha']}, r={p['partial_ratio']}" if p["name"] == "infinigen" else ""
-            knobs += f", pool 80% {p['eviction']}" if p.get("capacity") else ""
+            knobs = [f"α={p['alpha']}", f"r={p['partial_ratio']}"] if p["name"] == "infinigen" else []
+            knobs += [f"pool 80% {p['eviction']}"] if p.get("capacity") else []
+            knobs = ", ".join(knobs + ["layers: " + p.get("layer_budget", "uniform")])
             rows.append(f"| {part} | {label(p)} | {p['budget']} | {knobs} | {r['kl']:.4f} | {r['top1']:.3f} | "
                         f"{r['ppl']:.2f} / {r['ppl_full']:.2f} | {r['fetched_fraction']:.3f} | {r['sparse_fraction']:.3f} |")
     if rows:
@@ -228,7 +231,8 @@ def save(name, obj):
 # --- Command line
 def policy_from(args, **over):
     kw = dict(name=args.policy, budget=args.budget, alpha=args.alpha, partial_ratio=args.partial_ratio,
-              skew=args.skew, dense_layers=args.dense_layers, capacity=args.cpu_kv_capacity, eviction=args.eviction)
+              skew=args.skew, dense_layers=args.dense_layers, capacity=args.cpu_kv_capacity, eviction=args.eviction,
+              layer_budget=args.layer_budget)
     kw.update(over)
     return I.Policy(**kw)
 
@@ -249,12 +253,13 @@ def main(argv=None):
     a("--dense-layers", type=int, default=d.dense_layers)
     a("--cpu-kv-capacity", type=float, default=0)
     a("--eviction", choices=["fifo", "lru", "counter"], default=d.eviction)
+    a("--layer-budget", choices=["uniform", "prompt"], default=d.layer_budget)
     a("--passkey", action="store_true", help="run passkey retrieval instead")
     a("--contexts", default="1024,2048,4096,8192", help="passkey contexts")
     a("--model", default=None)
     a("--study", action="store_true", help="run the whole study of `make eval` into results/")
     a("--report", action="store_true", help="only rebuild the README table and plots from results/eval-*.json")
-    a("--only", default="", help="with --study: comma list of parts (policies,alpha,ratio,pool,passkey)")
+    a("--only", default="", help="with --study: comma list of parts (policies,alpha,ratio,pool,layers,passkey)")
     a("--json", action="store_true")
     args = p.parse_args(argv)
     if args.report:

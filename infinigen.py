@@ -22,7 +22,7 @@ import torch
 import model as M
 import skew as SK
 from model import Tok
-from offload import KVStore, OffloadError, Pool
+from offload import KVStore, OffloadError, Pool, stats_of
 from skew import partial_query, speculate, threshold_select, to_index, topk_mask
 
 POLICIES = ("full", "offload", "infinigen", "h2o", "streaming", "oracle")
@@ -41,6 +41,7 @@ class Policy:
     sinks: int = 4               # streaming: first tokens always kept
     capacity: float = 0          # CPU pool: tokens per sequence (> 1) or fraction of the context; 0 = all
     eviction: str = "counter"    # fifo | lru | counter
+    layer_budget: str = "prompt"  # prompt: sparse layers share the budget by their need at prefill | uniform
     measure_recall: bool = False
 
     def __post_init__(self):  # every impossible setting, refused with one line
@@ -56,12 +57,14 @@ class Policy:
              "infinigen: it speculates layer i+1 from layer i, so layer 0 is dense"),
             (not self.capacity or (self.name != "oracle" and not self.measure_recall),
              "oracle and --measure-recall read every key: they need an unbounded CPU store"),
+            (self.layer_budget in ("uniform", "prompt"), f"unknown layer budget {self.layer_budget!r} (uniform or prompt)"),
             (self.skew in SK.MODES, f"unknown skew mode {self.skew!r} (choose from {', '.join(SK.MODES)})")]:
             if not ok:
                 raise ValueError(why)
 
-    def count(self, n):  # n (B,) past tokens -> tokens to keep (B,)
-        k = torch.ceil(n * self.budget) if self.budget <= 1 else torch.full_like(n, int(self.budget))
+    def count(self, n, share=1.0):  # n (B,) past tokens, share: this layer's part -> tokens to keep (B,)
+        f = 1.0 if self.budget == 1 else min(self.budget * share, 1.0)            # budget 1: everything, always
+        k = torch.ceil(n * f) if self.budget <= 1 else torch.full_like(n, int(self.budget * share))
         return torch.minimum(k.long().clamp(min=1), n)
 
 
@@ -83,6 +86,7 @@ class OffloadCache(M.Cache):
         self.fetched = torch.zeros(cfg.n_layers, device=device)          # sum over steps of fraction fetched
         self.recall = torch.zeros(cfg.n_layers, dtype=torch.float64)
         self.decode_steps, self.handles, self.idx = 0, {}, {}
+        self.need, self.share = torch.zeros(cfg.n_layers), torch.ones(cfg.n_layers)     # (L,) on the host
 
     def sparse(self, layer):
         return self.T == 1 and layer >= self.pol.dense_layers and self.name != "offload"
@@ -90,10 +94,15 @@ class OffloadCache(M.Cache):
     def begin(self, valid_new):
         pos = super().begin(valid_new)
         self.allowed = self.valid[:, None, :self.t0]                                # (B, 1, t0) past tokens
-        self.kmax = int(self.pol.count(self.length.cpu()).max())   # on the host once: no device sync per layer
+        if self.pol.layer_budget == "prompt" and self.need.any():
+            self.share = SK.layer_shares(self.need, self.pol.dense_layers)
+        self.kmax = int(self.pol.count(self.length.cpu(), float(self.share.max())).max())   # host: no sync per layer
         if self.ahead:
             self.issue(0, self.plan(0))
         return pos
+
+    def count(self, layer):  # (B,) tokens a sparse layer keeps: the budget times the layer's share
+        return self.pol.count(self.length, float(self.share[layer]))
 
     def plan(self, layer, q=None, x=None, rope=None):
         """What `layer` needs of the past: None (all, one block) or (idx, ok) per KV head, already on
@@ -140,6 +149,8 @@ class OffloadCache(M.Cache):
             if T == 1:
                 self.fetched[layer] += (ok.sum((1, 2)) / (ok.shape[1] * self.length.clamp(min=1))).mean()   # no sync
         out = M.attention(q, kd, vd, mask)                  # queued before the host gathers for i+1
+        if T > 1 and layer >= self.pol.dense_layers and self.pol.layer_budget == "prompt":   # the need, at prefill
+            self.need[layer] = float(SK.needed_share(M.attention_probs(q[:, :, -64:], kd, mask[..., -64:, :]), mask[..., -64:, :]))
         if ahead:
             self.issue(layer + 1, nxt)                      # its copy overlaps this layer's attention and MLP
         self.observe(layer, q, kd, mask, slots)
@@ -196,7 +207,7 @@ class InfiniGen(OffloadCache):
     def select(self, layer, q, x, rope):
         qp = partial_query(x, self.model.layers[layer].attn, rope, self.P[layer], self.Wp[layer])
         s = speculate(qp, self.kpart[layer, :, :, :self.t0], self.scale, self.allowed)
-        return threshold_select(s, self.pol.alpha, self.pol.count(self.length), self.allowed, self.kmax)
+        return threshold_select(s, self.pol.alpha, self.count(layer), self.allowed, self.kmax)
 
 
 class Oracle(OffloadCache):
@@ -205,7 +216,7 @@ class Oracle(OffloadCache):
     def select(self, layer, q, x, rope):
         kall = self.store.keys(layer, self.t0).to(self.dev, q.dtype)                      # (B, Hkv, t0, d)
         s = speculate(q.view(self.B, -1, self.G, q.shape[-1]), kall, self.scale, self.allowed)   # (B, Hkv, t0)
-        return topk_mask(s, self.pol.count(self.length), self.allowed, self.kmax)
+        return topk_mask(s, self.count(layer), self.allowed, self.kmax)
 
 
 class Streaming(OffloadCache):
@@ -213,7 +224,7 @@ class Streaming(OffloadCache):
 
     def select(self, layer, q, x, rope):
         rank = self.allowed.long().cumsum(-1)                                     # 1.. for real tokens
-        k = self.pol.count(self.length)
+        k = self.count(layer)
         recent = rank > (self.length - (k - self.pol.sinks).clamp(min=0))[:, None, None]
         sel = (rank <= self.pol.sinks) | recent
         return sel.expand(-1, self.cfg.n_kv_heads, -1)
@@ -237,7 +248,7 @@ class H2O(OffloadCache):
             self.score[layer].scatter_add_(-1, slots, p * (slots < self.S))
 
     def select(self, layer, q, x, rope):
-        k = self.pol.count(self.length)
+        k = self.count(layer)
         n_recent = (k.double() * self.pol.recent).long()
         rank = self.allowed.long().cumsum(-1)
         recent = rank > (self.length - n_recent)[:, None, None]
@@ -338,25 +349,6 @@ def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, s
     return ids, stats_of(model, cache, t_prefill, t_decode, len(out) - 1, B)
 
 
-def stats_of(model, cache, t_prefill, t_decode, steps, B):
-    cfg = model.cfg
-    elt = next(model.parameters()).element_size()
-    s = {"prefill_s": round(t_prefill, 4), "decode_s": round(t_decode, 4), "decode_steps": steps,
-         "tokens_per_s": round(B * steps / t_decode, 2) if t_decode > 0 and steps > 0 else None,
-         "kv_bytes": 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * elt * int(cache.length.sum())}
-    if isinstance(cache, OffloadCache):
-        led, n = cache.store.ledger, max(cache.decode_steps, 1)
-        s.update(h2d_bytes_per_step=round(sum(led.step_h2d[-cache.decode_steps:]) / n) if cache.decode_steps else 0,
-                 fetched_fraction_per_layer=[round(f / n, 4) for f in cache.fetched.tolist()],
-                 copy_wait_s=round(cache.store.wait_seconds(), 4))
-        if cache.pol.measure_recall:
-            dense = cache.cfg.n_layers if cache.name == "offload" else cache.pol.dense_layers   # recall 1 there
-            s["recall_per_layer"] = [1.0 if i < dense else round(r / n, 4) for i, r in enumerate(cache.recall.tolist())]
-        if cache.store.pool:
-            s["pool_misses"], s["pool_requests"] = cache.store.pool.misses, cache.store.pool.requests
-    return s
-
-
 # --- Command line
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
@@ -393,6 +385,7 @@ def build_parser():
     a("--recent", type=float, default=d.recent, help="h2o/streaming: share of the budget for recent tokens")
     a("--cpu-kv-capacity", type=float, default=0, help="CPU pool: tokens per sequence (>1) or fraction of context")
     a("--eviction", choices=["fifo", "lru", "counter"], default=d.eviction)
+    a("--layer-budget", choices=["uniform", "prompt"], default=d.layer_budget, help="prompt: share the budget among sparse layers by the need measured at prefill")
     a("--measure-recall", action="store_true", help="also compute full attention to report captured mass")
     a("--calib", help="infinigen: calibrate the skew offline on this text file (default: on the prompt)")
     return p
@@ -407,7 +400,7 @@ def main(argv=None):
         dtype = getattr(torch, args.dtype or ("float16" if dev.type == "cuda" else "float32"))
         pol = Policy(args.policy, args.budget, args.alpha, args.partial_ratio, args.skew, args.dense_layers,
                      args.recent, capacity=args.cpu_kv_capacity, eviction=args.eviction,
-                     measure_recall=args.measure_recall)
+                     measure_recall=args.measure_recall, layer_budget=args.layer_budget)
         if args.temperature < 0 or not 0 < args.top_p <= 1:
             raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
         if missing := [f for f in (args.prompt_file, args.calib) if f and not os.path.isfile(f)]:

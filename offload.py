@@ -1,4 +1,4 @@
-"""The CPU side of the KV cache: the store, the staging buffers, the copy stream, the ledger, the pool.
+"""The CPU side of the KV cache: the store, the staging buffers, the copy stream, the ledger, the pool, the run statistics.
 
 Layout of the store: per layer (S, B, Hkv, d), token-major. The first t tokens of a layer are then
 one contiguous block (one DMA for a dense fetch), and the rows a selection needs are whole d-vectors
@@ -242,3 +242,25 @@ def mark(cuda):
     e = torch.cuda.Event(enable_timing=True)
     e.record()
     return e
+
+
+# --- Statistics
+def stats_of(model, cache, t_prefill, t_decode, steps, B):
+    """What `--json` reports of a run: timings and KV size; for an offloaded policy also bytes host->device
+    per step, fetched share per layer, copy wait, recall (when measured) and pool misses."""
+    cfg = model.cfg
+    elt = next(model.parameters()).element_size()
+    s = {"prefill_s": round(t_prefill, 4), "decode_s": round(t_decode, 4), "decode_steps": steps,
+         "tokens_per_s": round(B * steps / t_decode, 2) if t_decode > 0 and steps > 0 else None,
+         "kv_bytes": 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * elt * int(cache.length.sum())}
+    if hasattr(cache, "store"):                            # an offloaded policy
+        led, n = cache.store.ledger, max(cache.decode_steps, 1)
+        s.update(h2d_bytes_per_step=round(sum(led.step_h2d[-cache.decode_steps:]) / n) if cache.decode_steps else 0,
+                 fetched_fraction_per_layer=[round(f / n, 4) for f in cache.fetched.tolist()],
+                 copy_wait_s=round(cache.store.wait_seconds(), 4))
+        if cache.pol.measure_recall:
+            dense = cache.cfg.n_layers if cache.name == "offload" else cache.pol.dense_layers   # recall 1 there
+            s["recall_per_layer"] = [1.0 if i < dense else round(r / n, 4) for i, r in enumerate(cache.recall.tolist())]
+        if cache.store.pool:
+            s["pool_misses"], s["pool_requests"] = cache.store.pool.misses, cache.store.pool.requests
+    return s

@@ -151,6 +151,24 @@ def threshold_select(s, alpha, cap, allowed, kmax=None):
     return topk_mask(s, cap, near & allowed, kmax)
 
 
+# --- Layer shares of the budget
+def needed_share(p, mask, mass=0.9):
+    """p (B, H, Tq, n) attention weights, mask (B, 1|H, Tq, n) -> the mean share of its visible keys
+    a query needs, heaviest first, to hold `mass` of its attention (queries that see one key skipped)."""
+    need = (p.sort(-1, descending=True).values.cumsum(-1) < mass).sum(-1) + 1             # (B, H, Tq)
+    seen = mask.sum(-1).expand_as(need)
+    return (need / seen)[seen > 1].mean().nan_to_num(0.0)
+
+
+def layer_shares(need, first, lo=0.2, hi=4.0):
+    """need (L,) -> share (L,): layers first.. split the budget in proportion to their need (mean 1,
+    each kept within lo..hi times the mean); the dense layers before `first` keep 1."""
+    share = torch.ones_like(need)
+    w = (need[first:] / need[first:].mean()).clamp(lo, hi)
+    share[first:] = w / w.mean()
+    return share
+
+
 # --- Folding into OPT weights
 @torch.no_grad()
 def fold_into_weights(attn, A):

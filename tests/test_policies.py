@@ -148,6 +148,7 @@ def case(request):
 
 VARIANTS = {f"infinigen-{s}": Policy("infinigen", budget=1.0, alpha=math.inf, skew=s) for s in SKEWS}
 VARIANTS.update({n: Policy(n, budget=1.0) for n in ("h2o", "oracle", "streaming")})
+VARIANTS.update({f"{n}-layer-budget": Policy(n, budget=1.0, layer_budget="prompt") for n in ("infinigen", "h2o")})
 
 
 # --- Selection math
@@ -289,10 +290,35 @@ def test_recall_is_one_at_full_budget(case, variant):
         assert abs(r - 1.0) <= 1e-6, f"{case.name} {variant} layer {i}: recall {r}"
 
 
+@pytest.mark.parametrize("name", ["infinigen", "oracle"])
+def test_layer_budget_by_prompt_keeps_the_mean(case, name):
+    """Shares measured at prefill move budget between sparse layers; their mean stays the budget."""
+    n = len(case.prompts[0])
+    _, stats = case.generate(Policy(name, budget=0.2, layer_budget="prompt"))
+    frac = stats["fetched_fraction_per_layer"][2:]
+    assert 0.2 - 1e-4 <= sum(frac) / len(frac) <= 0.2 + 1 / n + 1e-4, frac
+    m, ids = case.m, torch.tensor(case.prompts[:1])                       # the shares come from prefill
+    cache = IG.make_cache(m, Policy(name, budget=0.2, layer_budget="prompt"), 1, ids.shape[1] + 1)
+    IG.prefill(m, cache, ids, torch.ones_like(ids, dtype=torch.bool))
+    IG.decode_one(m, cache, ids[:, -1])
+    assert (cache.need[2:] > 0).all() and (cache.need[:2] == 0).all()
+    assert torch.equal(cache.share, SK.layer_shares(cache.need, 2)) and not torch.equal(cache.share, torch.ones(4))
+
+
+def test_policy_count_with_a_share():
+    n = torch.tensor([10, 37])
+    assert Policy(budget=1.0).count(n, 0.3).tolist() == [10, 37]            # budget 1 is everything, always
+    assert Policy(budget=0.2).count(n, 2.0).tolist() == [4, 15]             # ceil(n * 0.4)
+    assert Policy(budget=0.5).count(n, 3.0).tolist() == [10, 37]            # capped at all of them
+    assert Policy(budget=4).count(n, 0.5).tolist() == [2, 2]                # a count times the share
+    with pytest.raises(ValueError, match="layer budget"):
+        Policy(layer_budget="adaptive")
+
+
 # --- Budget 0.1: what infinigen fetches, and what it moves
 def test_infinigen_small_budget(case):
     n = len(case.prompts[0])
-    pol = Policy("infinigen", budget=0.1, measure_recall=True)
+    pol = Policy("infinigen", budget=0.1, measure_recall=True, layer_budget="uniform")   # every sparse layer 10%
     ids, stats = case.generate(pol)
     assert len(ids[0]) == N_NEW
     frac = stats["fetched_fraction_per_layer"]

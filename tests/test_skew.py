@@ -222,3 +222,27 @@ def test_fold_into_opt_weights_keeps_logits(seed, layers, heads, head_dim, pre_n
     tol = 1e-4 * max(1.0, before.abs().max().item())
     err = (after - before).abs().max().item()
     assert err <= tol, f"logits moved by {err:.3g} > {tol:.3g}"
+
+
+# --- Layer shares of the budget
+@HYP
+@given(need=st.lists(st.floats(0.001, 1.0), min_size=1, max_size=12), first=st.integers(0, 3))
+def test_layer_shares_keep_the_mean(need, first):
+    need = torch.tensor([0.5] * first + need)
+    share = SK.layer_shares(need, first)
+    assert torch.equal(share[:first], torch.ones(first))
+    assert abs(share[first:].mean().item() - 1.0) < 1e-5
+    order = need[first:].argsort()
+    assert (share[first:][order].diff() >= -1e-6).all(), "more need must not get a smaller share"
+
+
+def test_needed_share_counts_the_heaviest_keys():
+    mask = torch.ones(1, 1, 2, 10, dtype=torch.bool)
+    p = torch.zeros(1, 1, 2, 10)
+    p[..., 0, 3] = 1.0                                                    # one key holds everything
+    p[..., 1, :] = 0.1                                                    # ten keys hold 0.1 each
+    share = SK.needed_share(p, mask, mass=0.9)                           # (1/10 + 9/10) / 2 (0.9 needs 9 or 10)
+    assert abs(share.item() - 0.5) < 0.051
+    lone = torch.zeros(1, 1, 1, 10, dtype=torch.bool)
+    lone[..., 0] = True                                                  # a query that sees one key is skipped
+    assert SK.needed_share(torch.ones(1, 1, 1, 10), lone).item() == 0.0
