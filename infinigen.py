@@ -94,8 +94,6 @@ class OffloadCache(M.Cache):
     def begin(self, valid_new):
         pos = super().begin(valid_new)
         self.allowed = self.valid[:, None, :self.t0]                                # (B, 1, t0) past tokens
-        if self.pol.layer_budget == "prompt" and self.need.any():
-            self.share = SK.layer_shares(self.need, self.pol.dense_layers)
         self.kmax = int(self.pol.count(self.length.cpu(), float(self.share.max())).max())   # host: no sync per layer
         if self.ahead:
             self.issue(0, self.plan(0))
@@ -113,7 +111,7 @@ class OffloadCache(M.Cache):
             sel = self.select(layer, q, x, rope) & self.allowed                 # (B, Hkv, t0)
         else:  # dense, but a bounded pool scatters tokens: fetch every past token by index
             sel = self.allowed.expand(-1, self.cfg.n_kv_heads, -1)
-        idx, ok = to_index(sel, max(self.kmax, self.pol.sinks) if self.sparse(layer) else self.t0)   # n: a bound
+        idx, ok = to_index(sel, self.kmax if self.sparse(layer) else self.t0)   # n: a bound, no device sync
         self.idx[layer] = idx
         ev = torch.cuda.Event() if self.store.cuda else None
         host = (idx.to("cpu", non_blocking=True), ok.to("cpu", non_blocking=True))   # pinned, async on CUDA
@@ -162,6 +160,8 @@ class OffloadCache(M.Cache):
     def end(self):
         if self.T == 1:
             self.decode_steps += 1
+        elif self.pol.layer_budget == "prompt" and self.need.any():    # a prefill chunk measured the layers' need
+            self.share = SK.layer_shares(self.need, self.pol.dense_layers)
         self.store.ledger.step_done()
         super().end()
 
@@ -221,6 +221,11 @@ class Oracle(OffloadCache):
 
 class Streaming(OffloadCache):
     name, ahead = "streaming", False
+
+    def begin(self, valid_new):  # the sinks stay even past a small budget: they bound a selection too
+        pos = super().begin(valid_new)
+        self.kmax = max(self.kmax, self.pol.sinks)
+        return pos
 
     def select(self, layer, q, x, rope):
         rank = self.allowed.long().cumsum(-1)                                     # 1.. for real tokens

@@ -186,7 +186,8 @@ class KVStore:
             else:
                 idx, ok = idx.cpu(), ok.cpu()                                # the one sync of a sparse step
                 slots = self.pool.touch(layer, idx, ok) if self.pool else idx
-                ok = (ok & (slots >= 0)).pin_memory() if self.cuda else ok & (slots >= 0)   # async to the device
+                ok = ok & (slots >= 0)
+                ok = ok.pin_memory() if self.cuda else ok                    # so it can go to the device async
                 n = idx.shape[2]
                 off = torch.arange(self.B * self.Hkv).view(self.B, self.Hkv, 1)     # b * Hkv + h
                 rows = (slots.clamp(min=0) * (self.B * self.Hkv) + off).permute(2, 0, 1).reshape(-1)  # (n*B*Hkv,)
