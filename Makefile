@@ -1,11 +1,16 @@
 # infinigen: every target has a one-line comment; `make help` lists them.
-PY      := .venv/bin/python
+# PY=python3 uses a Python you already have (a GPU machine's CUDA torch) instead of making .venv.
+PY      ?= .venv/bin/python
 PIP     := .venv/bin/pip --disable-pip-version-check -q
 TORCH   ?= torch==2.13.0
 PROMPT  ?= prompts/demo.txt
 TEXT    ?= ../shared/data/tinyshakespeare.txt
+ARGS    ?=
+VENV    := $(filter .venv/bin/python,$(PY))
+CORE    := $(if $(VENV),.venv/.core)
+DEV     := $(if $(VENV),.venv/.dev)
 
-.PHONY: help install dev model demo test eval bench figures lines clean
+.PHONY: help install dev model demo test lint eval bench figures lines clean
 
 help:  ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -18,14 +23,14 @@ help:  ## list the targets
 	touch $@
 
 .venv/.dev: .venv/.core
-	$(PIP) install pytest hypothesis transformers accelerate matplotlib
+	$(PIP) install pytest hypothesis transformers accelerate matplotlib ruff "triton==3.6.*"
 	touch $@
 
 install: .venv/.core  ## make .venv with what the engine and the default model need
 
-dev: .venv/.dev  ## also install what tests, evaluation and figures need
+dev: .venv/.dev  ## also install what tests, evaluation, figures and the kernel's CPU interpreter need
 
-model: .venv/.core  ## prepare the built-in default model (SmolLM2-135M-Instruct) once
+model: $(CORE)  ## prepare the built-in default model (SmolLM2-135M-Instruct) once
 	$(PY) prepare.py
 
 demo: model  ## generate with full attention, then with InfiniGen, and compare what they moved
@@ -34,20 +39,23 @@ demo: model  ## generate with full attention, then with InfiniGen, and compare w
 	@echo "== InfiniGen (KV in CPU memory, speculated tokens fetched one layer ahead)"
 	$(PY) infinigen.py --policy infinigen --max-new-tokens 64 --prompt-file $(PROMPT)
 
-test: .venv/.dev model  ## run every test (CPU; CUDA tests skip without a GPU)
+lint: $(DEV)  ## ruff: pyflakes, bugbear, imports, lines of at most 110 characters
+	$(PY) -m ruff check .
+
+test: $(DEV) model lint  ## lint, then every test (CPU; CUDA tests skip without a GPU)
 	$(PY) -m pytest -q
 
-eval: .venv/.dev model  ## the accuracy study: results/eval-*.json, plots, README table
+eval: $(DEV) model  ## the accuracy study: results/eval-*.json, plots, README table
 	$(PY) eval.py --study --text $(TEXT) --context 2048 --windows 2 --decode 512
 
-bench: .venv/.dev model  ## decode throughput of every policy (GPU; prints what it can on CPU)
-	$(PY) bench.py
+bench: $(DEV)  ## throughput: the GPU suite with CUDA, else the CPU one (ARGS="--suite timeline" ...)
+	$(PY) bench.py $(ARGS)
 
-figures: .venv/.dev model  ## regenerate the tutorial's pictures from real runs
+figures: $(DEV) model  ## regenerate the tutorial's pictures from real runs
 	$(PY) tutorial/figures.py
 
 lines:  ## count the engine's lines (the README keeps this number)
-	@wc -l model.py skew.py offload.py infinigen.py
+	@wc -l model.py skew.py offload.py kernel.py infinigen.py cli.py
 
 clean:  ## remove the environment and the prepared model
 	rm -rf .venv .models .pytest_cache .hypothesis

@@ -1,12 +1,21 @@
 """Decode throughput of the engine's policies against Hugging Face transformers.
 
-  python bench.py --suite cpu   the default model, batch 1, a 512-token prompt, 128 new tokens, float32,
-                                on this CPU: full / offload / infinigen vs transformers `generate`;
-                                also the peak resident memory of `python infinigen.py --max-new-tokens 64`.
-  python bench.py --suite gpu   policies x batch x context on the default model and a random-weight
-                                Llama-2-7B-shaped model (float16), with transformers' DynamicCache
-                                (on the GPU, and offloading=True) as the outside reference.
-Prints tables, writes results/bench-*.json. Timings are reported, never asserted.
+  python bench.py --suite cpu       the default model, batch 1, a 512-token prompt, 128 new tokens,
+                                    float32, on this CPU: full / offload / infinigen vs transformers
+                                    `generate`; also the peak resident memory of the demo command.
+  python bench.py --suite gpu       rows of model x (batch x context) x policy, float16, with transformers'
+                                    DynamicCache on the GPU and offloaded as the outside reference. Each
+                                    row goes into results/bench-<gpu>.json as soon as it is measured (rows
+                                    of other runs stay), with the PCIe floor of its bytes at the pinned
+                                    bandwidth measured in the same run. Flags choose models, shapes and
+                                    policies, so the suite can run in short calls; `--device cpu` runs the
+                                    same code on a CPU.
+  python bench.py --suite timeline  traced decode steps of `offload` and `infinigen`: when each layer
+                                    computed and each copy ran, and the copy wait of each step.
+  python bench.py --suite gather    the two gathers of KVStore.fetch (host, device kernel) in GB/s of
+                                    useful bytes, rows of 128-512 bytes, 5-20% of a layer; and which
+                                    attention kernel decode's shapes get.
+Prints tables, writes results/. Timings are reported, never asserted.
 How decode time is measured: ours from `generate`'s stats (prefill synced and excluded, then the
 N-1 decode forwards of N new tokens). Transformers: a LogitsProcessor stamps the time (after a sync
 on CUDA) each time it is called, i.e. once after every forward; decode time = last stamp - first
@@ -19,15 +28,15 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
+import cli
 import infinigen as I
 import model as M
 import prepare
-from offload import OffloadError
+from offload import KVStore, OffloadError, preflight
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 LICENSES = "/usr/share/common-licenses"
@@ -39,21 +48,34 @@ def say(*a):
 
 # --- Common helpers
 def env_info():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "") \
-        if os.path.exists("/proc/cpuinfo") else ""
-    import transformers
-    return {"command": " ".join(["python"] + sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "torch": torch.__version__, "transformers": transformers.__version__, "processor": platform.processor(),
+    cpu = ""
+    if os.path.exists("/proc/cpuinfo"):
+        names = (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        cpu = next(names, "")
+    try:
+        import transformers
+        tf = transformers.__version__
+    except ImportError:
+        tf = None
+    return {"command": " ".join(["python"] + sys.argv),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "torch": torch.__version__, "transformers": tf, "processor": platform.processor(),
             "cpu_model": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
+def write_json(path, data):
+    """Whole or not at all: a temporary file, then a rename."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def write(name, data):
     data["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
     path = os.path.join(ROOT, "results", name)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+    write_json(path, data)
     say(f"wrote {path}")
 
 
@@ -67,8 +89,9 @@ def table(rows, cols):
         print("  ".join(v.rjust(w) for v, w in zip(r, width)))
 
 
-def ours(model, prompts, policy, new):  # our generate, never stopping early (no stop ids) -> (tokens, stats)
-    return I.generate(model, prompts, I.Policy(policy), new, stop_ids=())
+def ours(model, prompts, policy, new, **kw):  # our generate, never stopping early (no stop ids)
+    pol = policy if isinstance(policy, I.Policy) else I.Policy(policy)
+    return I.generate(model, prompts, pol, new, stop_ids=(), **kw)
 
 
 def hf_generate(hf, ids, new, cache=None):
@@ -87,8 +110,8 @@ def hf_generate(hf, ids, new, cache=None):
     t0 = time.perf_counter()
     with torch.no_grad():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                          min_new_tokens=new, past_key_values=cache, logits_processor=LogitsProcessorList([Stamp()]),
-                          pad_token_id=0)
+                          min_new_tokens=new, past_key_values=cache, pad_token_id=0,
+                          logits_processor=LogitsProcessorList([Stamp()]))
     steps, decode_s = len(t) - 1, t[-1] - t[0]
     return out[:, ids.shape[1]:].tolist(), {
         "prefill_s": round(t[0] - t0, 4), "decode_s": round(decode_s, 4), "decode_steps": steps,
@@ -98,7 +121,8 @@ def hf_generate(hf, ids, new, cache=None):
 def load_hf_default(device, dtype):
     from transformers import AutoModelForCausalLM
     g = prepare.gguf_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(g), gguf_file=os.path.basename(g), dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(g), gguf_file=os.path.basename(g),
+                                              dtype=dtype)
     return hf.to(device).eval()
 
 
@@ -114,7 +138,8 @@ def peak_rss(args):
 
 def default_text():
     names = sorted(os.listdir(LICENSES)) if os.path.isdir(LICENSES) else []
-    name = "GPL-3" if "GPL-3" in names else next((n for n in names if os.path.isfile(os.path.join(LICENSES, n))), None)
+    files = (n for n in names if os.path.isfile(os.path.join(LICENSES, n)))
+    name = "GPL-3" if "GPL-3" in names else next(files, None)
     if name is None:
         sys.exit(f"error: no text file in {LICENSES}; give one with --text")
     return os.path.join(LICENSES, name)
@@ -171,9 +196,67 @@ def suite_cpu(a):
                              "results": res, "peak_rss": rss})
 
 
+# --- Models for speed
+SHAPES = {  # name -> Hugging Face config fields of a Llama; the rows the GPU suite runs by default
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
+                    rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, head_dim=128, vocab_size=32000, max_position_embeddings=8192,
+               rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=1024,
+                 rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5),
+}
+ROWS = {"smollm2": "16x8192,32x4096", "7b": "8x4096,4x8192", "tiny": "2x128"}
+ROW_KEYS = ("tokens_per_s", "step_s", "h2d_bytes_per_step", "pcie_floor_s", "step_over_floor", "copy_wait_s")
+POLICIES = "full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded"
+
+
+def real_default(device, dtype):
+    """The prepared SmolLM2 with its transformers twin, or None (one line says why) when it cannot be made."""
+    try:
+        folder = prepare.prepare(quiet=True)
+        model, _ = M.load(folder, device, dtype)
+        return model, lambda: load_hf_default(device, dtype)
+    except (ImportError, FileNotFoundError) as e:
+        say(f"the real SmolLM2 is not available here ({e}); random weights of its shape instead")
+        return None
+
+
+def random_model(name, device, dtype):
+    """Ours with random weights of a named shape (N(0, 0.02), norms 1), and a maker of transformers' twin."""
+    hf = {"model_type": "llama", "hidden_act": "silu", **SHAPES[name]}
+    cfg = M.Config.from_hf(hf)
+    with torch.device("meta"):
+        model = M.Transformer(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in n else p.normal_(0, 0.02, generator=g)
+    model.inv_freq = M.rope_inv_freq(cfg).to(device)
+
+    def twin():
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(0)
+        with torch.device(device):
+            return LlamaForCausalLM(LlamaConfig(**SHAPES[name])).to(dtype).eval()
+    return model.eval(), twin
+
+
+def models_for(name, device, dtype):
+    """(our model, a maker of the transformers model, whether the weights are the real ones)."""
+    if name == "smollm2" and (real := real_default(device, dtype)):
+        return (*real, True)
+    return (*random_model(name, device, dtype), False)
+
+
 # --- GPU suite
 def pinned_h2d_bandwidth(dev, n=5):
-    """Bytes/s of host->device copies from a 1 GiB pinned tensor."""
+    """Bytes/s of host->device copies from a 1 GiB pinned tensor (None on a CPU: no link)."""
+    if dev.type != "cuda":
+        return None
     src = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty_like(src, device=dev)
     dst.copy_(src, non_blocking=True)
@@ -192,192 +275,358 @@ def pinned_h2d_bandwidth(dev, n=5):
 
 def free_memory():
     gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    host_empty = getattr(torch._C, "_host_emptyCache", None)     # pinned blocks go back too (CUDA builds)
-    if host_empty is not None:
-        host_empty()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        host_empty = getattr(torch._C, "_host_emptyCache", None)     # pinned blocks go back too (CUDA builds)
+        if host_empty is not None:
+            host_empty()
 
 
-def llama7b_dir(max_len):
-    """A Llama-2-7B-shaped checkpoint with random float16 weights, written once to a temp folder."""
-    path = os.path.join(tempfile.gettempdir(), f"infinigen-bench-llama7b-random-{max_len}")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    from transformers import LlamaConfig, LlamaForCausalLM
-    say(f"building a random Llama-2-7B-shaped model in {path} (once) ...")
-    cfg = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                      intermediate_size=11008, vocab_size=32000, max_position_embeddings=max_len)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.float16)
+def parse_policy(spec):
+    """'infinigen:0.1' -> ('infinigen', 0.1); 'hf-dynamic' -> ('hf-dynamic', None)."""
+    name, _, budget = spec.partition(":")
+    if name not in I.POLICIES + ("hf-dynamic", "hf-offloaded"):
+        raise ValueError(f"unknown policy {name!r} in --policies")
     try:
-        with torch.device("cuda"):
-            m = LlamaForCausalLM(cfg)
-        m.save_pretrained(path + ".tmp")
-    finally:
-        torch.set_default_dtype(torch.float32)
-    os.replace(path + ".tmp", path)
-    del m
+        return name, float(budget) if budget else (0.2 if name not in ("full", "offload") and
+                                                   not name.startswith("hf") else None)
+    except ValueError:
+        raise ValueError(f"bad budget in --policies: {spec!r}") from None
+
+
+def parse_shapes(spec):
+    try:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in spec.split(",")]
+    except ValueError:
+        shapes = [()]
+    if any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"--shapes wants BATCHxCONTEXT,... (e.g. 8x4096), got {spec!r}")
+    return shapes
+
+
+def peer_preflight(cfg, B, ctx, offloading, dev):
+    """transformers keeps the whole KV on the device (DynamicCache) or in host memory (offloaded), with no
+    check of its own: a host store larger than memory gets the process killed, so refuse it first."""
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * B * ctx              # float16
+    layer = kv // cfg.n_layers
+    act = B * min(ctx, 8192) * (cfg.dim + cfg.ffn_dim) * 2 * 2 + B * cfg.vocab_size * 4
+    preflight(kv if offloading else 0, (2 * layer if offloading else kv) + act, dev, what="transformers KV")
+
+
+def rows_file(dev, name=None):
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") if name else dev.type
+    return os.path.join(ROOT, "results", f"bench-{slug}.json")
+
+
+def save_row(path, run, row):
+    """Add (or replace) one row in the results file, written whole each time."""
+    data = json.load(open(path)) if os.path.exists(path) else {"suite": "gpu", "runs": [], "rows": []}
+    if not data["runs"] or data["runs"][-1] != run:
+        data["runs"] = [r for r in data["runs"] if r["date"] != run["date"]] + [run]
+    key = lambda r: (r["model"], r["impl"], r.get("budget"), r["batch"], r["context"], r.get("gather"))
+    data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
+    write_json(path, data)
+
+
+def measure(fn, args, row, bw, peer=False):
+    """Run one row. Out of memory (or refused by a preflight) is that row's result; so is any error of
+    the transformers peer (its row says so); any other error of ours fails the run."""
+    line = lambda e: f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+    try:
+        s = fn(*args)
+    except (torch.OutOfMemoryError, OffloadError) as e:
+        s = {"skipped": line(e)}
+    except Exception as e:
+        if not peer:
+            raise
+        s = {"skipped": "peer error: " + line(e)}
     free_memory()
-    return path
+    row.update({k: None for k in ROW_KEYS} | s)
+    if "skipped" in s:
+        say(f"    skipped: {s['skipped']}")
+        return row
+    h2d = s.get("h2d_bytes_per_step")
+    step = s["decode_s"] / s["decode_steps"] if s["decode_steps"] else None
+    floor = h2d / bw if h2d and bw else None
+    row.update(step_s=round(step, 5) if step else None, pcie_floor_s=round(floor, 5) if floor else None,
+               step_over_floor=round(step / floor, 2) if step and floor else None)
+    say(f"    {row.get('tokens_per_s')} tok/s, step {row['step_s']} s, floor {row['pcie_floor_s']} s")
+    return row
 
 
-def shape_rows(run, name, impl, batches, contexts, new, vocab, bw):
-    """Run `run(prompts_tensor, new)` -> stats for every batch x context; a row each, skips included."""
-    rows = []
-    for B in batches:
-        for ctx in contexts:
-            row = {"model": name, "impl": impl, "batch": B, "context": ctx}
-            ids = torch.randint(0, vocab, (B, ctx - new), generator=torch.Generator().manual_seed(B * ctx))
-            say(f"  {name} {impl} batch {B} context {ctx} ...")
-            try:
-                s = run(ids, new)
-            except (torch.OutOfMemoryError, OffloadError, M.ModelError, RuntimeError, ValueError) as e:
-                s = {"skipped": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"}  # does not fit
-            free_memory()                      # here, once the exception (and the frames it holds) is gone
-            rows.append(row)
-            if "skipped" in s:
-                row.update(s)
-                say(f"    skipped: {s['skipped']}")
-                continue
-            h2d = s.get("h2d_bytes_per_step")
-            step = s["decode_s"] / s["decode_steps"] if s["decode_steps"] else None
-            floor = h2d / bw if h2d else None
-            row.update(s, step_s=round(step, 5) if step else None, pcie_floor_s=round(floor, 5) if floor else None,
-                       step_over_floor=round(step / floor, 2) if step and floor else None)
-    return rows
+def run_ours(model, ids, pol, new, cuda):
+    return ours(model, ids.tolist(), pol, new, time_copies=cuda)[1]
+
+
+def run_peer(hf, cfg, ids, new, offloading, dev):
+    """transformers' generate with a DynamicCache, on the device or offloaded to the CPU."""
+    from transformers import DynamicCache
+    if offloading and dev.type != "cuda":
+        raise OffloadError("transformers offloads to the CPU from a GPU only")
+    B, ctx = ids.shape[0], ids.shape[1] + new
+    peer_preflight(cfg, B, ctx, offloading, dev)
+    cache = DynamicCache(config=hf.config, offloading=offloading)
+    s = hf_generate(hf, ids.to(dev), new, cache)[1]
+    if offloading:   # estimated: every layer's whole past comes back each step (mean past length)
+        kv_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2
+        s.update(h2d_bytes_per_step=kv_token * B * (ids.shape[1] + new // 2), h2d_estimated=True)
+    return s
+
+
+def prompts_for(cfg, B, ctx, new):
+    return torch.randint(0, cfg.vocab_size, (B, ctx - new), generator=torch.Generator().manual_seed(B * ctx))
 
 
 def suite_gpu(a):
-    if not torch.cuda.is_available():
-        print("the GPU suite needs CUDA, and CUDA is not available here (try --suite cpu)")
-        return
-    dev = torch.device("cuda")
-    info = env_info() | {"gpu": torch.cuda.get_device_name(dev)}
+    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+    cuda = dev.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    info = env_info() | {"device": torch.cuda.get_device_name(dev) if cuda else "cpu",
+                         "dtype": str(dtype)[6:]}
     new = a.new_tokens or 16
-    batches, contexts = [int(x) for x in a.batches.split(",")], [int(x) for x in a.contexts.split(",")]
-    say("measuring pinned host->device bandwidth (1 GiB) ...")
+    pols = [parse_policy(p) for p in a.policies.split(",")]
+    models = a.models.split(",")
+    for name in models:
+        if name not in SHAPES:
+            raise ValueError(f"unknown model {name!r} (choose from {', '.join(SHAPES)})")
+    shapes = {name: parse_shapes(a.shapes or ROWS[name]) for name in models}
+    path = a.out or rows_file(dev, info["device"] if cuda else None)
+    say("measuring pinned host->device bandwidth (1 GiB) ..." if cuda else "on a CPU: no PCIe link, no floor")
     bw = pinned_h2d_bandwidth(dev)
-    say(f"  {bw / 1e9:.1f} GB/s")
+    if bw:
+        say(f"  {bw / 1e9:.1f} GB/s")
+    run = info | {"pinned_h2d_bytes_per_s": round(bw) if bw else None, "new_tokens": new}
     rows = []
-    for name in a.models.split(","):
-        if name not in ("default", "7b"):
-            sys.exit(f"error: unknown model {name!r} (choose from default, 7b)")
-        folder = prepare.prepare() if name == "default" else llama7b_dir(max(4096, max(contexts)))
-        model, _ = M.load(folder, dev, torch.float16)
-        vocab = model.cfg.vocab_size
-        say(f"{name}: warming up ...")
-        for pol in a.policies.split(","):
-            ours(model, [list(range(64))], pol, 4)
-        for pol in a.policies.split(","):
-            rows += shape_rows(lambda ids, n: ours(model, ids.tolist(), pol, n)[1], name, pol,
-                               batches, contexts, new, vocab, bw)
-        del model
+    for name in models:
+        model, make_twin, real = models_for(name, dev, dtype)
+        cfg, label = model.cfg, name if real or name != "smollm2" else "smollm2-random"
+        for pol, budget in [p for p in pols if not p[0].startswith("hf")]:
+            p = I.Policy(pol, **({"budget": budget} if budget else {}), gather=a.gather)
+            say(f"{label}: warming up {pol} ...")
+            ours(model, [list(range(64))], p, 4)
+            for B, ctx in shapes[name]:
+                say(f"  {label} {pol} {budget or ''} batch {B} context {ctx} ...")
+                row = {"model": label, "impl": pol, "budget": budget, "batch": B, "context": ctx,
+                       "run": run["date"]}
+                rows.append(measure(run_ours, (model, prompts_for(cfg, B, ctx, new), p, new, cuda), row, bw))
+                save_row(path, run, rows[-1])
+        model = None
         free_memory()
-
-        from transformers import AutoModelForCausalLM, DynamicCache
-        hf = load_hf_default(dev, torch.float16) if name == "default" else \
-            AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16, device_map="cuda").eval()
+        peers = [p for p, _ in pols if p.startswith("hf")]
+        if not peers:
+            continue
+        hf = make_twin()
         hf_generate(hf, torch.arange(64, device=dev)[None], 4)
-        c = hf.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        kv_token = 2 * c.num_hidden_layers * (c.num_key_value_heads or c.num_attention_heads) * head_dim * 2  # K+V, fp16
-        for offloading in (False, True):
-            def run(ids, n):
-                cache = DynamicCache(config=hf.config, offloading=offloading)
-                s = hf_generate(hf, ids.to(dev), n, cache)[1]
-                if offloading:   # estimated: every layer's whole past comes back each step (mean past length)
-                    s["h2d_bytes_per_step"] = kv_token * ids.shape[0] * (ids.shape[1] + n // 2)
-                    s["h2d_estimated"] = True
-                return s
-            rows += shape_rows(run, name, "hf-offloaded" if offloading else "hf-dynamic", batches, contexts, new,
-                               vocab, bw)
-        del hf
+        for impl in peers:
+            for B, ctx in shapes[name]:
+                say(f"  {label} {impl} batch {B} context {ctx} ...")
+                row = {"model": label, "impl": impl, "budget": None, "batch": B, "context": ctx,
+                       "run": run["date"]}
+                args = (hf, cfg, prompts_for(cfg, B, ctx, new), new, impl == "hf-offloaded", dev)
+                rows.append(measure(run_peer, args, row, bw, peer=True))
+                save_row(path, run, rows[-1])
+        hf = None
         free_memory()
+    print(f"\n{info['device']}, {info['dtype']}, {new} new tokens"
+          + (f", pinned H2D {bw / 1e9:.1f} GB/s" if bw else ""))
+    table(rows, ["model", "impl", "budget", "batch", "context", "tokens_per_s", "h2d_bytes_per_step",
+                 "pcie_floor_s", "step_s", "step_over_floor", "copy_wait_s", "skipped"])
+    say(f"wrote {path}")
 
-    print(f"\nGPU decode, {info['gpu']}, float16, {new} new tokens, pinned H2D {bw / 1e9:.1f} GB/s")
-    table(rows, ["model", "impl", "batch", "context", "tokens_per_s", "h2d_bytes_per_step", "pcie_floor_s",
-                 "step_s", "step_over_floor", "copy_wait_s", "skipped"])
-    slug = "".join(c if c.isalnum() else "-" for c in info["gpu"].lower()).strip("-")
-    write(f"bench-{slug}.json", {**info, "suite": "gpu", "dtype": "float16", "new_tokens": new,
-                                 "pinned_h2d_bytes_per_s": round(bw), "rows": rows})
+
+# --- Gather: the kernel against the host path
+def sdpa_backend(q, k, v, mask, gqa):
+    """The fused attention kernel torch picks for these shapes (its own dispatch, nothing run)."""
+    from torch.nn.attention import SDPBackend
+    c = torch._fused_sdp_choice(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=None,
+                                enable_gqa=gqa)
+    return str(SDPBackend(c)).split(".")[-1]
+
+
+def suite_gather(a):
+    """Bring 5-20% of a layer's rows from a pinned store to the device with the engine's two gathers
+    (KVStore.fetch, host and device) and report GB/s of useful bytes, per row width (K and V together:
+    128, 256, 512 bytes at float16); and which attention kernel decode's shapes get."""
+    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda, dtype = dev.type == "cuda", torch.float16
+    B, S = parse_shapes(a.shapes or "8x4096")[0]
+    Hkv, gathers = 32, ["host", "device"] if cuda or a.gather == "device" else ["host"]
+    info = env_info() | {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "batch": B,
+                         "slots": S, "kv_heads": Hkv, "rows": [], "sdpa": {}}
+    bw = pinned_h2d_bandwidth(dev)
+    info["pinned_h2d_bytes_per_s"] = round(bw) if bw else None
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for d in (32, 64, 128):
+        for gather in gathers:
+            store = KVStore(1, B, S, Hkv, d, dev, dtype, gather=gather)
+            store.kv.copy_(torch.randn(store.kv.shape, generator=torch.Generator().manual_seed(d)).to(dtype))
+            for frac in (0.05, 0.1, 0.2):
+                n = max(1, int(frac * S))
+                g = torch.Generator().manual_seed(n)
+                idx = torch.rand(B, Hkv, S, generator=g).argsort(-1)[..., :n].sort(-1).values.to(dev)
+                ok = torch.ones(B, Hkv, n, dtype=torch.bool, device=dev)
+                for _ in range(2):                                           # warm up (compiles the kernel)
+                    store.take(store.fetch(0, S, idx, ok))
+                sync()
+                reps, t = 5 if cuda else 2, time.perf_counter()
+                for _ in range(reps):
+                    store.take(store.fetch(0, S, idx, ok))
+                    store.step_done()
+                sync()
+                dt = (time.perf_counter() - t) / reps
+                useful = B * Hkv * n * store.row_bytes
+                row = {"row_bytes": store.row_bytes, "fraction": frac, "gather": gather,
+                       "ms": round(dt * 1e3, 3), "useful_gb_per_s": round(useful / dt / 1e9, 2),
+                       "of_pinned_bandwidth": round(useful / dt / bw, 3) if bw else None}
+                info["rows"].append(row)
+                say(f"  rows of {store.row_bytes} B, {frac:.0%}, {gather}: {row['ms']} ms, "
+                    f"{row['useful_gb_per_s']} GB/s")
+            store = None
+            free_memory()
+    for name, (H, Hkv, d, n) in {"7b": (32, 32, 128, 820), "smollm2": (9, 3, 64, 820)}.items():
+        q = torch.randn(B, H, 1, d, device=dev, dtype=dtype)
+        k = torch.randn(B, Hkv, n, d, device=dev, dtype=dtype)
+        mask = torch.rand(B, Hkv, 1, n, device=dev) < 0.9
+        G = H // Hkv
+        info["sdpa"][name] = {
+            "gqa_with_mask": sdpa_backend(q, k, k, mask.repeat_interleave(G, 1), G > 1),
+            "folded_into_queries": sdpa_backend(q.view(B, Hkv, G, d), k, k, mask.expand(B, Hkv, G, n), False)}
+        say(f"  decode attention, {name} shape: {info['sdpa'][name]}")
+    table(info["rows"], ["row_bytes", "fraction", "gather", "ms", "useful_gb_per_s", "of_pinned_bandwidth"])
+    slug = "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-")
+    path = a.out or os.path.join(ROOT, "results", f"gather-{slug}.json")
+    write_json(path, info)
+    say(f"wrote {path}")
 
 
 # --- Timeline
 def suite_timeline(a):
-    """One traced decode step of `offload` and `infinigen`: when each layer computed (compute stream)
-    and when each layer's K, V copy ran (copy stream, or the host on a CPU). Plot and JSON."""
+    """Traced decode steps of `offload` and `infinigen`: when each layer computed (compute stream) and
+    when each layer's K, V copy ran (copy stream, or the host on a CPU); the copy wait of each step."""
     from offload import mark
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and a.device != "cpu"
     dev, dtype = (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
     name = a.models.split(",")[0]
-    folder = llama7b_dir(4096) if name == "7b" and cuda else prepare.prepare()
-    model, _ = M.load(folder, dev, dtype)
-    B, ctx = int(a.batches.split(",")[0]), int(a.contexts.split(",")[0])
+    model, _, real = models_for(name, dev, dtype)
+    B, ctx = parse_shapes(a.shapes or ("1x1024" if not cuda else ROWS[name].split(",")[0]))[0]
     ids = torch.randint(0, model.cfg.vocab_size, (B, ctx), generator=torch.Generator().manual_seed(0)).to(dev)
-    out = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "model": name, "batch": B, "context": ctx,
-           "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    out = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "model": name, "real_weights": real,
+           "batch": B, "context": ctx, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "command": " ".join(["python"] + sys.argv), "runs": {},
            "note": "CUDA: copy-stream and compute-stream events, so overlap is real concurrency" if cuda else
-           "CPU: host clock; a copy inside the previous layer's span ran serially within it, not concurrently"}
+           "CPU: host clock; a copy inside the previous layer's span ran serially within it, "
+           "not concurrently"}
     for pol in ("offload", "infinigen"):
         say(f"timeline: {pol}, batch {B}, context {ctx} ...")
-        cache = I.make_cache(model, I.Policy(pol), B, ctx + 4)
-        I.prefill(model, cache, ids, torch.ones_like(ids, dtype=torch.bool))
+        cache = I.make_cache(model, I.Policy(pol, gather=a.gather), B, ctx + 8)
+        cache.store.timing = cuda
+        I.prefill(model, cache, ids, torch.ones(ids.shape, dtype=torch.bool))
         tok = ids[:, -1]
         for _ in range(2):                                           # warm up
             I.decode_one(model, cache, tok)
+        waits = []
+        for _ in range(3):                                           # the copy wait of whole steps
+            before = cache.store.ledger.wait_s
+            I.decode_one(model, cache, tok)
+            waits.append(round((cache.store.ledger.wait_s - before) * 1e3, 3))
         marks = []
-        hooks = [b.register_forward_pre_hook(lambda m, x, i=i: marks.append(("start", i, mark(cuda))))
+        hooks = [b.register_forward_pre_hook(lambda m, x, i=i, ms=marks: ms.append(("start", i, mark(cuda))))
                  for i, b in enumerate(model.layers)]
-        hooks += [b.register_forward_hook(lambda m, x, y, i=i: marks.append(("end", i, mark(cuda))))
+        hooks += [b.register_forward_hook(lambda m, x, y, i=i, ms=marks: ms.append(("end", i, mark(cuda))))
                   for i, b in enumerate(model.layers)]
-        cache.store.trace = []
+        cache.store.trace, attn, plain = [], [], M.attention
+
+        def timed_attention(*args, plain=plain, attn=attn):          # layer order = call order
+            start = mark(cuda)
+            out = plain(*args)
+            attn.append((len(attn), start, mark(cuda)))
+            return out
+        M.attention = timed_attention
         t0 = mark(cuda)
-        I.decode_one(model, cache, tok)
+        try:
+            I.decode_one(model, cache, tok)
+        finally:
+            M.attention = plain
         for h in hooks:
             h.remove()
         if cuda:
             torch.cuda.synchronize(dev)
-        ms = (lambda e: t0.elapsed_time(e)) if cuda else (lambda t: (t - t0) * 1e3)
+        ms = (lambda e, t0=t0: t0.elapsed_time(e)) if cuda else (lambda t, t0=t0: (t - t0) * 1e3)
         starts = {i: ms(e) for k, i, e in marks if k == "start"}
         layers = [(i, starts[i], ms(e)) for k, i, e in marks if k == "end"]
         copies = [(i, ms(s), ms(e)) for _, i, s, e in cache.store.trace]
         overlap = sum(max(0.0, min(ce, le) - max(cs, ls)) for ci, cs, ce in copies
                       for li, ls, le in layers if li == ci - 1)      # copy of i+1 during layer i
-        out["runs"][pol] = {"layers_ms": layers, "copies_ms": copies, "copy_ms": sum(e - s for _, s, e in copies),
-                            "copy_during_previous_layer_ms": overlap}
-        say(f"  copies {out['runs'][pol]['copy_ms']:.2f} ms in all, {overlap:.2f} ms of it during the previous layer")
+        step = max(e for _, _, e in layers + copies)
+        attention = sum(ms(e) - ms(s) for _, s, e in attn)
+        wait = sum(waits) / len(waits)
+        out["runs"][pol] = {"layers_ms": layers, "copies_ms": copies, "attention_ms": [
+                                (i, ms(s), ms(e)) for i, s, e in attn],
+                            "copy_ms": sum(e - s for _, s, e in copies),
+                            "copy_during_previous_layer_ms": overlap, "step_ms": step,
+                            "copy_wait_ms_per_step": waits, "gather": cache.store.gather,
+                            "breakdown_ms": {"step": round(step, 3), "attention": round(attention, 3),
+                                             "copy_wait": round(wait, 3),
+                                             "rest": round(step - attention - wait, 3)}}
+        say(f"  step {step:.2f} ms; copies {out['runs'][pol]['copy_ms']:.2f} ms in all, {overlap:.2f} ms "
+            f"of it during the previous layer; copy wait per step {waits} ms; "
+            f"breakdown {out['runs'][pol]['breakdown_ms']}")
     slug = "".join(c if c.isalnum() else "-" for c in out["device"].lower()).strip("-")
-    write(f"timeline-{slug}.json", out)
+    path = a.out or os.path.join(ROOT, "results", f"timeline-{slug}.json")
+    out["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    write_json(path, out)
+    say(f"wrote {path}")
+    plot_timeline(out, os.path.splitext(path)[0] + ".png")
+
+
+def plot_timeline(out, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 1, figsize=(11, 3.8))
+    fig, axes = plt.subplots(2, 1, figsize=(11, 4.2))
     for ax, (pol, run) in zip(axes, out["runs"].items()):
         for row, spans in ((1, run["layers_ms"]), (0, run["copies_ms"])):
             ax.broken_barh([(s, e - s) for _, s, e in spans], (row - 0.4, 0.8),
                            facecolors=[plt.cm.tab20(i % 20) for i, _, _ in spans])
-        ax.set(yticks=[0, 1], yticklabels=["copy", "compute"], title=f"{pol}: one decode step on {out['device']}")
-    axes[-1].set_xlabel("ms (colour = layer; a copy lands before its layer computes)")
+        wait = run["copy_wait_ms_per_step"]
+        ax.set(yticks=[0, 1], yticklabels=["copy", "compute"],
+               title=f"{pol} ({run['gather']} gather): one decode step on {out['device']}, "
+                     f"B={out['batch']}, context {out['context']}; compute waited "
+                     f"{sum(wait) / len(wait):.2f} ms per step for copies")
+    axes[-1].set_xlabel("ms (colour = layer; layer i+1's copy runs under layer i)")
     fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "results", f"timeline-{slug}.png"), dpi=90)
-    say(f"wrote results/timeline-{slug}.png")
+    fig.savefig(path, dpi=90)
+    say(f"wrote {path}")
 
 
 # --- Command line
 def main():
-    p = I.Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=["cpu", "gpu", "timeline"], default="gpu" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--text", help="cpu: the prompt's source text (default: GPL-3 in /usr/share/common-licenses)")
+    p = cli.Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=["cpu", "gpu", "timeline", "gather"],
+                   default="gpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--text", help="cpu: the prompt's source text (default: GPL-3 in "
+                   "/usr/share/common-licenses)")
     p.add_argument("--prompt-tokens", type=int, default=512, help="cpu: prompt length in tokens")
-    p.add_argument("--new-tokens", type=int, default=None, help="default: 128 (cpu), 16 (gpu)")
-    p.add_argument("--models", default="default,7b", help="gpu: default,7b")
-    p.add_argument("--policies", default="full,offload,h2o,infinigen", help="gpu")
-    p.add_argument("--batches", default="1,8,16,32", help="gpu")
-    p.add_argument("--contexts", default="1024,2048,4096,8192", help="gpu: prompt + new tokens")
+    p.add_argument("--new-tokens", type=cli.positive_int, default=None, help="default: 128 (cpu), 16 (gpu)")
+    p.add_argument("--models", default="smollm2,7b", help=f"gpu, timeline: from {', '.join(SHAPES)}")
+    p.add_argument("--shapes", help="gpu, timeline: BATCHxCONTEXT,... (context = prompt + new tokens); "
+                   f"default per model: {ROWS}")
+    p.add_argument("--policies", default=POLICIES,
+                   help="gpu: POLICY[:BUDGET],... and hf-dynamic, hf-offloaded")
+    p.add_argument("--gather", choices=I.GATHERS, default="auto",
+                   help="gpu, timeline: how sparse rows are gathered")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="gpu, timeline: default cuda when present")
+    p.add_argument("--out", help="gpu, timeline: the results file (default results/bench-<device>.json, "
+                   "results/timeline-<device>.json and .png)")
     a = p.parse_args()
-    {"cpu": suite_cpu, "gpu": suite_gpu, "timeline": suite_timeline}[a.suite](a)
+    try:
+        suites = {"cpu": suite_cpu, "gpu": suite_gpu, "timeline": suite_timeline, "gather": suite_gather}
+        suites[a.suite](a)
+    except (ValueError, OffloadError, M.ModelError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Each window of N tokens is prefilled densely but for its last --decode tokens, w
 by one with the policy, always feeding the true next token. Every decoded position's next-token distribution
 is compared with full attention's: perplexity, top-1 agreement, KL(full || policy).
 """
-import argparse
 import json
 import math
 import os
@@ -19,8 +18,10 @@ import time
 
 import torch
 
+import cli
 import infinigen as I
 import model as M
+from offload import OffloadError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,11 +54,13 @@ def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
         for t in range(prefix, N - 1):
             lp = I.decode_one(model, cache, win[:, t])[0].float().log_softmax(-1)   # predicts token t+1
             r, tgt = ref[t - prefix], win[0, t + 1]
-            rows.append([-lp[tgt], -r[tgt], float(lp.argmax() == r.argmax()), (r.exp() * (r - lp)).sum().clamp(min=0)])
+            rows.append([-lp[tgt], -r[tgt], float(lp.argmax() == r.argmax()),
+                         (r.exp() * (r - lp)).sum().clamp(min=0)])
             if progress and (t - prefix) % 64 == 0:
                 print(f"\r  {pol.name}: window {w + 1}/{W}, {t - prefix + 1}/{N - 1 - prefix} positions "
                       f"({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
-        frac.append(I.stats_of(model, cache, 0, 1, 1, 1).get("fetched_fraction_per_layer", [1.0] * model.cfg.n_layers))
+        frac.append(I.stats_of(model, cache, 0, 1, 1, 1).get("fetched_fraction_per_layer",
+                                                             [1.0] * model.cfg.n_layers))
     if progress:
         print(file=sys.stderr)
     nll, nll_full, agree, kl = torch.tensor(rows).view(W, N - 1 - prefix, 4).unbind(-1)   # each (W, n)
@@ -114,20 +117,25 @@ def passkey(model, tok, pol, contexts, depths=(0.1, 0.5, 0.9), seed=0):
 # --- The study (make eval)
 def study(model, tok, args):
     """Every comparison of `make eval`; one JSON per part in results/, plots, and the README table."""
-    base = dict(budget=0.1, alpha=args.alpha, partial_ratio=args.partial_ratio, skew=args.skew, layer_budget=args.layer_budget)
-    other = "uniform" if args.layer_budget == "prompt" else "prompt"                 # the layers part: the other rule
+    base = dict(budget=0.1, alpha=args.alpha, partial_ratio=args.partial_ratio, skew=args.skew,
+                layer_budget=args.layer_budget)
+    other = "uniform" if args.layer_budget == "prompt" else "prompt"       # the layers part: the other rule
     win = windows_of(tok, args.text, args.context, args.windows)
     parts = {
-        "policies": [dict(base, name=n, budget=b) for b in (0.05, 0.1, 0.2) for n in ("infinigen", "h2o", "oracle")]
-        + [dict(base, name="streaming"), dict(base, name="infinigen", skew="svd"), dict(base, name="infinigen", skew="none")],
+        "policies": [dict(base, name=n, budget=b)
+                     for b in (0.05, 0.1, 0.2) for n in ("infinigen", "h2o", "oracle")]
+        + [dict(base, name="streaming"), dict(base, name="infinigen", skew="svd"),
+           dict(base, name="infinigen", skew="none")],
         "alpha": [dict(base, name="infinigen", alpha=a) for a in (2.0, 5.0, 8.0, math.inf)],
         "ratio": [dict(base, name="infinigen", partial_ratio=r) for r in (0.125, 0.3, 0.5, 0.75, 1.0)],
         "pool": [dict(base, name="infinigen", capacity=0.8, eviction=e) for e in ("fifo", "lru", "counter")],
-        "layers": [dict(base, name=n, budget=b, layer_budget=other) for b in (0.1, 0.2) for n in ("infinigen", "h2o", "oracle")],
+        "layers": [dict(base, name=n, budget=b, layer_budget=other)
+                   for b in (0.1, 0.2) for n in ("infinigen", "h2o", "oracle")],
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    meta = {"text": os.path.basename(args.text), "context": args.context, "windows": args.windows, "decode": args.decode,
-            "command": "python eval.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d")}
+    meta = {"text": os.path.basename(args.text), "context": args.context, "windows": args.windows,
+            "decode": args.decode, "command": "python eval.py " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d")}
     for part, pols in parts.items():
         if args.only and part not in args.only.split(","):
             continue
@@ -135,11 +143,13 @@ def study(model, tok, args):
         for kw in pols:
             r = compare(model, win, I.Policy(**kw), prefix=args.context - args.decode)
             rows.append(dict(policy={k: (str(v) if v == math.inf else v) for k, v in kw.items()}, **r))
-            print(f"  {part}: {kw} -> kl {r['kl']:.4f} top1 {r['top1']:.3f} sparse {r['sparse_fraction']:.3f}", file=sys.stderr)
+            print(f"  {part}: {kw} -> kl {r['kl']:.4f} top1 {r['top1']:.3f} "
+                  f"sparse {r['sparse_fraction']:.3f}", file=sys.stderr)
             save(f"eval-{part}.json", dict(meta, rows=rows))
     if not args.only or "passkey" in args.only.split(","):
         ctx = [int(c) for c in args.contexts.split(",")]
-        rows = [dict(policy={k: (str(v) if v == math.inf else v) for k, v in kw.items()}, accuracy=passkey(model, tok, I.Policy(**kw), ctx))
+        rows = [dict(policy={k: (str(v) if v == math.inf else v) for k, v in kw.items()},
+                     accuracy=passkey(model, tok, I.Policy(**kw), ctx))
                 for kw in (dict(name="full"), dict(base, name="infinigen"), dict(base, name="h2o"))]
         save("eval-passkey.json", dict(meta, rows=rows))
 
@@ -164,18 +174,22 @@ def report():
             knobs = [f"α={p['alpha']}", f"r={p['partial_ratio']}"] if p["name"] == "infinigen" else []
             knobs += [f"pool 80% {p['eviction']}"] if p.get("capacity") else []
             knobs = ", ".join(knobs + ["layers: " + p.get("layer_budget", "uniform")])
-            rows.append(f"| {part} | {label(p)} | {p['budget']} | {knobs} | {r['kl']:.4f} | {r['top1']:.3f} | "
-                        f"{r['ppl']:.2f} / {r['ppl_full']:.2f} | {r['fetched_fraction']:.3f} | {r['sparse_fraction']:.3f} |")
+            rows.append(f"| {part} | {label(p)} | {p['budget']} | {knobs} | {r['kl']:.4f} | "
+                        f"{r['top1']:.3f} | {r['ppl']:.2f} / {r['ppl_full']:.2f} | "
+                        f"{r['fetched_fraction']:.3f} | {r['sparse_fraction']:.3f} |")
     if rows:
         meta = load_part("policies") or load_part("alpha") or {}
-        table = (f"Default model, `{meta.get('text')}`, {meta.get('windows')} window(s) of {meta.get('context')} tokens, "
-                 f"the last {meta.get('decode', 512)} decoded with the policy; made by `{meta.get('command')}` on "
-                 f"{meta.get('date')}.\n\n| part | policy | budget | settings | KL(full‖policy) | top-1 | ppl / full | "
-                 "fetched (all layers) | fetched (sparse layers) |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+        table = (f"Default model, `{meta.get('text')}`, {meta.get('windows')} window(s) of "
+                 f"{meta.get('context')} tokens, the last {meta.get('decode', 512)} decoded with the policy; "
+                 f"made by `{meta.get('command')}` on {meta.get('date')}.\n\n"
+                 "| part | policy | budget | settings | KL(full‖policy) | top-1 | ppl / full | "
+                 "fetched (all layers) | fetched (sparse layers) |\n|---|---|---|---|---|---|---|---|---|\n"
+                 + "\n".join(rows))
         pk = load_part("passkey")
         if pk:
             ctx = list(pk["rows"][0]["accuracy"])
-            table += ("\n\nPasskey retrieval (accuracy over depths 10%, 50%, 90%):\n\n| policy | " + " | ".join(ctx)
+            table += ("\n\nPasskey retrieval (accuracy over depths 10%, 50%, 90%):\n\n| policy | "
+                      + " | ".join(ctx)
                       + " |\n|---|" + "---|" * len(ctx) + "\n" + "\n".join(
                           f"| {label(r['policy']) if r['policy']['name'] != 'full' else 'full'} "
                           f"{r['policy'].get('budget', '') if r['policy']['name'] != 'full' else ''} | "
@@ -199,11 +213,13 @@ def plots():
         pts = sorted((r["policy"]["budget"], r["kl"]) for r in pol["rows"]
                      if r["policy"]["name"] == name and r["policy"].get("skew") in ("planes", None))
         ax[0].plot(*zip(*pts), "o-", label=name)
-    ax[0].set(xlabel="budget per sparse layer", ylabel="KL(full ‖ policy)", yscale="log", title="accuracy vs budget")
+    ax[0].set(xlabel="budget per sparse layer", ylabel="KL(full ‖ policy)", yscale="log",
+              title="accuracy vs budget")
     ax[0].legend()
     for r in pol["rows"]:
         if r["policy"]["budget"] == 0.1 and r["policy"].get("skew", "planes") == "planes":
-            ax[1].plot([c["start"] for c in r["chunks"]], [c["ppl"] for c in r["chunks"]], "o-", label=label(r["policy"]))
+            ax[1].plot([c["start"] for c in r["chunks"]], [c["ppl"] for c in r["chunks"]], "o-",
+                       label=label(r["policy"]))
     ax[1].plot([c["start"] for c in r["chunks"]], [c["ppl_full"] for c in r["chunks"]], "k--", label="full")
     ax[1].set(xlabel="position", ylabel="perplexity per 256-token chunk", title="budget 0.1")
     ax[1].legend(fontsize=7)
@@ -218,7 +234,8 @@ def plots():
             ax[i].plot(xs, [k for _, k, _ in pts], "o-")
             for x, (_, k, f) in zip(xs, pts):
                 ax[i].annotate(f"{f:.3f}", (x, k), fontsize=7)
-            ax[i].set(xlabel=key + (" (16 = inf)" if key == "alpha" else ""), ylabel="KL", title=f"infinigen, budget 0.1: {key} (labels: fetched)")
+            ax[i].set(xlabel=key + (" (16 = inf)" if key == "alpha" else ""), ylabel="KL",
+                      title=f"infinigen, budget 0.1: {key} (labels: fetched)")
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "results", "eval-sweeps.png"), dpi=90)
 
@@ -231,20 +248,21 @@ def save(name, obj):
 # --- Command line
 def policy_from(args, **over):
     kw = dict(name=args.policy, budget=args.budget, alpha=args.alpha, partial_ratio=args.partial_ratio,
-              skew=args.skew, dense_layers=args.dense_layers, capacity=args.cpu_kv_capacity, eviction=args.eviction,
-              layer_budget=args.layer_budget)
+              skew=args.skew, dense_layers=args.dense_layers, capacity=args.cpu_kv_capacity,
+              eviction=args.eviction, layer_budget=args.layer_budget)
     kw.update(over)
     return I.Policy(**kw)
 
 
 def main(argv=None):
     d = I.Policy()
-    p = I.Parser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--text", help="text file for teacher-forced evaluation")
-    a("--context", type=I.positive_int, default=2048, help="window length in tokens")
-    a("--windows", type=I.positive_int, default=1, help="windows evaluated")
-    a("--decode", type=I.positive_int, default=512, help="positions decoded with the policy at each window's end")
+    a("--context", type=cli.positive_int, default=2048, help="window length in tokens")
+    a("--windows", type=cli.positive_int, default=1, help="windows evaluated")
+    a("--decode", type=cli.positive_int, default=512,
+      help="positions decoded with the policy at each window's end")
     a("--policy", choices=I.POLICIES, default="infinigen")
     a("--budget", type=float, default=d.budget)
     a("--alpha", type=float, default=d.alpha)
@@ -258,8 +276,10 @@ def main(argv=None):
     a("--contexts", default="1024,2048,4096,8192", help="passkey contexts")
     a("--model", default=None)
     a("--study", action="store_true", help="run the whole study of `make eval` into results/")
-    a("--report", action="store_true", help="only rebuild the README table and plots from results/eval-*.json")
-    a("--only", default="", help="with --study: comma list of parts (policies,alpha,ratio,pool,layers,passkey)")
+    a("--report", action="store_true",
+      help="only rebuild the README table and plots from results/eval-*.json")
+    a("--only", default="",
+      help="with --study: comma list of parts (policies,alpha,ratio,pool,layers,passkey)")
     a("--json", action="store_true")
     args = p.parse_args(argv)
     if args.report:
@@ -277,8 +297,9 @@ def main(argv=None):
                 raise ValueError("--text FILE is required (or --passkey)")
             if args.decode >= args.context:
                 raise ValueError(f"--decode {args.decode} must be smaller than --context {args.context}")
-            res = compare(model, windows_of(tok, args.text, args.context, args.windows), pol, args.context - args.decode)
-    except (M.ModelError, ValueError, FileNotFoundError, I.OffloadError) as e:
+            res = compare(model, windows_of(tok, args.text, args.context, args.windows), pol,
+                          args.context - args.decode)
+    except (M.ModelError, ValueError, FileNotFoundError, OffloadError) as e:
         sys.exit(f"error: {e}")
     if args.json:
         print(json.dumps(res))

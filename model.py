@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,7 +49,8 @@ class Config:
         if self.arch not in ("llama", "opt"):
             raise ModelError(f"unsupported architecture {self.arch!r} (supported: llama, opt)")
         if self.n_heads % self.n_kv_heads:
-            raise ModelError(f"num_key_value_heads={self.n_kv_heads} does not divide num_attention_heads={self.n_heads}")
+            raise ModelError(f"num_key_value_heads={self.n_kv_heads} does not divide "
+                             f"num_attention_heads={self.n_heads}")
         if self.arch == "llama" and self.head_dim % 2:
             raise ModelError(f"RoPE needs an even head_dim, got {self.head_dim}")
 
@@ -66,8 +68,8 @@ class Config:
         eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         common = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                       n_heads=hf["num_attention_heads"], max_seq_len=hf.get("max_position_embeddings", 2048),
-                      tie_embeddings=hf.get("tie_word_embeddings", mt == "opt"), bos_id=hf.get("bos_token_id"),
-                      eos_ids=eos)
+                      tie_embeddings=hf.get("tie_word_embeddings", mt == "opt"),
+                      bos_id=hf.get("bos_token_id"), eos_ids=eos)
         if mt == "llama":
             if hf.get("hidden_act", "silu") != "silu":
                 raise ModelError(f"unsupported hidden_act {hf['hidden_act']!r} for llama (only silu)")
@@ -79,13 +81,16 @@ class Config:
             return cls(arch="llama", n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                        ffn_dim=hf["intermediate_size"], head_dim=hf.get("head_dim") or 0,
                        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
-                       rope_scaling=rope if kind == "llama3" else {}, attn_bias=hf.get("attention_bias", False),
-                       mlp_bias=hf.get("mlp_bias", False), **common)
+                       rope_scaling=rope if kind == "llama3" else {},
+                       attn_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+                       **common)
         if mt == "opt":
             if hf.get("activation_function", "relu") != "relu":
-                raise ModelError(f"unsupported activation_function {hf['activation_function']!r} for opt (only relu)")
+                raise ModelError(f"unsupported activation_function {hf['activation_function']!r} "
+                                 "for opt (only relu)")
             if not hf.get("enable_bias", True) or not hf.get("layer_norm_elementwise_affine", True):
-                raise ModelError("unsupported OPT variant: enable_bias=False or layer_norm_elementwise_affine=False")
+                raise ModelError("unsupported OPT variant: "
+                                 "enable_bias=False or layer_norm_elementwise_affine=False")
             if hf.get("_remove_final_layer_norm", False):
                 raise ModelError("unsupported OPT variant: _remove_final_layer_norm=True")
             return cls(arch="opt", n_kv_heads=hf["num_attention_heads"], ffn_dim=hf["ffn_dim"], norm_eps=1e-5,
@@ -125,15 +130,30 @@ def apply_rope(x, cos, sin):  # x (B, h, T, d): rotate each plane (x_j, x_{j+d/2
 
 # --- Attention math
 def attention(q, k, v, mask):
-    """q (B, H, Tq, d), k/v (B, Hkv, Tk, d), mask (B, 1 or H, Tq, Tk) bool -> (B, H, Tq, d)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    """q (B, H, Tq, d), k/v (B, Hkv, Tk, d), mask (B, 1|Hkv|H, Tq, Tk) bool -> (B, H, Tq, d).
+    At decode (Tq = 1) the G = H / Hkv query heads of a KV head are folded into the query axis, so the
+    kernel sees plain attention (B, Hkv, G, d) and can pick a fused backend (GQA with a mask cannot)."""
+    B, H, Tq, d = q.shape
+    Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
+    if Tq > 1 or G == 1:
+        if mask.shape[1] not in (1, H):                                  # a mask per KV head: per query head
+            mask = mask.repeat_interleave(G, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
+    mask = mask.view(B, Hkv, G, -1) if mask.shape[1] == H else mask.expand(B, Hkv, G, mask.shape[-1])
+    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, G, d), k, v, attn_mask=mask)   # (B, Hkv, G, d)
+    return out.view(B, H, 1, d)
 
 
 def attention_probs(q, k, mask):
-    """The softmax weights themselves (for H2O and recall): (B, H, Tq, Tk), float32."""
-    G = q.shape[1] // k.shape[1]
-    s = q.float() @ k.float().repeat_interleave(G, dim=1).transpose(-1, -2) / math.sqrt(q.shape[-1])
-    return s.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+    """The softmax weights themselves (for H2O, recall and the layer budget): (B, H, Tq, Tk), float32.
+    mask (B, 1|Hkv|H, Tq, Tk)."""
+    B, H, Tq, d = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    s = q.float().reshape(B, Hkv, G * Tq, d) @ k.float().transpose(-1, -2) / math.sqrt(d)
+    s = s.view(B, Hkv, G, Tq, Tk)
+    m = mask.view(B, Hkv, G, Tq, Tk) if mask.shape[1] == H else mask[:, :, None]
+    return s.masked_fill(~m, float("-inf")).softmax(-1).nan_to_num(0.0).view(B, H, Tq, Tk)
 
 
 # --- Cache interface
@@ -143,26 +163,40 @@ class Cache:
     Slots are shared by the batch: slot t holds every sequence's t-th token (left-padded prompts
     start with pad slots, which `valid` masks out). Subclasses get, per step, `self.t0` (first new
     slot), `self.pos` (B, T) positions and `self.mask` (B, 1, T, t0+T) which keys each query sees.
+    The host keeps its own count of real tokens (`lengths`), so a policy can size things without
+    reading the device.
     """
     def __init__(self, batch, slots, device):
         self.B, self.S, self.t0 = batch, slots, 0
         self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)   # (B, S)
         self.length = torch.zeros(batch, dtype=torch.long, device=device)          # (B,) real tokens so far
+        self.lengths = np.zeros(batch, dtype=np.int64)                          # (B,) the same, on the host
 
-    def begin(self, valid_new):  # valid_new (B, T) bool: False for left padding
-        T = valid_new.shape[1]
+    def begin(self, T, valid_new=None):
+        """T new tokens per sequence; valid_new (B, T) bool on the host, False for left padding
+        (None: all real, as in a decode step)."""
         if self.t0 + T > self.S:
             raise ModelError(f"sequence of {self.t0 + T} tokens exceeds the cache's {self.S} slots")
-        self.T = T
-        self.valid[:, self.t0:self.t0 + T] = valid_new
-        self.pos = (self.length[:, None] + valid_new.long().cumsum(1) - 1).clamp(min=0)   # (B, T)
-        causal = torch.arange(self.t0 + T, device=self.valid.device) <= self.t0 + torch.arange(T, device=self.valid.device)[:, None]
-        self.mask = causal[None, None] & self.valid[:, None, None, :self.t0 + T]           # (B, 1, T, t0+T)
-        self.mask |= ~valid_new[:, None, :, None] & (torch.arange(self.t0 + T, device=self.valid.device) == self.t0 + torch.arange(T, device=self.valid.device)[:, None])  # pads see themselves
+        self.T, dev, t1 = T, self.valid.device, self.t0 + T
+        key, query = torch.arange(t1, device=dev), self.t0 + torch.arange(T, device=dev)[:, None]   # slots
+        causal = key <= query                                                                     # (T, t1)
+        if valid_new is None:
+            self.valid[:, self.t0:t1] = True
+            self.pos = self.length[:, None] + torch.arange(T, device=dev)                      # (B, T)
+            self.new = T
+        else:
+            self.new = valid_new.sum(1).cpu().numpy()        # (B,) real tokens (reads the host tensor)
+            valid_new = valid_new.to(dev, non_blocking=True)
+            self.valid[:, self.t0:t1] = valid_new
+            self.pos = (self.length[:, None] + valid_new.long().cumsum(1) - 1).clamp(min=0)      # (B, T)
+        self.mask = causal[None, None] & self.valid[:, None, None, :t1]                       # (B, 1, T, t1)
+        if valid_new is not None:                                                   # pads see themselves
+            self.mask |= ~valid_new[:, None, :, None] & (key == query)
         return self.pos
 
     def end(self):
         self.length += self.valid[:, self.t0:self.t0 + self.T].sum(1)
+        self.lengths = self.lengths + self.new
         self.t0 += self.T
 
     def attend(self, layer, q, k, v, x, rope):
@@ -240,7 +274,8 @@ class Block(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.pre = cfg.pre_norm
-        self.attn_norm, self.attn, self.mlp_norm, self.mlp = make_norm(cfg), Attention(cfg), make_norm(cfg), MLP(cfg)
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
+        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
 
     def forward(self, x, layer, cache, rope):  # x (B, T, C)
         if self.pre:
@@ -269,14 +304,13 @@ class Transformer(nn.Module):
     def rope(self, pos):
         return rope_tables(self.inv_freq, pos) if self.cfg.arch == "llama" else None
 
-    def forward(self, tokens, cache: Cache | None = None, valid=None):
-        """tokens (B, T) -> logits (B, T, V). Without a cache: a fresh dense one (uncached forward)."""
-        if valid is None:
-            valid = torch.ones_like(tokens, dtype=torch.bool)
+    def forward(self, tokens, cache: Cache | None = None, valid=None, last=False):
+        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) of the last position only (last=True).
+        Without a cache: a fresh dense one (uncached forward)."""
         if cache is None:
             p = next(self.parameters())
             cache = DenseCache(self.cfg, tokens.shape[0], tokens.shape[1], p.device, p.dtype)
-        pos = cache.begin(valid)                                          # (B, T)
+        pos = cache.begin(tokens.shape[1], valid)                         # (B, T)
         x = self.embed(tokens)                                            # (B, T, C)
         if self.cfg.arch == "opt":
             x = self.proj_in(x) if hasattr(self, "proj_in") else x
@@ -284,7 +318,7 @@ class Transformer(nn.Module):
         rope = self.rope(pos)
         for i, block in enumerate(self.layers):
             x = block(x, i, cache, rope)
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last else x)
         x = self.proj_out(x) if hasattr(self, "proj_out") else x
         cache.end()
         return self.lm_head(x)
@@ -301,11 +335,13 @@ class Tok:
         self.tok = Tokenizer.from_file(path)
         chat = os.path.join(folder, "chat.json")
         self.chat = json.load(open(chat)) if os.path.exists(chat) else None
-        self.stop_ids = [self.tok.token_to_id(s) for s in (self.chat or {}).get("stop", []) if self.tok.token_to_id(s) is not None]
+        self.stop_ids = [self.tok.token_to_id(s) for s in (self.chat or {}).get("stop", [])
+                         if self.tok.token_to_id(s) is not None]
 
     def encode(self, text, chat=True):
         if chat and self.chat:  # ChatML
-            sys_msg = f"<|im_start|>system\n{self.chat['system']}<|im_end|>\n" if self.chat.get("system") else ""
+            sys_msg = (f"<|im_start|>system\n{self.chat['system']}<|im_end|>\n"
+                       if self.chat.get("system") else "")
             text = f"{sys_msg}<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
         return self.tok.encode(text).ids
 
@@ -316,15 +352,19 @@ class Tok:
 # --- Loading
 HF_NAMES = [  # (Hugging Face name, ours); {i} is the layer index
     ("model.embed_tokens.weight", "embed.weight"), ("model.norm.weight", "norm.weight"),
-    ("model.decoder.embed_tokens.weight", "embed.weight"), ("model.decoder.embed_positions.weight", "pos_embed.weight"),
-    ("model.decoder.project_in.weight", "proj_in.weight"), ("model.decoder.project_out.weight", "proj_out.weight"),
-    ("model.decoder.final_layer_norm.weight", "norm.weight"), ("model.decoder.final_layer_norm.bias", "norm.bias"),
+    ("model.decoder.embed_tokens.weight", "embed.weight"),
+    ("model.decoder.embed_positions.weight", "pos_embed.weight"),
+    ("model.decoder.project_in.weight", "proj_in.weight"),
+    ("model.decoder.project_out.weight", "proj_out.weight"),
+    ("model.decoder.final_layer_norm.weight", "norm.weight"),
+    ("model.decoder.final_layer_norm.bias", "norm.bias"),
     ("lm_head.weight", "lm_head.weight"),
 ] + [(f"{pre}.layers.{{i}}.{a}.{w}", f"layers.{{i}}.{b}.{w}") for w in ("weight", "bias") for pre, a, b in [
     ("model", "input_layernorm", "attn_norm"), ("model", "post_attention_layernorm", "mlp_norm"),
     ("model", "self_attn.q_proj", "attn.wq"), ("model", "self_attn.k_proj", "attn.wk"),
     ("model", "self_attn.v_proj", "attn.wv"), ("model", "self_attn.o_proj", "attn.wo"),
-    ("model", "mlp.gate_proj", "mlp.gate"), ("model", "mlp.up_proj", "mlp.up"), ("model", "mlp.down_proj", "mlp.down"),
+    ("model", "mlp.gate_proj", "mlp.gate"), ("model", "mlp.up_proj", "mlp.up"),
+    ("model", "mlp.down_proj", "mlp.down"),
     ("model.decoder", "self_attn_layer_norm", "attn_norm"), ("model.decoder", "final_layer_norm", "mlp_norm"),
     ("model.decoder", "self_attn.q_proj", "attn.wq"), ("model.decoder", "self_attn.k_proj", "attn.wk"),
     ("model.decoder", "self_attn.v_proj", "attn.wv"), ("model.decoder", "self_attn.out_proj", "attn.wo"),
@@ -350,10 +390,12 @@ def resolve(path_or_id):
         raise ModelError(f"model folder not found: {path_or_id}")
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(path_or_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
-                                                             "tokenizer.json", "tokenizer_config.json", "chat.json"])
+        return snapshot_download(path_or_id, allow_patterns=[
+            "config.json", "*.safetensors", "*.safetensors.index.json",
+            "tokenizer.json", "tokenizer_config.json", "chat.json"])
     except Exception as e:  # offline, unknown repo, gated ...
-        raise ModelError(f"cannot fetch {path_or_id!r} from the hub: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        raise ModelError(f"cannot fetch {path_or_id!r} from the hub: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
 
 def load(path_or_id, device="cpu", dtype=torch.float32):
@@ -384,7 +426,8 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
                     continue
                 t = f.get_tensor(name)
                 if t.shape != params[ours].shape:
-                    raise ModelError(f"{name}: shape {tuple(t.shape)} in the file, {tuple(params[ours].shape)} expected")
+                    raise ModelError(f"{name}: shape {tuple(t.shape)} in the file, "
+                                     f"{tuple(params[ours].shape)} expected")
                 loaded[ours] = t.to(device=device, dtype=dtype)
     if cfg.tie_embeddings or "lm_head.weight" not in loaded:
         loaded["lm_head.weight"] = loaded.get("embed.weight")

@@ -1,15 +1,25 @@
-"""The CPU side of the KV cache: the store, the staging buffers, the copy stream, the ledger, the pool, the run statistics.
+"""The CPU side of the KV cache: the store, the device buffers and the two ways rows reach them, the
+copy stream, the ledger, the pool.
 
-Layout of the store: per layer (S, B, Hkv, d), token-major. The first t tokens of a layer are then
-one contiguous block (one DMA for a dense fetch), and the rows a selection needs are whole d-vectors
-found by one flat index: row = slot * B * Hkv + b * Hkv + h.
-On a machine without CUDA the "device" is the CPU, the stream is None, and the same gathers and
-copies run as plain copies, so the tests exercise this very code.
+Layout of the store: one block `kv` (L, S, B, Hkv, 2, d), token-major, with a token's key and value
+side by side in one row of 2d numbers. The first t tokens of a layer are one contiguous block (one
+DMA for a dense fetch), and the rows a selection needs are found by one flat index:
+row = slot * B * Hkv + b * Hkv + h. A sparse fetch brings them in one of two ways:
+  host    the reference: the indices come to the host, the CPU gathers the rows into a pinned
+          staging buffer, one copy sends them, and `index_copy_` puts them in place on the device.
+  device  a kernel (kernel.py) reads the rows straight from pinned memory into place; the indices
+          never leave the device and the host waits for nothing. The default on CUDA.
+On a machine without CUDA the "device" is the CPU, the stream is None, and the same gathers run as
+plain copies (the kernel under Triton's interpreter), so the tests exercise this very code.
 """
 import contextlib
+import os
 import time
+import weakref
 
 import torch
+
+GATHERS = ("auto", "host", "device")
 
 
 class OffloadError(Exception):
@@ -26,28 +36,97 @@ def host_available():  # bytes of CPU memory the OS says it can still give
         return None
 
 
-def preflight(host_bytes, device_bytes, device):
-    """Refuse, naming the sizes, when the store or the device buffers cannot fit."""
-    gb = lambda n: f"{n / 2**30:.2f} GiB"
+def gib(n):
+    return f"{n / 2**30:.2f} GiB"
+
+
+def preflight(host_bytes, device_bytes, device, what="KV"):
+    """Refuse, naming the sizes, when host or device memory cannot hold what is about to be allocated."""
     avail = host_available()
     if avail is not None and host_bytes > 0.9 * avail:
-        raise OffloadError(f"CPU KV store needs {gb(host_bytes)} but only {gb(avail)} of host memory is available")
+        raise OffloadError(f"CPU {what} store needs {gib(host_bytes)} but only {gib(avail)} "
+                           "of host memory is available")
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if device_bytes > 0.9 * free:
-            raise OffloadError(f"device KV buffers need {gb(device_bytes)} but only {gb(free)} is free on {device}")
+            raise OffloadError(f"device {what} buffers need {gib(device_bytes)} but only {gib(free)} "
+                               f"is free on {device}")
+
+
+def host_tensor(shape, dtype, pin):
+    """A host tensor, page-locked when `pin` (CUDA): registered at exactly its size, where torch's
+    pinned allocator would round the block up to a power of two (an 8.7 GB store would take 16 GiB).
+    Registered memory is mapped, so a kernel can read it through its host pointer."""
+    t = torch.empty(shape, dtype=dtype)
+    if pin and t.numel():
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 3)   # portable | mapped
+        if int(err) != 0:
+            raise OffloadError(f"cannot pin {gib(t.numel() * t.element_size())} of host memory "
+                               f"(cudaHostRegister error {int(err)})")
+        weakref.finalize(t, unpin, t.data_ptr())
+    return t
+
+
+def unpin(ptr):  # before the memory goes back: nothing queued may still read it
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except RuntimeError:                     # CUDA already shut down at exit
+        pass
+
+
+# --- Gathers
+def gather_mode(gather, device):
+    """auto: the device gather on CUDA (when Triton is there), the host gather on a CPU."""
+    if gather not in GATHERS:
+        raise ValueError(f"unknown gather {gather!r} (choose from {', '.join(GATHERS)})")
+    if gather == "auto":
+        return "device" if device.type == "cuda" and triton_available() else "host"
+    if gather == "device" and not triton_available():
+        raise ValueError("--gather device needs the triton package (pip install triton)")
+    return gather
+
+
+def triton_available():
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
+
+
+def gather_kernel():
+    """kernel.gather_rows, imported on first use; on a CPU its logic runs under Triton's interpreter."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from kernel import gather_rows
+    return gather_rows
 
 
 # --- Ledger
 class Ledger:
-    """Bytes copied host->device and device->host, per layer, per step; and copy-wait time."""
-    def __init__(self, n_layers):
+    """Bytes copied host->device and device->host, per layer, in all and in decode steps. Bytes the
+    host knows are plain ints; rows a device gather moved are counted on the device (no sync)."""
+    def __init__(self, n_layers, device, row_bytes):
         self.h2d, self.d2h = [0] * n_layers, [0] * n_layers
-        self.steps, self.wait_s, self.step_h2d = 0, 0.0, []
+        self.rows = torch.zeros(n_layers, dtype=torch.long, device=device)   # (L,) rows a kernel gathered
+        self.row_bytes, self.decoding, self.decode_h2d = row_bytes, False, 0
+        self.decode_rows = torch.zeros((), dtype=torch.long, device=device)
+        self.wait_s = 0.0
 
-    def step_done(self):
-        self.steps += 1
-        self.step_h2d.append(sum(self.h2d) - sum(self.step_h2d))
+    def add(self, layer, nbytes=0, rows=None):
+        """nbytes (int) known on the host, or rows (a device count) moved by a device gather."""
+        if rows is None:
+            self.h2d[layer] += nbytes
+            self.decode_h2d += nbytes if self.decoding else 0
+        else:
+            self.rows[layer] += rows
+            if self.decoding:
+                self.decode_rows += rows
+
+    def h2d_per_layer(self):  # (reads the device counters: after the run)
+        return [h + r * self.row_bytes for h, r in zip(self.h2d, self.rows.tolist())]
+
+    def decode_bytes(self):
+        return self.decode_h2d + int(self.decode_rows) * self.row_bytes
 
 
 # --- Bounded pool
@@ -67,7 +146,18 @@ class Pool:
         self.last_use = torch.zeros(n_layers, batch, tokens, dtype=torch.long)       # (L, B, S)
         self.clock, self.misses, self.requests = 0, 0, 0
 
-    def admit(self, layer, b, t):
+    def admit(self, layer, t0, valid=None):
+        """Slots for tokens t0.. of every sequence (valid (B, T), None = all): (B, T), -1 for padding."""
+        B = self.where.shape[1]
+        valid = torch.ones(B, 1, dtype=torch.bool) if valid is None else valid
+        slots = torch.full(valid.shape, -1, dtype=torch.long)
+        for j in range(valid.shape[1]):
+            for b in range(B):
+                if valid[b, j]:
+                    slots[b, j] = self.admit_one(layer, b, t0 + j)
+        return slots
+
+    def admit_one(self, layer, b, t):
         """A slot for token t of sequence b, evicting one resident token when the pool is full."""
         free = (self.owner[layer, b] < 0).nonzero()
         if len(free):
@@ -97,145 +187,179 @@ class Pool:
         self.misses += int((ok & (slots < 0)).sum())
         flat = idx.reshape(B, -1)
         self.fetches[layer].scatter_add_(1, flat, hit.reshape(B, -1).long())
-        self.last_use[layer].scatter_reduce_(1, flat, hit.reshape(B, -1).long() * self.clock, reduce="amax")
+        stamp = hit.reshape(B, -1).long() * self.clock
+        self.last_use[layer].scatter_reduce_(1, flat, stamp, reduce="amax")
         return torch.where(hit, slots, -1)
 
 
 # --- CPU KV store
 class KVStore:
-    """Keys and values of every layer in CPU memory, pinned when CUDA is present, allocated once."""
-    def __init__(self, n_layers, batch, slots, n_kv, head_dim, device, dtype, pool: Pool | None = None):
-        self.L, self.B, self.S, self.Hkv, self.d = n_layers, batch, slots, n_kv, head_dim
-        self.device, self.cuda = device, device.type == "cuda"
-        self.pool = pool
+    """K and V of layers first..L-1 in CPU memory (pinned with CUDA), allocated once, and two device
+    buffers the fetches land in. Layers before `first` are not here: their cache keeps them on the
+    device. `device_extra`: the caller's other device bytes, for the preflight."""
+    def __init__(self, n_layers, batch, slots, n_kv, head_dim, device, dtype, pool: Pool | None = None,
+                 gather="host", first=0, device_extra=0):
+        self.L, self.B, self.S, self.Hkv, self.d, self.first = n_layers, batch, slots, n_kv, head_dim, first
+        self.device, self.cuda, self.pool = device, device.type == "cuda", pool
+        self.gather = gather_mode(gather, device)
         P = pool.cap if pool else slots
         elt = torch.tensor([], dtype=dtype).element_size()
-        self.row_bytes = head_dim * elt
+        self.row_bytes = 2 * head_dim * elt                                  # one token's K and V of one head
         rows = slots * batch * n_kv
-        host = 2 * n_layers * P * batch * n_kv * head_dim * elt + 4 * rows * head_dim * elt + 2 * rows * 8
-        dev = 4 * 2 * slots * batch * n_kv * head_dim * elt                 # buffers and landing rows
+        host_path = self.gather == "host"
+        staging = host_path * 2 * rows * (self.row_bytes + 8)           # rows and their positions, twice
+        host = (n_layers - first) * P * batch * n_kv * self.row_bytes + staging
+        dev = 2 * rows * self.row_bytes + staging + device_extra          # buffers (and landing rows)
         preflight(host, dev, device)
         pin = self.cuda
-        self.k = torch.empty(n_layers, P, batch, n_kv, head_dim, dtype=dtype, pin_memory=pin)   # (L, S|P, B, Hkv, d)
-        self.v = torch.empty_like(self.k, pin_memory=pin)
-        # Staging rows for gathers, one pair per buffer parity: (rows, d)
-        self.stage_k = [torch.empty(slots * batch * n_kv, head_dim, dtype=dtype, pin_memory=pin) for _ in range(2)]
-        self.stage_v = [torch.empty_like(b, pin_memory=pin) for b in self.stage_k]
-        self.stage_pos = [torch.empty(slots * batch * n_kv, dtype=torch.long, pin_memory=pin) for _ in range(2)]
-        # Where gathered rows land on the device before index_copy_ puts them in place: (rows, d)
-        self.land_k = [torch.empty(slots * batch * n_kv, head_dim, dtype=dtype, device=device) for _ in range(2)]
-        self.land_v = [torch.empty_like(b) for b in self.land_k]
-        self.land_pos = [torch.empty(slots * batch * n_kv, dtype=torch.long, device=device) for _ in range(2)]
+        # (L - first, P, B, Hkv, 2, d), P = the pool's capacity or S
+        self.kv = host_tensor((n_layers - first, P, batch, n_kv, 2, head_dim), dtype, pin)
+        if host_path:  # per buffer parity (rows, 2, d): pinned staging rows and where they land on the device
+            self.stage = [host_tensor((rows, 2, head_dim), dtype, pin) for _ in range(2)]
+            self.stage_pos = [host_tensor((rows,), torch.long, pin) for _ in range(2)]
+            self.land = [torch.empty(rows, 2, head_dim, dtype=dtype, device=device) for _ in range(2)]
+            self.land_pos = [torch.empty(rows, dtype=torch.long, device=device) for _ in range(2)]
         # Two device buffers (even and odd layers): layer i+1's copy lands while layer i reads its own.
-        self.buf_k = [torch.zeros(slots, batch, n_kv, head_dim, dtype=dtype, device=device) for _ in range(2)]  # (S, B, Hkv, d)
-        self.buf_v = [torch.zeros_like(b) for b in self.buf_k]
+        self.buf = [torch.zeros(slots, batch, n_kv, 2, head_dim, dtype=dtype, device=device)
+                    for _ in range(2)]                                       # (S, B, Hkv, 2, d)
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.ready = [None, None]           # per buffer: the event its last copy recorded (copy stream)
         self.freed = [None, None]           # per buffer: an event after its last reader (compute stream)
         self.appended = [None] * n_layers   # per layer: the event after its last device->host append
         self.trace = None                   # a list to record ("copy", layer, start, end) marks into
-        self.wait_events = []               # (before, after) pairs on the compute stream
-        self.ledger = Ledger(n_layers)
+        self.timing = False                 # CUDA: time the compute stream's waits with events
+        self.wait_events = []               # (before, after) event pairs, harvested every step
+        self.ledger = Ledger(n_layers, device, self.row_bytes)
+
+    def local(self, layer):  # the store's index of a model layer
+        return layer - self.first
 
     # --- Append
-    def append(self, layer, t0, k, v):
-        """Write the new tokens' K, V (B, Hkv, T, d) on the device into slots t0..t0+T (device->host)."""
-        T = k.shape[2]
-        kt, vt = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)                 # (T, B, Hkv, d)
-        if self.pool is None:  # asynchronous on CUDA; a fetch of this layer waits for `appended`
-            self.k[layer, t0:t0 + T].copy_(kt.contiguous(), non_blocking=True)
-            self.v[layer, t0:t0 + T].copy_(vt.contiguous(), non_blocking=True)
+    def append(self, layer, t0, k, v, valid=None):
+        """Write the new tokens' K, V (B, Hkv, T, d) on the device into slots t0..t0+T (device->host);
+        valid (B, T) on the host: which are real tokens (only the pool needs it)."""
+        kv = torch.stack([k, v], 3).permute(2, 0, 1, 3, 4).contiguous()      # (T, B, Hkv, 2, d)
+        store = self.kv[self.local(layer)]
+        if self.pool is None:  # asynchronous on CUDA; whoever reads this layer waits for `appended`
+            store[t0:t0 + kv.shape[0]].copy_(kv, non_blocking=True)
             if self.cuda:
                 self.appended[layer] = torch.cuda.Event()
                 self.appended[layer].record()
         else:
-            kt, vt = kt.cpu(), vt.cpu()
-            for b in range(self.B):
-                for j in range(T):
-                    p = self.pool.admit(layer, b, t0 + j)
-                    self.k[layer, p, b], self.v[layer, p, b] = kt[j, b], vt[j, b]
-        self.ledger.d2h[layer] += 2 * k.numel() * k.element_size()
+            valid = torch.ones(self.B, kv.shape[0], dtype=torch.bool) if valid is None else valid.cpu()
+            slots = self.pool.admit(self.local(layer), t0, valid)            # (B, T), -1: not stored
+            rows = slots.t() * (self.B * self.Hkv)                           # (T, B) first row of each token
+            rows = rows[:, :, None] + torch.arange(self.B * self.Hkv).view(self.B, self.Hkv)
+            keep = (slots.t() >= 0)[:, :, None].expand_as(rows)               # (T, B, Hkv)
+            store.view(-1, 2, self.d).index_copy_(0, rows[keep], kv.cpu()[keep])
+        self.ledger.d2h[layer] += kv.numel() * kv.element_size()
 
-    def keys(self, layer, t0):
-        """Every past key of a layer as stored, (B, Hkv, t0, d) on the host: for the oracle and recall,
+    def keys(self, layer, t0, device):
+        """Every past key of a layer as stored, (B, Hkv, t0, d) on `device`: for the oracle and recall,
         which read everything (so they refuse a bounded pool, whose slots are not token order)."""
-        return self.k[layer, :t0].permute(1, 2, 0, 3)
+        block = self.kv[self.local(layer), :t0]                              # (t0, B, Hkv, 2, d)
+        if device.type == "cuda":   # the whole block, queued after the append on the same stream
+            block = block.to(device, non_blocking=True)
+        elif self.appended[layer] is not None:
+            self.appended[layer].synchronize()
+        return block[:, :, :, 0].permute(1, 2, 0, 3)
 
     # --- Fetch
-    def fetch(self, layer, t0, idx=None, ok=None):
+    def fetch(self, layer, t0, idx=None, ok=None, after=None):
         """Start copying layer's past K, V to the device: all of slots 0..t0 (idx None), or for
-        each (b, h) the slots idx (B, Hkv, n) where ok. Returns a handle for `take`."""
+        each (b, h) the slots idx (B, Hkv, n) where ok. after: an event recorded once idx and ok
+        were computed (CUDA). Returns a handle for `take`."""
         buf, start = layer % 2, time.perf_counter()
         if self.cuda:  # the buffer must not be overwritten while layer-2 still reads it
-            if layer == 0 or self.freed[buf] is None:       # a new step: after everything before
+            if self.freed[buf] is None:                     # nothing read it yet: after everything before
                 self.stream.wait_stream(torch.cuda.current_stream(self.device))
             else:
                 self.stream.wait_event(self.freed[buf])
-            if self.appended[layer] is not None:            # the store holds this layer's last token
-                self.stream.wait_event(self.appended[layer])
-                if idx is not None:                          # the host gather reads the store itself
-                    self.appended[layer].synchronize()
+            for ev in (self.appended[layer], after):        # the store holds this layer's last token,
+                if ev is not None:                           # and the selection is made
+                    self.stream.wait_event(ev)
+        store = self.kv[self.local(layer)]
         with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
-            first = mark(self.cuda) if self.trace is not None else None
+            t_start = mark(self.cuda) if self.trace is not None else None
             if idx is None:
                 n = t0
                 assert self.pool is None or n == 0, "with a bounded pool, fetch by index"
-                self.buf_k[buf][:n].copy_(self.k[layer, :n], non_blocking=True)
-                self.buf_v[buf][:n].copy_(self.v[layer, :n], non_blocking=True)
-                moved = 2 * n * self.B * self.Hkv * self.row_bytes
+                self.buf[buf][:n].copy_(store[:n], non_blocking=True)
+                self.ledger.add(layer, n * self.B * self.Hkv * self.row_bytes)
             else:
-                idx, ok = idx.cpu(), ok.cpu()                                # the one sync of a sparse step
-                slots = self.pool.touch(layer, idx, ok) if self.pool else idx
-                ok = ok & (slots >= 0)
-                ok = ok.pin_memory() if self.cuda else ok                    # so it can go to the device async
                 n = idx.shape[2]
-                off = torch.arange(self.B * self.Hkv).view(self.B, self.Hkv, 1)     # b * Hkv + h
-                rows = (slots.clamp(min=0) * (self.B * self.Hkv) + off).permute(2, 0, 1).reshape(-1)  # (n*B*Hkv,)
-                pos = ok.permute(2, 0, 1).reshape(-1).nonzero().squeeze(1)   # only wanted rows travel
-                m = pos.numel()
-                sk, sv, sp = self.stage_k[buf][:m], self.stage_v[buf][:m], self.stage_pos[buf][:m]
-                if self.cuda and self.ready[buf] is not None:
-                    self.ready[buf].synchronize()                  # the last copy out of this staging is done
-                torch.index_select(self.k[layer].view(-1, self.d), 0, rows[pos], out=sk)
-                torch.index_select(self.v[layer].view(-1, self.d), 0, rows[pos], out=sv)
-                sp.copy_(pos)
-                dk, dv, dp = self.land_k[buf][:m], self.land_v[buf][:m], self.land_pos[buf][:m]
-                dk.copy_(sk, non_blocking=True), dv.copy_(sv, non_blocking=True), dp.copy_(sp, non_blocking=True)
-                self.buf_k[buf].view(-1, self.d).index_copy_(0, dp, dk)     # into place, on the device
-                self.buf_v[buf].view(-1, self.d).index_copy_(0, dp, dv)
-                moved = 2 * m * self.row_bytes + m * sp.element_size()
+                if self.pool is not None:                   # slots of the resident tokens (host, syncs)
+                    slots = self.pool.touch(self.local(layer), idx.cpu(), ok.cpu())
+                    idx, ok = slots.clamp(min=0), ok.cpu() & (slots >= 0)
+                if self.gather == "device":
+                    idx, ok = idx.to(self.device, non_blocking=True), ok.to(self.device, non_blocking=True)
+                    if self.cuda:                           # made on the compute stream, read on this one
+                        idx.record_stream(self.stream), ok.record_stream(self.stream)
+                    gather_kernel()(store, idx, ok, self.buf[buf])
+                    self.ledger.add(layer, rows=ok.sum())
+                else:
+                    ok = self.host_gather(layer, buf, store, idx, ok)
             if self.cuda:
                 self.ready[buf] = torch.cuda.Event()
                 self.ready[buf].record(self.stream)
-            if first is not None:
-                self.trace.append(("copy", layer, first, mark(self.cuda)))
-        self.ledger.h2d[layer] += moved
+            if t_start is not None:
+                self.trace.append(("copy", layer, t_start, mark(self.cuda)))
         if not self.cuda:                                    # no stream: the compute waits for the whole copy
             self.ledger.wait_s += time.perf_counter() - start
         return buf, n, ok
 
+    def host_gather(self, layer, buf, store, idx, ok):
+        """The reference path: the CPU gathers the wanted rows into pinned staging, one copy sends them
+        with their positions, index_copy_ puts them in place. Returns ok, pinned (on the host)."""
+        idx, ok = idx.cpu(), ok.cpu()                                    # the sync of this path
+        if self.cuda:
+            if self.appended[layer] is not None:
+                self.appended[layer].synchronize()                      # the CPU reads the store itself
+            ok = ok.pin_memory()                                         # so it can go to the device async
+        off = torch.arange(self.B * self.Hkv).view(self.B, self.Hkv, 1)          # b * Hkv + h
+        rows = (idx * (self.B * self.Hkv) + off).permute(2, 0, 1).reshape(-1)    # (n*B*Hkv,)
+        pos = ok.permute(2, 0, 1).reshape(-1).nonzero().squeeze(1)      # only wanted rows travel
+        m = pos.numel()
+        sk, sp = self.stage[buf][:m], self.stage_pos[buf][:m]
+        if self.cuda and self.ready[buf] is not None:
+            self.ready[buf].synchronize()                          # the last copy out of this staging is done
+        torch.index_select(store.view(-1, 2, self.d), 0, rows[pos], out=sk)
+        sp.copy_(pos)
+        dk, dp = self.land[buf][:m], self.land_pos[buf][:m]
+        dk.copy_(sk, non_blocking=True), dp.copy_(sp, non_blocking=True)
+        self.buf[buf].view(-1, 2, self.d).index_copy_(0, dp, dk)       # into place, on the device
+        self.ledger.add(layer, m * (self.row_bytes + sp.element_size()))
+        return ok
+
     def take(self, handle):
-        """Wait (on the compute stream) for a fetch; return device K, V views (S, B, Hkv, d)."""
+        """Wait (on the compute stream) for a fetch; return device K, V views (S, B, Hkv, d), n, ok."""
         buf, n, ok = handle
         if self.cuda:
             cur = torch.cuda.current_stream(self.device)
-            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before = torch.cuda.Event(enable_timing=self.timing)
             before.record(cur)                               # everything queued so far, layer-1's
             self.freed[1 - buf] = before                     # attention included, has read the other buffer
             cur.wait_event(self.ready[buf])
-            after.record(cur)
-            self.wait_events.append((before, after))
-        return self.buf_k[buf], self.buf_v[buf], n, ok
+            if self.timing:
+                after = torch.cuda.Event(enable_timing=True)
+                after.record(cur)
+                self.wait_events.append((before, after))
+        return self.buf[buf][..., 0, :], self.buf[buf][..., 1, :], n, ok
 
-    def wait_seconds(self):
-        """Compute-stream time spent waiting on copies since the last call (synchronizes)."""
-        if self.cuda and self.wait_events:
+    def step_done(self):
+        """The end of a step: the copy-wait events of a timed run are read and dropped (a sync)."""
+        self.freed = [None, None]
+        if self.wait_events:
             torch.cuda.synchronize(self.device)
             self.ledger.wait_s += sum(a.elapsed_time(b) for a, b in self.wait_events) / 1e3
             self.wait_events.clear()
-        return self.ledger.wait_s
+
+    def wait_seconds(self):
+        """Compute-stream time spent waiting on copies (CPU: all copy time; CUDA: when timed, else None)."""
+        return self.ledger.wait_s if not self.cuda or self.timing else None
 
 
+# --- Timeline marks
 def mark(cuda):
     """A point in time for a timeline: an event on the current CUDA stream, or the host clock."""
     if not cuda:
@@ -248,20 +372,26 @@ def mark(cuda):
 # --- Statistics
 def stats_of(model, cache, t_prefill, t_decode, steps, B):
     """What `--json` reports of a run: timings and KV size; for an offloaded policy also bytes host->device
-    per step, fetched share per layer, copy wait, recall (when measured) and pool misses."""
+    per step, the KV kept on the device, fetched share per layer, copy wait, recall (when measured) and
+    pool misses."""
     cfg = model.cfg
     elt = next(model.parameters()).element_size()
+    per_layer = 2 * cfg.n_kv_heads * cfg.head_dim * elt * int(cache.length.sum())   # K and V of one layer
     s = {"prefill_s": round(t_prefill, 4), "decode_s": round(t_decode, 4), "decode_steps": steps,
          "tokens_per_s": round(B * steps / t_decode, 2) if t_decode > 0 and steps > 0 else None,
-         "kv_bytes": 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * elt * int(cache.length.sum())}
+         "kv_bytes": cfg.n_layers * per_layer}
     if hasattr(cache, "store"):                            # an offloaded policy
-        led, n = cache.store.ledger, max(cache.decode_steps, 1)
-        s.update(h2d_bytes_per_step=round(sum(led.step_h2d[-cache.decode_steps:]) / n) if cache.decode_steps else 0,
-                 fetched_fraction_per_layer=[round(f / n, 4) for f in cache.fetched.tolist()],
-                 copy_wait_s=round(cache.store.wait_seconds(), 4))
+        store, n, first = cache.store, max(cache.decode_steps, 1), cache.first
+        wait = store.wait_seconds()
+        s.update(h2d_bytes_per_step=round(store.ledger.decode_bytes() / n) if cache.decode_steps else 0,
+                 kv_resident_bytes=first * per_layer, gather=store.gather,
+                 fetched_fraction_per_layer=[1.0 if i < first else round(f / n, 4)
+                                             for i, f in enumerate(cache.fetched.tolist())],
+                 copy_wait_s=None if wait is None else round(wait, 4))
         if cache.pol.measure_recall:
-            dense = cache.cfg.n_layers if cache.name == "offload" else cache.pol.dense_layers   # recall 1 there
-            s["recall_per_layer"] = [1.0 if i < dense else round(r / n, 4) for i, r in enumerate(cache.recall.tolist())]
-        if cache.store.pool:
-            s["pool_misses"], s["pool_requests"] = cache.store.pool.misses, cache.store.pool.requests
+            dense = cache.cfg.n_layers if cache.name == "offload" else cache.pol.dense_layers  # recall 1
+            s["recall_per_layer"] = [1.0 if i < dense else round(r / n, 4)
+                                     for i, r in enumerate(cache.recall.tolist())]
+        if store.pool:
+            s["pool_misses"], s["pool_requests"] = store.pool.misses, store.pool.requests
     return s

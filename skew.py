@@ -101,7 +101,8 @@ def partial_query(x, attn, rope, P, Wp=None):
     qp = F.linear(x, *Wp).view(B, T, -1, m).transpose(1, 2)                     # (B, H, T, m)
     if rope is not None:
         cols = P.argmax(1).repeat_interleave(qp.shape[1] // Hkv, 0)             # (H, m) dims kept per head
-        cos, sin = (t.expand(-1, qp.shape[1], -1, -1).gather(-1, cols[None, :, None].expand(t.shape[0], -1, t.shape[2], -1)) for t in rope)
+        cos, sin = (t.expand(-1, qp.shape[1], -1, -1)
+                    .gather(-1, cols[None, :, None].expand(t.shape[0], -1, t.shape[2], -1)) for t in rope)
         qp = apply_rope(qp, cos, sin)
     return qp.reshape(B, Hkv, -1, m)
 
@@ -110,8 +111,11 @@ def speculate(qp, kpart, scale, allowed=None):
     """Approximate scores: partial queries (B, Hkv, G, m) times partial keys (B, Hkv, t, m) -> (B, Hkv, t):
     the log of the attention probability a token gets, summed over the G query heads sharing its KV head
     (allowed (B, 1|Hkv, t) masks the softmax). With G = 1 this is the score minus a constant per head, so
-    "within alpha of the best" keeps the paper's meaning; with G > 1 a token that one head needs counts."""
-    s = (qp @ kpart.transpose(-1, -2)) * scale                                   # (B, Hkv, G, t)
+    "within alpha of the best" keeps the paper's meaning; with G > 1 a token that one head needs counts.
+    A float16 product past its range is inf, and inf - inf is NaN: such scores are clamped to the largest
+    finite value, so a selection is never made from NaN."""
+    big = torch.finfo(qp.dtype).max
+    s = (qp @ kpart.transpose(-1, -2)).float().clamp(-big, big) * scale          # (B, Hkv, G, t)
     if allowed is not None:
         s = s.masked_fill(~allowed[:, :, None], float("-inf"))
     return s.float().log_softmax(-1).logsumexp(2)
@@ -130,11 +134,14 @@ def topk_mask(scores, k, allowed, kmax=None):
     return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, keep) & allowed
 
 
+CHECK_BOUNDS = True   # on a CPU, to_index checks a bound it is given (reading the count would sync CUDA)
+
+
 def to_index(sel, n=None):
     """sel (B, Hkv, S) bool -> idx (B, Hkv, n) slots in ascending order, ok (B, Hkv, n); n = the max count,
     or a bound on it known on the host (the rows past a head's count have ok False)."""
     S = sel.shape[-1]
-    if n is None or not sel.is_cuda:                # reading the count waits for the device: not on CUDA
+    if n is None or (CHECK_BOUNDS and not sel.is_cuda):   # reading the count waits for the device
         most = int(sel.sum(-1).max())
         if n is not None and most > n:
             raise ValueError(f"a selection of {most} tokens per KV head exceeds its bound of {n}")

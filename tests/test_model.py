@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import model
-from model import Config, DenseCache, ModelError
 from helpers import randomize
+from model import Config, DenseCache, ModelError
 
 HYP = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -32,14 +32,17 @@ def llama_kwargs(draw):
     kv = draw(st.integers(1, 3))
     heads = kv * draw(st.integers(1, 3))
     head_dim = draw(st.sampled_from([2, 4, 6, 8, 16]))
-    hidden = heads * draw(st.sampled_from([head_dim, draw(st.integers(1, 10))]))   # head_dim may differ from C/H
-    kw = dict(vocab_size=draw(st.integers(8, 80)), hidden_size=hidden, intermediate_size=draw(st.integers(4, 48)),
-              num_hidden_layers=draw(st.integers(1, 3)), num_attention_heads=heads, num_key_value_heads=kv,
-              head_dim=head_dim, attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()),
+    # head_dim may differ from C/H
+    hidden = heads * draw(st.sampled_from([head_dim, draw(st.integers(1, 10))]))
+    kw = dict(vocab_size=draw(st.integers(8, 80)), hidden_size=hidden,
+              intermediate_size=draw(st.integers(4, 48)), num_hidden_layers=draw(st.integers(1, 3)),
+              num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+              attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()),
               tie_word_embeddings=draw(st.booleans()), rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5])),
               max_position_embeddings=64)
     rope = dict(rope_type="default", rope_theta=draw(st.sampled_from([100.0, 10000.0, 500000.0])))
-    if draw(st.booleans()):  # llama3 scaling with a short "original" context so that it bites at small head dims
+    # llama3 scaling with a short "original" context so that it bites at small head dims
+    if draw(st.booleans()):
         lo = draw(st.sampled_from([0.5, 1.0, 2.0]))
         rope.update(rope_type="llama3", factor=draw(st.sampled_from([2.0, 8.0, 32.0])), low_freq_factor=lo,
                     high_freq_factor=lo * draw(st.sampled_from([2.0, 4.0, 8.0])),
@@ -86,7 +89,8 @@ def padded(prompts, pad):
 
 
 def legacy_config(folder, kw):
-    """Rewrite a saved config.json the way transformers 4.x wrote it: top-level rope_theta, rope_scaling, no head_dim."""
+    """Rewrite a saved config.json the way transformers 4.x wrote it: top-level rope_theta,
+    rope_scaling, no head_dim."""
     path = os.path.join(folder, "config.json")
     with open(path) as f:
         cfg = json.load(f)
@@ -105,7 +109,8 @@ def legacy_config(folder, kw):
 def test_matches_transformers(case):
     tf = pytest.importorskip("transformers")
     arch, kw = case["arch"], case["kw"]
-    Cfg, Model = (tf.LlamaConfig, tf.LlamaForCausalLM) if arch == "llama" else (tf.OPTConfig, tf.OPTForCausalLM)
+    Cfg, Model = ((tf.LlamaConfig, tf.LlamaForCausalLM) if arch == "llama"
+                  else (tf.OPTConfig, tf.OPTForCausalLM))
     torch.manual_seed(case["seed"])
     hf = randomize(Model(Cfg(**kw, attn_implementation=case["impl"])).eval(), case["seed"])
     assert hf.config._attn_implementation == case["impl"]
@@ -122,7 +127,7 @@ def test_matches_transformers(case):
     g = torch.Generator().manual_seed(case["seed"])                        # ours gets garbage in the pads
     our_toks = torch.where(mask, hf_toks, torch.randint(0, kw["vocab_size"], hf_toks.shape, generator=g))
     pos = (mask.long().cumsum(1) - 1).clamp(min=0)
-    extra = dict(position_ids=pos) if arch == "llama" else {}             # as generate() does; OPT derives them
+    extra = dict(position_ids=pos) if arch == "llama" else {}         # as generate() does; OPT derives them
     cache = DenseCache(ours.cfg, B, hf_toks.shape[1] + steps, "cpu", torch.float32)
     with torch.no_grad():
         out = hf(input_ids=hf_toks, attention_mask=mask.long(), use_cache=True, **extra)
@@ -166,7 +171,8 @@ def test_cached_equals_uncached(case, data):
 
 def test_greedy_decode_matches_uncached_argmax():
     """Token-by-token greedy with the cache == greedy recomputing the whole sequence each time."""
-    cfg = Config(arch="llama", vocab_size=50, dim=24, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40, max_seq_len=64)
+    cfg = Config(arch="llama", vocab_size=50, dim=24, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40,
+                 max_seq_len=64)
     torch.manual_seed(0)
     m = randomize(model.Transformer(cfg), 0).eval()
     seq = [3, 14, 15, 9, 2, 6]
@@ -186,7 +192,8 @@ def test_greedy_decode_matches_uncached_argmax():
 
 # --- 3. The default model: SmolLM2-135M-Instruct converted by prepare.py == transformers reading the GGUF
 CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n"
+        "<|im_start|>assistant\n")
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +258,8 @@ def test_default_model_batched_greedy(default_models, tokenizers_pair):
     """Two chat prompts of different lengths in one left-padded batch decode like each one alone."""
     ours, _ = default_models
     tok = tokenizers_pair[0]
-    prompts = [tok.encode(CHAT).ids, tok.encode(CHAT.replace("a short story about a robot who learns to paint",
-                                                             "a haiku")).ids]
+    prompts = [tok.encode(CHAT).ids,
+               tok.encode(CHAT.replace("a short story about a robot who learns to paint", "a haiku")).ids]
     toks, valid = padded(prompts, lambda n: [2] * n)
     n = 16
     with torch.no_grad():
@@ -267,13 +274,15 @@ def test_default_model_batched_greedy(default_models, tokenizers_pair):
 
 
 TEXTS = [
-    "Hello, world!", "", " ", "   leading and trailing   ", "a\tb\t\tc\nd\n\n\ne\r\nf", "tabs\t\t\tand    spaces",
-    "1234567890 3.14159 1,000,000 2024-06-01", "naïve café façade Ærøskøbing", "日本語のテキスト、中文文本，한국어",
+    "Hello, world!", "", " ", "   leading and trailing   ", "a\tb\t\tc\nd\n\n\ne\r\nf",
+    "tabs\t\t\tand    spaces", "1234567890 3.14159 1,000,000 2024-06-01", "naïve café façade Ærøskøbing",
+    "日本語のテキスト、中文文本，한국어",
     "emoji 🤗🚀👩‍👩‍👧‍👦 flags 🇫🇷 and ❤️", "Здравствуй, мир! Γειά σου κόσμε! مرحبا بالعالم",
     "def f(x):\n    return {'a': [x ** 2, x // 3]}  # comment\n",
     "#include <stdio.h>\nint main(void) { printf(\"%d\\n\", 42); return 0; }",
-    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "<|endoftext|>text<|im_end|><|im_start|>",
-    "I'm sure they'll've DONE it; isn't it?", "https://example.com/path?q=1&r=two#frag", "\u00a0\u2003\u200b zero-width",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|>text<|im_end|><|im_start|>", "I'm sure they'll've DONE it; isn't it?",
+    "https://example.com/path?q=1&r=two#frag", "\u00a0\u2003\u200b zero-width",
     "A" * 50 + " " + "ab" * 30, "😀" * 5 + "\n" * 4 + "\t" * 3,
 ]
 
@@ -297,12 +306,14 @@ def test_tokenizer_special_tokens(tokenizers_pair):
 # --- 4. Config errors
 LLAMA = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
              num_attention_heads=4, num_key_value_heads=2)
-OPT = dict(model_type="opt", vocab_size=32, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=4)
+OPT = dict(model_type="opt", vocab_size=32, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+           num_attention_heads=4)
 
 
 def test_config_ok():
     c = Config.from_hf(dict(LLAMA, rope_theta=500.0, eos_token_id=[2, 7]))
-    assert (c.arch, c.head_dim, c.n_kv_heads, c.rope_theta, c.eos_ids, c.rope_scaling) == ("llama", 4, 2, 500.0, (2, 7), {})
+    assert ((c.arch, c.head_dim, c.n_kv_heads, c.rope_theta, c.eos_ids, c.rope_scaling)
+            == ("llama", 4, 2, 500.0, (2, 7), {}))
     s = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
              original_max_position_embeddings=8192)
     assert Config.from_hf(dict(LLAMA, rope_scaling=s)).rope_scaling["factor"] == 8.0
@@ -431,13 +442,15 @@ def test_load_wrong_shape(tmp_path, tiny):
     name = next(n for n in state if n.endswith("layers.0.self_attn.q_proj.weight"))
     rows, cols = state[name].shape
     state[name] = torch.zeros(rows + 1, cols)
-    with pytest.raises(ModelError, match=rf"{name}: shape \({rows + 1}, {cols}\) in the file, \({rows}, {cols}\) expected"):
+    msg = rf"{name}: shape \({rows + 1}, {cols}\) in the file, \({rows}, {cols}\) expected"
+    with pytest.raises(ModelError, match=msg):
         model.load(write_folder(str(tmp_path / "m"), hf_cfg, state))
 
 
 def test_load_missing_weight(tmp_path, tiny):
     hf_cfg, m, state = tiny
-    name = next(n for n in state if n.endswith("layers.0.mlp.down_proj.weight") or n.endswith("layers.0.fc2.weight"))
+    name = next(n for n in state
+                if n.endswith("layers.0.mlp.down_proj.weight") or n.endswith("layers.0.fc2.weight"))
     del state[name]
     with pytest.raises(ModelError, match="1 weights missing"):
         model.load(write_folder(str(tmp_path / "m"), hf_cfg, state))

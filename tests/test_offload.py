@@ -1,6 +1,9 @@
-"""offload.py: sparse gathers bring exactly the selected rows for every (sequence, KV head), dense
-fetches the first t0 tokens, the ledger counts bytes, the bounded pool respects its capacity and its
-eviction rule, and the memory preflight refuses absurd sizes. CPU (the same code paths as CUDA)."""
+"""offload.py: sparse gathers bring exactly the selected rows for every (sequence, KV head), by the
+host (CPU gather and one copy) and by the device (the Triton kernel, here under its interpreter) alike;
+dense fetches the first t0 tokens, the ledger counts bytes, the bounded pool respects its capacity and
+its eviction rule, and the memory preflight refuses absurd sizes. CPU (the same code paths as CUDA)."""
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -12,9 +15,8 @@ from offload import KVStore, OffloadError, Pool
 
 HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CPU = torch.device("cpu")
-
-
-
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+GATHERS = ["host", pytest.param("device", marks=pytest.mark.skipif(not HAS_TRITON, reason="needs triton"))]
 
 # --- Strategies
 @st.composite
@@ -25,19 +27,19 @@ def store_case(draw, pooled=False):
     dtype = draw(st.sampled_from([torch.float32, torch.float16]))
     t0 = draw(st.integers(1, S))
     cuts = sorted(draw(st.sets(st.integers(1, t0 - 1), max_size=3))) if t0 > 1 else []
-    sels = [torch.tensor(draw(st.lists(st.booleans(), min_size=B * Hkv * t0, max_size=B * Hkv * t0))).view(B, Hkv, t0)
-            for _ in range(2)]
-    case = dict(B=B, Hkv=Hkv, S=S, d=d, dtype=dtype, t0=t0, chunks=list(zip([0, *cuts], [*cuts, t0])), sels=sels,
-                seed=draw(st.integers(0, 2**31 - 1)))
+    flags = st.lists(st.booleans(), min_size=B * Hkv * t0, max_size=B * Hkv * t0)
+    sels = [torch.tensor(draw(flags)).view(B, Hkv, t0) for _ in range(2)]
+    case = dict(B=B, Hkv=Hkv, S=S, d=d, dtype=dtype, t0=t0, chunks=list(zip([0, *cuts], [*cuts, t0])),
+                sels=sels, seed=draw(st.integers(0, 2**31 - 1)))
     if pooled:
         case["cap"] = draw(st.integers(1, S))
         case["policy"] = draw(st.sampled_from(["fifo", "lru", "counter"]))
     return case
 
 
-def filled_store(c, n_layers=2, pool=None):
+def filled_store(c, n_layers=2, pool=None, gather="host"):
     """A store with layers' K, V (L, B, Hkv, t0, d) written through `append` in the case's chunks."""
-    store = KVStore(n_layers, c["B"], c["S"], c["Hkv"], c["d"], CPU, c["dtype"], pool)
+    store = KVStore(n_layers, c["B"], c["S"], c["Hkv"], c["d"], CPU, c["dtype"], pool, gather)
     g = torch.Generator().manual_seed(c["seed"])
     K = torch.randn(n_layers, c["B"], c["Hkv"], c["t0"], c["d"], generator=g).to(c["dtype"])
     V = torch.randn(n_layers, c["B"], c["Hkv"], c["t0"], c["d"], generator=g).to(c["dtype"])
@@ -73,10 +75,11 @@ def test_to_index_pads_variable_counts(c, extra):
 
 
 # --- Gathers
+@pytest.mark.parametrize("gather", GATHERS)
 @HYP
 @given(c=store_case())
-def test_sparse_gather_brings_exactly_the_selected_rows(c):
-    store, K, V = filled_store(c)
+def test_sparse_gather_brings_exactly_the_selected_rows(gather, c):
+    store, K, V = filled_store(c, gather=gather)
     B, Hkv, d = c["B"], c["Hkv"], c["d"]
     sel_idx = [to_index(s) for s in c["sels"]]
     handles = [store.fetch(layer, c["t0"], idx, ok) for layer, (idx, ok) in enumerate(sel_idx)]
@@ -110,25 +113,89 @@ def test_dense_fetch_brings_the_first_t0_tokens(c, data):
         assert torch.equal(bv[:n], V[layer, :, :, :n].permute(2, 0, 1, 3))
 
 
+@pytest.mark.parametrize("gather", GATHERS)
 @HYP
 @given(c=store_case())
-def test_ledger_counts_bytes(c):
-    store, K, V = filled_store(c, n_layers=3)
+def test_ledger_counts_bytes(gather, c):
+    store, K, V = filled_store(c, n_layers=3, gather=gather)
     elt = torch.tensor([], dtype=c["dtype"]).element_size()
     per_token = c["B"] * c["Hkv"] * c["d"] * elt                        # one token's K (or V) of one layer
     assert store.ledger.d2h == [2 * c["t0"] * per_token] * 3
-    assert store.ledger.h2d == [0, 0, 0]
+    assert store.ledger.h2d_per_layer() == [0, 0, 0]
     store.fetch(0, c["t0"])                                             # dense: t0 tokens, K and V
-    store.ledger.step_done()
+    store.ledger.decoding = True                                        # a decode step: these count per step
     idx, ok = to_index(c["sels"][0])
-    store.fetch(1, c["t0"], idx, ok)                                    # sparse: only the wanted rows
-    store.fetch(2, c["t0"], idx, ok)                                    # and their positions travel
-    store.ledger.step_done()
-    rows = int(ok.sum())
-    sparse = 2 * rows * c["d"] * elt + rows * 8
-    assert store.ledger.h2d == [2 * c["t0"] * per_token, sparse, sparse]
-    assert store.ledger.step_h2d == [2 * c["t0"] * per_token, 2 * sparse]
-    assert store.ledger.steps == 2
+    store.fetch(1, c["t0"], idx, ok)                                    # sparse: only the wanted rows,
+    store.fetch(2, c["t0"], idx, ok)                                    # and their positions when the host
+    rows = int(ok.sum())                                                # gathers
+    sparse = 2 * rows * c["d"] * elt + (rows * 8 if gather == "host" else 0)
+    assert store.ledger.h2d_per_layer() == [2 * c["t0"] * per_token, sparse, sparse]
+    assert store.ledger.decode_bytes() == 2 * sparse
+
+
+@pytest.mark.parametrize("gather", GATHERS)
+@HYP
+@given(c=store_case())
+def test_keys_reads_what_was_appended(gather, c):
+    store, K, V = filled_store(c, gather=gather)
+    for layer in range(2):
+        assert torch.equal(store.keys(layer, c["t0"], CPU), K[layer])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@HYP
+@given(c=store_case())
+def test_host_and_device_gathers_deliver_the_same_rows(c):
+    """The readable host path and the kernel fill the buffer identically where ok, and agree on ok."""
+    (hs, _, _), (ds, _, _) = filled_store(c, gather="host"), filled_store(c, gather="device")
+    for layer, sel in enumerate(c["sels"]):
+        idx, ok = to_index(sel)
+        hk, hv, hn, hok = hs.take(hs.fetch(layer, c["t0"], idx, ok))
+        dk, dv, dn, dok = ds.take(ds.fetch(layer, c["t0"], idx, ok))
+        assert hn == dn and torch.equal(hok, dok)
+        m = hok.permute(2, 0, 1)                                                 # (n, B, Hkv)
+        assert torch.equal(hk[:hn][m], dk[:dn][m]) and torch.equal(hv[:hn][m], dv[:dn][m])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 4), S=st.integers(1, 40), n=st.integers(0, 40),
+       d=st.sampled_from([1, 8, 40, 64, 128]), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+def test_gather_kernel_against_indexing(B, Hkv, S, n, d, dtype, seed):
+    """kernel.gather_rows on CPU tensors (Triton's interpreter) against plain indexing: rows of any width
+    (2d need not be a power of two), rows not wanted left untouched."""
+    offload.gather_kernel()
+    from kernel import gather_rows
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(S, B, Hkv, 2, d, generator=g).to(dtype)                   # (S, B, Hkv, 2, d)
+    idx = torch.randint(0, S, (B, Hkv, n), generator=g)
+    ok = torch.rand(B, Hkv, n, generator=g) < 0.7
+    dst = torch.full((n + 1, B, Hkv, 2, d), 7.0, dtype=dtype)
+    gather_rows(src, idx, ok, dst)
+    want = torch.full_like(dst, 7.0)
+    b, h = torch.meshgrid(torch.arange(B), torch.arange(Hkv), indexing="ij")
+    got = src[idx, b[..., None], h[..., None]]                                  # (B, Hkv, n, 2, d)
+    want[:n] = torch.where(ok[..., None, None], got, want[:n].permute(1, 2, 0, 3, 4)).permute(2, 0, 1, 3, 4)
+    assert torch.equal(dst, want)
+
+
+def test_host_tensor_is_plain_on_a_cpu():
+    t = offload.host_tensor((3, 5), torch.float16, pin=False)
+    assert t.shape == (3, 5) and t.dtype == torch.float16 and not t.is_cuda
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_tensor_is_pinned_at_its_size():
+    """Registered, not taken from torch's pinned pool (which would round 3 MiB + 2 bytes up to 4 MiB)."""
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0)
+    t = offload.host_tensor((3 * 2**20 + 2,), torch.uint8, pin=True)
+    assert t.is_pinned()
+    assert torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0) == before
+    x = torch.arange(t.numel(), dtype=torch.uint8)
+    t.copy_(x)
+    assert torch.equal(t.to("cuda", non_blocking=True).cpu(), x)
 
 
 # --- The bounded pool
@@ -183,7 +250,7 @@ def test_pool_capacity_and_eviction(c):
             nxt[layer][b] += 1
             res = resident[layer][b]
             before = set(res)
-            p = pool.admit(layer, b, t)
+            p = pool.admit_one(layer, b, t)
             last[layer][b][t] = clock                       # being admitted counts as a use
             after = set((pool.where[layer, b] >= 0).nonzero().flatten().tolist())
             assert 0 <= p < cap and int(pool.where[layer, b, t]) == p
@@ -227,18 +294,19 @@ def test_pool_capacity_and_eviction(c):
 
 
 @HYP
-@given(L=st.integers(1, 2), B=st.integers(1, 3), Hkv=st.integers(1, 3), S=st.integers(1, 10), extra=st.integers(0, 3),
-       policy=st.sampled_from(["fifo", "lru", "counter"]), data=st.data())
+@given(L=st.integers(1, 2), B=st.integers(1, 3), Hkv=st.integers(1, 3), S=st.integers(1, 10),
+       extra=st.integers(0, 3), policy=st.sampled_from(["fifo", "lru", "counter"]), data=st.data())
 def test_pool_large_enough_never_misses(L, B, Hkv, S, extra, policy, data):
     pool = Pool(L, B, S, S + extra, policy)
     for t in range(S):
         for layer in range(L):
             for b in range(B):
-                pool.admit(layer, b, t)
+                pool.admit_one(layer, b, t)
     assert (pool.where >= 0).all(), "a token was evicted from a pool with room for all"
     asked = 0
     for _ in range(data.draw(st.integers(1, 4), label="touches")):
-        sel = torch.tensor(data.draw(st.lists(st.booleans(), min_size=L * B * Hkv * S, max_size=L * B * Hkv * S)))
+        n = L * B * Hkv * S
+        sel = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
         for layer, s in enumerate(sel.view(L, B, Hkv, S)):
             idx, ok = to_index(s)
             slots = pool.touch(layer, idx, ok)
@@ -263,10 +331,10 @@ def one_head_touch(pool, tokens):
 def test_pool_victims(policy, touches, victim):
     pool = Pool(1, 1, 8, 4, policy)
     for t in range(4):
-        assert pool.admit(0, 0, t) == t           # free slots are used in order
+        assert pool.admit_one(0, 0, t) == t           # free slots are used in order
     for tokens in touches:
         assert (one_head_touch(pool, tokens) >= 0).all()
-    p = pool.admit(0, 0, 4)
+    p = pool.admit_one(0, 0, 4)
     assert int(pool.where[0, 0, victim]) == -1, f"{policy} should evict token {victim}"
     assert p == victim and int(pool.where[0, 0, 4]) == p
     assert int((pool.where[0, 0] >= 0).sum()) == 4
@@ -277,18 +345,19 @@ def test_pool_victims(policy, touches, victim):
 def test_pool_lru_over_several_kv_heads():
     pool = Pool(1, 1, 8, 3, "lru")
     for t in range(3):
-        pool.admit(0, 0, t)
+        pool.admit_one(0, 0, t)
     pool.touch(0, torch.tensor([[[1], [2]]]), torch.tensor([[[True], [True]]]))    # tokens 1, 2 at time 1
-    pool.touch(0, torch.tensor([[[0], [0]]]), torch.tensor([[[True], [False]]]))   # token 0 at time 2 (head 0)
+    pool.touch(0, torch.tensor([[[0], [0]]]), torch.tensor([[[True], [False]]]))  # token 0 at time 2, head 0
     assert int(pool.last_use[0, 0, 0]) == pool.clock
-    pool.admit(0, 0, 3)
+    pool.admit_one(0, 0, 3)
     assert int(pool.where[0, 0, 0]) >= 0, "lru evicted the most recently fetched token"
 
 
 @HYP
 @given(c=store_case(pooled=True))
 def test_gather_through_a_pool(c):
-    """With a bounded pool in the store: resident tokens come back right, evicted ones are reported missing."""
+    """With a bounded pool in the store: resident tokens come back right, evicted ones are reported
+    missing."""
     pool = Pool(2, c["B"], c["S"], c["cap"], c["policy"])
     store, K, V = filled_store(c, pool=pool)
     for layer in range(2):
@@ -318,7 +387,8 @@ def test_store_preflights_before_allocating():
     if offload.host_available() is None:
         pytest.skip("no /proc/meminfo on this machine")
     L, B, S, Hkv, d = 10_000, 1_000, 10_000, 32, 128                     # ~1.6e15 bytes at fp16
-    need = 2 * L * S * B * Hkv * d * 2 + 4 * S * B * Hkv * d * 2 + 2 * S * B * Hkv * 8   # store, staging rows, positions
+    row = 2 * d * 2                                                      # a token's K and V of one head
+    need = L * S * B * Hkv * row + 2 * S * B * Hkv * (row + 8)           # store, staging rows and positions
     with pytest.raises(OffloadError, match=f"needs {need / 2**30:.2f} GiB"):
         KVStore(L, B, S, Hkv, d, CPU, torch.float16)
 
@@ -326,5 +396,6 @@ def test_store_preflights_before_allocating():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_preflight_refuses_absurd_device_memory():
-    with pytest.raises(OffloadError, match=r"device KV buffers need 931322\.57 GiB but only [\d.]+ GiB is free"):
+    msg = r"device KV buffers need 931322\.57 GiB but only [\d.]+ GiB is free"
+    with pytest.raises(OffloadError, match=msg):
         offload.preflight(0, 10**15, torch.device("cuda"))

@@ -1,6 +1,6 @@
 """skew.py: the SVD skew is orthogonal and changes no score, GQA grouping, column choice, the partial
 map P = A[:, :, cols], and folding A into a random OPT's weights leaves its logits unchanged. CPU."""
-import os
+import math
 import tempfile
 
 import pytest
@@ -126,7 +126,8 @@ def test_choose_columns(c, planes, rotate):
         if planes:
             half = d // 2
             low = [c_ for c_ in row if c_ < half]
-            assert len(low) == m // 2 and row == sorted(low + [c_ + half for c_ in low]), f"planes broken: {row}"
+            assert (len(low) == m // 2
+                    and row == sorted(low + [c_ + half for c_ in low])), f"planes broken: {row}"
             e = SK.plane_energy(qg, kg)[j]
             chosen = torch.zeros(half, dtype=torch.bool)
             chosen[low] = True
@@ -138,9 +139,9 @@ def test_choose_columns(c, planes, rotate):
             assert e[chosen].min() >= e[~chosen].max() - 1e-6
 
 
-@pytest.mark.parametrize("ratio,d,planes,m", [(0.25, 64, False, 16), (0.25, 64, True, 16), (0.01, 64, False, 1),
-                                              (0.01, 64, True, 2), (1.0, 8, True, 8), (0.3, 10, True, 4),
-                                              (0.3, 10, False, 3)])
+@pytest.mark.parametrize("ratio,d,planes,m", [(0.25, 64, False, 16), (0.25, 64, True, 16),
+                                              (0.01, 64, False, 1), (0.01, 64, True, 2), (1.0, 8, True, 8),
+                                              (0.3, 10, True, 4), (0.3, 10, False, 3)])
 def test_n_columns(ratio, d, planes, m):
     assert SK.n_columns(ratio, d, planes) == m
 
@@ -239,10 +240,22 @@ def test_layer_shares_keep_the_mean(need, first):
 def test_needed_share_counts_the_heaviest_keys():
     mask = torch.ones(1, 1, 2, 10, dtype=torch.bool)
     p = torch.zeros(1, 1, 2, 10)
-    p[..., 0, 3] = 1.0                                                    # one key holds everything
-    p[..., 1, :] = 0.1                                                    # ten keys hold 0.1 each
-    share = SK.needed_share(p, mask, mass=0.9)                           # (1/10 + 9/10) / 2 (0.9 needs 9 or 10)
+    p[..., 0, 3] = 1.0                                   # one key holds everything
+    p[..., 1, :] = 0.1                                   # ten keys hold 0.1 each
+    share = SK.needed_share(p, mask, mass=0.9)           # (1/10 + 9/10) / 2 (0.9 needs 9 or 10)
     assert abs(share.item() - 0.5) < 0.051
     lone = torch.zeros(1, 1, 1, 10, dtype=torch.bool)
-    lone[..., 0] = True                                                  # a query that sees one key is skipped
+    lone[..., 0] = True                                  # a query that sees one key is skipped
     assert SK.needed_share(torch.ones(1, 1, 1, 10), lone).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_speculate_never_gives_nan(dtype):
+    """Partial scores past float16's range (inf) are clamped, so the selection is made from numbers."""
+    qp = torch.full((1, 1, 2, 4), 200.0, dtype=dtype)                        # (B, Hkv, G, m)
+    kpart = torch.full((1, 1, 5, 4), 300.0, dtype=dtype)                     # (B, Hkv, t, m): 240000 each
+    kpart[0, 0, 2] = -300.0
+    s = SK.speculate(qp, kpart, 0.125)
+    assert not s.isnan().any() and s.dtype == torch.float32
+    sel = SK.threshold_select(s, math.inf, torch.tensor([4]), torch.ones(1, 1, 5, dtype=torch.bool), 4)
+    assert sel[0, 0].tolist() == [True, True, False, True, True]

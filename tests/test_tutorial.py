@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from helpers import default_model_available
 from tutorial import run, sync
 
 CHAPTERS = sync.chapters()
@@ -23,6 +24,8 @@ def test_there_are_chapters_and_the_readme_lists_them_in_order():
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=os.path.basename)
 def test_chapter_runs(path, capsys):
+    if not default_model_available():
+        pytest.skip("the chapters run the default model, which is not prepared and cannot be here")
     printed = run.run_chapter(path)
     assert printed, f"{os.path.basename(path)} has no runnable block"
     gc.collect()

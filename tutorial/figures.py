@@ -51,7 +51,8 @@ def fig_sparsity(rec, L):
     fig, ax = plt.subplots(figsize=(9, 3.4))
     ax.boxplot([f.numpy() for f in frac], positions=range(L), widths=0.6, showfliers=False)
     ax.set(yscale="log", xlabel="layer", ylabel="share of past tokens",
-           title=f"fewest tokens holding 90% of a head's attention ({PROMPT}-token prompt, {STEPS} decode steps)")
+           title=f"fewest tokens holding 90% of a head's attention "
+                 f"({PROMPT}-token prompt, {STEPS} decode steps)")
     ax.axhline(0.1, color="grey", ls=":", lw=1)
     ax.set_xticks(list(range(0, L, 2)), [str(i) for i in range(0, L, 2)])
     fig.tight_layout()
@@ -114,7 +115,8 @@ def fig_skew(model, rec, L):
         curves["pre svd"].append(cum(e(gpre, Apre)))
         curves["post none"].append(cum(e(gpost)))
         curves["post svd"].append(cum(e(gpost, Apost)))
-        curves["post planes"].append(cum(plane))                                      # whole planes: 2, 4, .. columns
+        # whole planes: 2, 4, .. columns
+        curves["post planes"].append(cum(plane))
         curves["pre A after RoPE"].append(cum(e(gpost, Apre)))
     style = {"pre svd": ("SVD of queries before RoPE (not usable)", "black", "--"),
              "post none": ("no skew (mode none)", "tab:grey", "-"),
@@ -147,7 +149,8 @@ def fig_recall(model, ids, L):
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
     for label, kw in runs:
         t = time.time()
-        _, st = I.generate(model, [ids], I.Policy("infinigen", measure_recall=True, **kw), max_new=STEPS, stop_ids=())
+        _, st = I.generate(model, [ids], I.Policy("infinigen", measure_recall=True, **kw),
+                           max_new=STEPS, stop_ids=())
         r, f = st["recall_per_layer"], st["fetched_fraction_per_layer"]
         say(f"  {label}: mean recall of sparse layers {sum(r[2:]) / (L - 2):.3f}, "
             f"fetched {sum(f[2:]) / (L - 2):.3f} ({time.time() - t:.0f}s)")
@@ -172,7 +175,8 @@ def fig_pool(model, tok):
     for ev in ("fifo", "lru", "counter"):
         rate = []
         for cap in caps:
-            _, st = I.generate(model, [ids], I.Policy("infinigen", budget=0.2, alpha=8.0, capacity=cap, eviction=ev),
+            _, st = I.generate(model, [ids],
+                               I.Policy("infinigen", budget=0.2, alpha=8.0, capacity=cap, eviction=ev),
                                max_new=new, stop_ids=())
             rate.append(st["pool_misses"] / st["pool_requests"])
             say(f"  {ev} capacity {cap}: {st['pool_misses']} misses of {st['pool_requests']} requests")

@@ -51,12 +51,13 @@ def run_chapter(path, write=False, threads=1, echo=None):
     finally:
         os.chdir(cwd)
     if write:
-        new, last = lines[:], None
+        new = lines[:]
         for n, b in reversed(list(enumerate(bl))):
             if b["marker"] == sync.OUTPUT:
                 src = max((k for k in printed if k < n), default=None)
                 if src is None:
-                    raise ValueError(f"{path}:{b['open'] + 1}: an output block with no runnable block before it")
+                    raise ValueError(f"{path}:{b['open'] + 1}: "
+                                     "an output block with no runnable block before it")
                 new[b["open"] + 1:b["close"]] = printed[src].rstrip("\n").splitlines()
         if new != lines:
             with open(path, "w", encoding="utf-8") as f:

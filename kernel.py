@@ -1,0 +1,38 @@
+"""The gather kernel: the selected K, V rows go from the CPU store straight into a device buffer.
+
+On a GPU the store is pinned host memory, which a kernel can read through its host pointer (unified
+addressing): each program reads BLOCK selected rows over PCIe and writes them where attention
+reads them. The indices never leave the device, so the host waits for nothing. The same kernel runs
+on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests its logic.
+Shapes: B batch, Hkv KV heads, n rows per (sequence, KV head), d head dim, R = 2d (K and V).
+"""
+import triton
+import triton.language as tl
+
+
+# --- Gather kernel
+@triton.jit
+def gather_rows_kernel(src, idx, ok, dst, n, BH, R: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr):
+    """dst row r = j * BH + bh (destination (n, B, Hkv) order) <- src row idx[bh, j] * BH + bh,
+    where ok[bh, j]; rows that are not ok are left as they were (attention masks them)."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)                   # (BLOCK,) destination rows
+    j, bh = r // BH, r % BH
+    keep = r < n * BH
+    keep = keep & (tl.load(ok + bh * n + j, mask=keep, other=0) != 0)    # only wanted rows cross the link
+    slot = tl.load(idx + bh * n + j, mask=keep, other=0).to(tl.int64)    # the token's slot in the store
+    col = tl.arange(0, RP)                                               # (RP,) K then V, padded to 2^k
+    m = keep[:, None] & (col[None, :] < R)
+    x = tl.load(src + (slot * BH + bh)[:, None] * R + col[None, :], mask=m)
+    tl.store(dst + r.to(tl.int64)[:, None] * R + col[None, :], x, mask=m)
+
+
+def gather_rows(src, idx, ok, dst, block=32):
+    """src (S, B, Hkv, 2, d) one layer of the store; idx, ok (B, Hkv, n) slots and which are wanted;
+    dst (>= n, B, Hkv, 2, d) on the device: dst[j, b, h] = src[idx[b, h, j], b, h] where ok."""
+    B, Hkv, n = idx.shape
+    R = src.shape[-2] * src.shape[-1]
+    if n == 0:
+        return
+    grid = (triton.cdiv(n * B * Hkv, block),)
+    gather_rows_kernel[grid](src, idx.contiguous(), ok.contiguous(), dst, n, B * Hkv,
+                             R=R, RP=triton.next_power_of_2(R), BLOCK=block)

@@ -1,0 +1,133 @@
+"""bench.py's GPU suite and timeline, run on this CPU with the tiny random shape: every row is written as
+soon as it is measured and rows of earlier runs stay; a row that does not fit is that row's result, and
+any other error fails the run; the transformers peer is refused before it could exhaust host memory;
+bad flags give one line. (The numbers themselves are measured on a GPU, never asserted.)"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import model
+from offload import OffloadError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {"model", "impl", "budget", "batch", "context", "tokens_per_s", "step_s", "h2d_bytes_per_step",
+        "pcie_floor_s", "step_over_floor", "copy_wait_s"}
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two calls into one results file: ours, then the transformers peer and one of ours again."""
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    common = ["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--new-tokens", "3", "--out", str(out)]
+    first = run_bench(*common, "--shapes", "2x40", "--policies", "full,offload,infinigen:0.5")
+    after_first = json.loads(out.read_text()) if out.exists() else None
+    second = run_bench(*common, "--shapes", "2x40", "--policies", "offload,hf-dynamic")
+    return first, after_first, second, json.loads(out.read_text())
+
+
+def test_rows_are_kept_across_calls(two_runs):
+    first, after_first, second, data = two_runs
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    assert [r["impl"] for r in after_first["rows"]] == ["full", "offload", "infinigen"]
+    impls = sorted((r["impl"], r["budget"]) for r in data["rows"])
+    assert impls == [("full", None), ("hf-dynamic", None), ("infinigen", 0.5), ("offload", None)]
+    assert len(data["runs"]) == 2 and all(r["device"] == "cpu" for r in data["runs"])
+    for r in data["rows"]:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert r["run"] in {x["date"] for x in data["runs"]}
+        assert r["tokens_per_s"] > 0 and r["step_s"] > 0
+    ours = {r["impl"]: r for r in data["rows"]}
+    assert ours["offload"]["h2d_bytes_per_step"] > ours["infinigen"]["h2d_bytes_per_step"] > 0
+    assert ours["infinigen"]["kv_resident_bytes"] > 0 and ours["offload"]["kv_resident_bytes"] == 0
+
+
+def test_measure_skips_only_what_does_not_fit():
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+
+    def refused():
+        raise OffloadError("CPU KV store needs 200 GiB")
+
+    for fn, word in ((oom, "OutOfMemoryError"), (refused, "OffloadError")):
+        row = bench.measure(fn, (), {"impl": "x"}, None)
+        assert word in row["skipped"]
+
+    def broken():
+        raise RuntimeError("device-side assert triggered")
+    with pytest.raises(RuntimeError, match="device-side"):
+        bench.measure(broken, (), {"impl": "x"}, None)
+    row = bench.measure(broken, (), {"impl": "hf-dynamic"}, None, peer=True)   # the peer's row says so
+    assert row["skipped"] == "peer error: RuntimeError: device-side assert triggered"
+
+
+def test_peer_preflight_refuses_a_host_store_larger_than_memory():
+    cfg = model.Config.from_hf({"model_type": "llama", **bench.SHAPES["7b"]})
+    with pytest.raises(OffloadError, match="CPU transformers KV store needs"):
+        bench.peer_preflight(cfg, 10_000, 8192, True, torch.device("cpu"))     # 5 PB of host KV
+    bench.peer_preflight(cfg, 1, 128, True, torch.device("cpu"))               # 64 MiB is fine
+
+
+def test_policy_and_shape_flags():
+    assert bench.parse_policy("infinigen:0.1") == ("infinigen", 0.1)
+    assert bench.parse_policy("h2o") == ("h2o", 0.2) and bench.parse_policy("offload") == ("offload", None)
+    assert bench.parse_shapes("8x4096,4x8192") == [(8, 4096), (4, 8192)]
+    for bad in ("8x", "x8", "8*4096", "0x10"):
+        with pytest.raises(ValueError, match="--shapes"):
+            bench.parse_shapes(bad)
+    with pytest.raises(ValueError, match="unknown policy"):
+        bench.parse_policy("fast:0.1")
+
+
+@pytest.mark.parametrize("args,word", [
+    (["--suite", "gpu", "--device", "cpu", "--models", "13b"], "13b"),
+    (["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--shapes", "2by40"], "--shapes"),
+    (["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--policies", "infinigen:abc"], "budget"),
+    (["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--new-tokens", "0"], "--new-tokens"),
+])
+def test_bad_flags_give_one_line(args, word):
+    r = run_bench(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and word in lines[0], r.stderr
+
+
+def test_timeline_on_a_cpu(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "timeline.json"
+    r = run_bench("--suite", "timeline", "--device", "cpu", "--models", "tiny", "--shapes", "1x64",
+                  "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert (tmp_path / "timeline.png").exists()
+    for pol in ("offload", "infinigen"):
+        run = data["runs"][pol]
+        assert len(run["layers_ms"]) == 4 and len(run["copy_wait_ms_per_step"]) == 3
+        copied = {i for i, _, _ in run["copies_ms"]}
+        assert len(run["attention_ms"]) == 4
+        assert set(run["breakdown_ms"]) == {"step", "attention", "copy_wait", "rest"}
+        assert copied == ({0, 1, 2, 3} if pol == "offload" else {2, 3})      # dense layers stay on the device
+
+
+def test_gather_suite_on_a_cpu(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "gather.json"
+    r = run_bench("--suite", "gather", "--device", "cpu", "--gather", "device", "--shapes", "1x64",
+                  "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert {(x["row_bytes"], x["gather"]) for x in data["rows"]} == {(b, g) for b in (128, 256, 512)
+                                                                     for g in ("host", "device")}
+    assert all(x["useful_gb_per_s"] >= 0 for x in data["rows"])
+    assert set(data["sdpa"]) == {"7b", "smollm2"}
