@@ -103,13 +103,17 @@ def test_bad_flags_give_one_line(args, word):
     assert len(lines) == 1 and lines[0].startswith("error:") and word in lines[0], r.stderr
 
 
+def suite_json(tmp_path, suite, *args):
+    """Run a suite on this CPU into tmp_path; its JSON."""
+    out = tmp_path / f"{suite}.json"
+    r = run_bench("--suite", suite, "--device", "cpu", "--shapes", "1x64", *args, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return json.loads(out.read_text())
+
+
 def test_timeline_on_a_cpu(tmp_path):
     pytest.importorskip("matplotlib")
-    out = tmp_path / "timeline.json"
-    r = run_bench("--suite", "timeline", "--device", "cpu", "--models", "tiny", "--shapes", "1x64",
-                  "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    data = json.loads(out.read_text())
+    data = suite_json(tmp_path, "timeline", "--models", "tiny")
     assert (tmp_path / "timeline.png").exists()
     for pol in ("offload", "infinigen"):
         run = data["runs"][pol]
@@ -122,11 +126,7 @@ def test_timeline_on_a_cpu(tmp_path):
 
 def test_gather_suite_on_a_cpu(tmp_path):
     pytest.importorskip("triton")
-    out = tmp_path / "gather.json"
-    r = run_bench("--suite", "gather", "--device", "cpu", "--gather", "device", "--shapes", "1x64",
-                  "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    data = json.loads(out.read_text())
+    data = suite_json(tmp_path, "gather", "--gather", "device")
     assert {(x["row_bytes"], x["gather"]) for x in data["rows"]} == {(b, g) for b in (128, 256, 512)
                                                                      for g in ("host", "device")}
     assert all(x["useful_gb_per_s"] >= 0 for x in data["rows"])
