@@ -88,7 +88,7 @@ def test_every_exercise_names_a_solution_and_every_solution_is_checked():
     for path in CHAPTERS:
         text = open(path, encoding="utf-8").read()
         assert "## What this chapter taught" in text or "## What this appendix taught" in text, path
-        assert "## Exercises" in text, path
+        assert text.count("## Exercises") == 1, path
         found = set(re.findall(r"\(`(ex\d\d_\d)`\)", text[text.index("## Exercises"):]))
         chapter = os.path.basename(path)[:2]
         assert found and all(f.startswith(f"ex{chapter}_") for f in found), (path, found)
@@ -351,7 +351,7 @@ def test_solution_ex13_2(lm):
 def test_solution_ex14_1():
     from tutorial import solutions
     rows = solutions.ex14_1()
-    assert rows and all(f <= b + 1e-6 for _, f, b in rows)
+    assert rows and all(f <= b + 0.005 for _, f, b in rows)                 # counts round up
     assert [a for a, f, b in rows if f < b - 0.005] == [a for a, _, _ in rows if a != "inf"]
 
 
@@ -379,7 +379,7 @@ def test_solution_ex15_1(lm):
     import infinigen as I
     from tutorial import lab, solutions
     model, tok = lm
-    cache = I.make_cache(model, I.Policy("streaming", budget=8), 1, 21)
+    cache = I.make_cache(model, I.Policy("streaming", budget=8, layer_budget="uniform"), 1, 21)
     I.prefill(model, cache, torch.tensor([lab.text_tokens(tok, 20)]), torch.ones(1, 20, dtype=torch.bool))
     cache.begin(1)
     sel = cache.select(2, None, None, None)                          # (B, Hkv, 20)

@@ -172,8 +172,8 @@ def fig_streams():
     measured = []
     cpu = os.path.join(ROOT, "results", "timeline-cpu.json")
     if os.path.exists(cpu):
-        measured.append(("CPU twin, measured (results/timeline-cpu.json): no second stream; each copy "
-                         "runs inside the layer before, serially", json.load(open(cpu))))
+        measured.append(("CPU twin (results/timeline-cpu.json): no second stream; each copy runs "
+                         "inside the layer before", json.load(open(cpu))))
     measured += [(f"{d['device']}, measured ({name})", d) for name, d in gpu_timelines()]
     fig, axes = plt.subplots(len(panels) + len(measured), 1, figsize=(10.5, 1.55 * (2 + len(measured)) + 0.4))
     for ax, (title, spans) in zip(axes, panels):
@@ -192,7 +192,7 @@ def fig_streams():
             ax.broken_barh([(s, e - s) for _, s, e in run[key]], (row - 0.38, 0.76),
                            fc=[plt.cm.tab10(i % 10) for i, _, _ in run[key]], ec="black", lw=0.3)
         ax.set(yticks=[0, 1], yticklabels=["copies", "layers"], xlabel="ms",
-               title=f"{title}; infinigen, B={d['batch']}, context {d['context']}")
+               title=f"{title}; infinigen, B={d['batch']}, context {d['context']}, {d['date'][:10]}")
         ax.title.set_fontsize(9)
     fig.tight_layout()
     save(fig, "05-streams.png")
