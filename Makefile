@@ -51,7 +51,7 @@ eval: $(DEV) model  ## the accuracy study: results/eval-*.json, plots, README ta
 bench: $(DEV)  ## throughput: the GPU suite with CUDA, else the CPU one (ARGS="--suite timeline" ...)
 	$(PY) bench.py $(ARGS)
 
-figures: $(DEV) model  ## regenerate the tutorial's pictures from real runs
+figures: $(DEV) model  ## redraw the tutorial's pictures: drawings, and plots of real runs
 	$(PY) tutorial/figures.py
 
 lines:  ## count the engine's lines (the README keeps this number)

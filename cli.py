@@ -9,7 +9,7 @@ import torch
 
 import model as M
 import skew as SK
-from infinigen import GATHERS, POLICIES, Policy, calibrate, generate
+from infinigen import GATHERS, PAPER, POLICIES, Policy, calibrate, generate
 from offload import OffloadError
 
 
@@ -23,6 +23,24 @@ def positive_int(s):
     if not s.isdigit() or int(s) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
     return int(s)
+
+
+PAPER_FLAGS = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in dict(policy="infinigen", **PAPER).items())
+
+
+def add_paper(p):
+    p.add_argument("--paper", action="store_true",
+                   help=f"the authors' settings: {PAPER_FLAGS} (the skew calibrated on the prompt unless "
+                        "--calib); a flag given next to --paper wins")
+
+
+def parse_args(p, argv=None):
+    """Parse; with --paper the preset becomes the defaults, so flags given explicitly still win."""
+    args = p.parse_args(argv)
+    if args.paper:
+        p.set_defaults(policy="infinigen", **PAPER)
+        args = p.parse_args(argv)
+    return args
 
 
 def build_parser():
@@ -59,12 +77,13 @@ def build_parser():
     a("--gather", choices=GATHERS, default=d.gather,
       help="how selected rows reach the device: host (CPU gather + one copy) or device (a kernel reads "
            "pinned memory); auto: device on CUDA")
+    add_paper(p)
     a("--time-copies", action="store_true", help="CUDA: time the waits for copies (copy_wait_s) with events")
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but CUDA is not available on this machine")

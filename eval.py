@@ -4,6 +4,7 @@
                  [--partial-ratio R] [--skew S] [--windows W] [--json]
   python eval.py --passkey [--contexts 1024,2048] [--policy P] ...
   python eval.py --study --text FILE     (the whole study of `make eval`)
+  --paper sets the authors' choices (see `python infinigen.py --help`); a flag given next to it wins.
 
 Each window of N tokens is prefilled densely but for its last --decode tokens, which are decoded one
 by one with the policy, always feeding the true next token. Every decoded position's next-token distribution
@@ -24,6 +25,7 @@ import model as M
 from offload import OffloadError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULTS = {k: getattr(I.Policy(), k) for k in I.PAPER}      # the engine's defaults of what --paper sets
 
 
 # --- Teacher-forced comparison
@@ -131,6 +133,7 @@ def study(model, tok, args):
         "pool": [dict(base, name="infinigen", capacity=0.8, eviction=e) for e in ("fifo", "lru", "counter")],
         "layers": [dict(base, name=n, budget=b, layer_budget=other)
                    for b in (0.1, 0.2) for n in ("infinigen", "h2o", "oracle")],
+        "paper": [dict(kw, name="infinigen", budget=b) for b in (0.1, 0.2) for kw in (I.PAPER, DEFAULTS)],
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     meta = {"text": os.path.basename(args.text), "context": args.context, "windows": args.windows,
@@ -161,13 +164,14 @@ def load_part(name):
 
 def label(p):
     extra = f" {p['skew']}" if p["name"] == "infinigen" else ""
-    return f"{p['name']}{extra}"
+    paper = all(str(p.get(k)) == str(v) for k, v in I.PAPER.items() if k != "budget")
+    return f"{p['name']}{extra}" + (" (paper)" if p["name"] == "infinigen" and paper else "")
 
 
 def report():
     """The README's accuracy table and the plots, from results/eval-*.json."""
     rows = []
-    for part in ("policies", "alpha", "ratio", "pool", "layers"):
+    for part in ("policies", "alpha", "ratio", "pool", "layers", "paper"):
         res = load_part(part)
         for r in (res or {}).get("rows", []):
             p = r["policy"]
@@ -254,7 +258,7 @@ def policy_from(args, **over):
     return I.Policy(**kw)
 
 
-def main(argv=None):
+def build_parser():
     d = I.Policy()
     p = cli.Parser(description=__doc__.split("\n")[0])
     a = p.add_argument
@@ -279,9 +283,14 @@ def main(argv=None):
     a("--report", action="store_true",
       help="only rebuild the README table and plots from results/eval-*.json")
     a("--only", default="",
-      help="with --study: comma list of parts (policies,alpha,ratio,pool,layers,passkey)")
+      help="with --study: comma list of parts (policies,alpha,ratio,pool,layers,paper,passkey)")
+    cli.add_paper(p)
     a("--json", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = cli.parse_args(build_parser(), argv)
     if args.report:
         return report()
     try:

@@ -63,6 +63,11 @@ class Policy:
             if not ok:
                 raise ValueError(why)
 
+    @classmethod
+    def paper(cls, name="infinigen", **over):
+        """The authors' settings (PAPER), with `over` on top: the `--paper` preset."""
+        return cls(name, **{**PAPER, **over})
+
     def count(self, n, share=1.0):
         """Tokens to keep of n past tokens (B,) at this share of the budget (a float, or (L, 1) per layer):
         (B,) or (L, B). Host arithmetic (numpy), float32 products as a device would compute them."""
@@ -73,6 +78,12 @@ class Policy:
         else:
             k = np.trunc(self.budget * share) + np.zeros(n.shape)
         return np.minimum(np.maximum(k.astype(np.int64), 1), n)
+
+
+# The authors' choices (their speed-up scripts, speedup/scripts/*/run.sh of snu-comparch/InfiniGen):
+# SVD skew (offline there; calibrated on the prompt here unless --calib), partial ratio 0.2, alpha 4,
+# budget 0.2 of the context, the same for every sparse layer.
+PAPER = dict(skew="svd", partial_ratio=0.2, alpha=4.0, budget=0.2, layer_budget="uniform")
 
 
 # --- Offloaded caches
@@ -122,6 +133,7 @@ class OffloadCache(M.Cache):
             self.issue(0, self.plan(0))
         return pos
 
+    # --- Plan and issue
     def plan(self, layer, q=None, x=None, rope=None):
         """What `layer` needs of the past: None (all, one block) or (idx, ok, event) per KV head; for
         the host gather they are already on their way to host memory, and the event says when."""
@@ -150,6 +162,7 @@ class OffloadCache(M.Cache):
             ev.synchronize()                                # the indices only, not the queued attention
         self.handles[layer] = self.store.fetch(layer, self.t0, idx, ok, after=ev)
 
+    # --- Attend
     def attend(self, layer, q, k, v, x, rope):
         ahead = self.ahead and self.first <= layer + 1 < self.cfg.n_layers
         nxt = self.plan(layer + 1, x=x, rope=rope) if ahead else None   # speculate layer i+1 first
@@ -197,6 +210,7 @@ class OffloadCache(M.Cache):
         self.store.step_done()
         super().end()
 
+    # --- Observe and recall
     def observe(self, layer, q, kd, mask, slots):  # what a policy learns from a layer's attention
         pass
 
@@ -209,6 +223,7 @@ class OffloadCache(M.Cache):
         return ((p * chosen).sum(-1).mean()).item()
 
 
+# --- InfiniGen cache
 class InfiniGen(OffloadCache):
     name = "infinigen"
 
@@ -242,12 +257,14 @@ class InfiniGen(OffloadCache):
             new = kd[:, :, -self.T:] @ self.P[layer][None]                           # (B, Hkv, T, m)
             self.kpart[layer][:, :, self.t0:self.t0 + self.T] = new
 
+    # --- InfiniGen select
     def select(self, layer, q, x, rope):
         qp = partial_query(x, self.model.layers[layer].attn, rope, self.P[layer], self.Wp[layer])
         s = speculate(qp, self.kpart[layer][:, :, :self.t0], self.scale, self.allowed)
         return threshold_select(s, self.pol.alpha, self.counts[layer], self.allowed, self.kmax[layer])
 
 
+# --- Baselines
 class Oracle(OffloadCache):
     name, ahead = "oracle", False
 
@@ -305,6 +322,7 @@ class H2O(OffloadCache):
         return sel
 
 
+# --- Making a cache
 CACHES = {"offload": OffloadCache, "infinigen": InfiniGen, "h2o": H2O, "streaming": Streaming,
           "oracle": Oracle}
 
@@ -360,6 +378,7 @@ def decode_one(model, cache, tok):
     return model(tok[:, None], cache)[:, 0]
 
 
+# --- Generate
 @torch.no_grad()
 def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, seed=0, stop_ids=(),
              on_token=None, partial=None, progress=False, time_copies=False):

@@ -308,6 +308,7 @@ class KVStore:
             self.ledger.wait_s += time.perf_counter() - start
         return buf, n, ok
 
+    # --- Host gather
     def host_gather(self, layer, buf, store, idx, ok):
         """The reference path: the CPU gathers the wanted rows into pinned staging, one copy sends them
         with their positions, index_copy_ puts them in place. Returns ok, pinned (on the host)."""
@@ -331,6 +332,7 @@ class KVStore:
         self.ledger.add(layer, m * (self.row_bytes + sp.element_size()))
         return ok
 
+    # --- Take
     def take(self, handle):
         """Wait (on the compute stream) for a fetch; return device K, V views (S, B, Hkv, d), n, ok."""
         buf, n, ok = handle

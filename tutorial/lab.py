@@ -3,6 +3,7 @@ layer saw, a text to read, and the measures the chapters plot. Each section is i
 
 Shapes: as in model.py. B = 1 here (one sequence), L layers, H heads, Hkv KV heads, t past tokens.
 """
+import json
 import os
 
 import torch
@@ -26,6 +27,21 @@ def text_tokens(tok, n):
     ids = tok.encode(text, chat=False)
     assert len(ids) >= n, f"the text has only {len(ids)} tokens"
     return ids[:n]
+
+
+# --- Reading results
+def results(part):
+    """results/eval-<part>.json, written by `make eval` (None when that part has not been run)."""
+    path = os.path.join(ROOT, "results", f"eval-{part}.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def row(part, **match):
+    """The first row of a results part whose policy has these settings, or None."""
+    for r in (results(part) or {"rows": []})["rows"]:
+        if all(str(r["policy"].get(k)) == str(v) for k, v in match.items()):
+            return r
+    return None
 
 
 # --- Recording cache
@@ -89,8 +105,10 @@ def top_set(p, mass=0.9):
 
 
 def kept_mass(p_later, chosen):
-    """How much of a later step's attention p_later (..., t') falls on a set chosen earlier (..., t)."""
-    return (p_later[..., :chosen.shape[-1]] * chosen).sum(-1)
+    """Attention of a later step p_later (..., t') on a set chosen earlier (..., t): (on the old set,
+    on the t' - t tokens that came since). A policy that keeps the set and every new token holds the sum."""
+    t = chosen.shape[-1]
+    return (p_later[..., :t] * chosen).sum(-1), p_later[..., t:].sum(-1)
 
 
 # --- Layer similarity
@@ -123,3 +141,79 @@ def speculated_recall(model, rec, layer, budget, source=None, P=None, Wp=None):
         pick = pick.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 0)         # (H, t)
         got.append(((p[:, :t] * pick).sum(-1) + p[:, t]).mean())
     return torch.stack(got).mean().item()
+
+
+# --- Driving a cache
+@torch.no_grad()
+def run_cache(model, cache, ids, new, feed=None):
+    """Prefill the prompt ids (one sequence) into `cache`, then decode `new` steps: greedily, or feeding
+    the tokens `feed` (so two caches see the same text). Returns (tokens, logits (new + 1, V))."""
+    logits = [model(torch.tensor([ids]), cache)[0, -1]]
+    out = []
+    for s in range(new):
+        out.append(int(logits[-1].argmax()) if feed is None else feed[s])
+        logits.append(model(torch.tensor([[out[-1]]]), cache)[0, -1])
+    return out, torch.stack(logits)
+
+
+# --- Naive offload
+class NaiveOffload(M.Cache):
+    """The `offload` policy in its plainest form: every layer's K and V live in CPU memory, and each
+    layer, when it runs, copies its whole past to the device. `copied`: bytes host->device so far."""
+    def __init__(self, cfg, batch, slots, device="cpu", dtype=torch.float32):
+        super().__init__(batch, slots, device)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)          # (L, B, Hkv, S, d)
+        pin = torch.device(device).type == "cuda"                   # page-locked: fast, asynchronous copies
+        self.k_cpu = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+        self.v_cpu = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+        self.dev, self.copied = device, 0
+
+    def past(self, layer):  # the copy: every past token of the layer -> K, V (B, Hkv, t0, d), mask
+        k = self.k_cpu[layer, :, :, :self.t0].to(self.dev)
+        v = self.v_cpu[layer, :, :, :self.t0].to(self.dev)
+        self.copied += 2 * k.numel() * k.element_size()
+        return k, v, self.mask                                                     # (B, 1, T, t0+T)
+
+    def attend(self, layer, q, k, v, x, rope):
+        k_past, v_past, mask = self.past(layer)       # the layer waits for this copy: nothing overlaps
+        out = M.attention(q, torch.cat([k_past, k], 2), torch.cat([v_past, v], 2), mask)
+        t0, t1 = self.t0, self.t0 + self.T
+        self.k_cpu[layer, :, :, t0:t1], self.v_cpu[layer, :, :, t0:t1] = k.cpu(), v.cpu()   # append
+        return out
+
+
+# --- Layer-ahead sparse fetch
+class LayerAhead(NaiveOffload):
+    """InfiniGen's decode step, plainly: while layer i runs, its input x picks layer i+1's tokens
+    (partial query against the partial key cache, within alpha of the best, at most pol.count), and
+    only their rows are copied, before layer i+1 starts. The first pol.dense_layers layers copy all.
+    P: per layer the partial map (Hkv, d, m), e.g. from infinigen.calibrate on the prompt."""
+    def __init__(self, model, pol, P, batch, slots):
+        super().__init__(model.cfg, batch, slots)
+        self.model, self.pol, self.P, self.ahead = model, pol, P, {}
+        w = [(b.attn.wq.weight, b.attn.wq.bias) for b in model.layers]            # planes: rows of Wq
+        self.Wp = [SK.partial_query_weight(*w[i], p) if p is not None and pol.skew == "planes" else None
+                   for i, p in enumerate(P)]
+        self.kpart = [None if p is None else torch.zeros(batch, p.shape[0], slots, p.shape[2]) for p in P]
+
+    def attend(self, layer, q, k, v, x, rope):
+        i, t0 = layer + 1, self.t0                                   # speculate layer i+1 from this x
+        if self.T == 1 and self.pol.dense_layers <= i < len(self.P):
+            allowed = self.valid[:, None, :t0]                                       # (B, 1, t0)
+            qp = SK.partial_query(x, self.model.layers[i].attn, rope, self.P[i], self.Wp[i])
+            s = SK.speculate(qp, self.kpart[i][:, :, :t0], q.shape[-1] ** -0.5, allowed)   # (B, Hkv, t0)
+            cap = torch.from_numpy(self.pol.count(self.lengths))                      # (B,) tokens
+            idx, ok = SK.to_index(SK.threshold_select(s, self.pol.alpha, cap, allowed))  # (B, Hkv, n)
+            rows = lambda c: c[i, :, :, :t0].gather(2, idx[..., None].expand(-1, -1, -1, c.shape[-1]))
+            self.ahead[i] = rows(self.k_cpu).to(self.dev), rows(self.v_cpu).to(self.dev), ok  # the prefetch
+            self.copied += 2 * int(ok.sum()) * k.shape[-1] * k.element_size()    # padding rows: not sent
+        if self.kpart[layer] is not None:                          # the partial key cache grows
+            self.kpart[layer][:, :, t0:t0 + self.T] = k @ self.P[layer][None]
+        return super().attend(layer, q, k, v, x, rope)
+
+    def past(self, layer):  # the rows fetched one layer ahead, if any, with a mask per KV head
+        if layer not in self.ahead:
+            return super().past(layer)
+        k, v, ok = self.ahead.pop(layer)
+        new = self.mask[:, :, :, self.t0:].expand(-1, ok.shape[1], -1, -1)         # (B, Hkv, 1, 1)
+        return k, v, torch.cat([ok[:, :, None], new], -1)                            # (B, Hkv, 1, n+1)
