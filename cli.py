@@ -180,7 +180,9 @@ def device_of(name):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    run, ours = Run(args), threading.current_thread() is threading.main_thread()   # (signals: main only)
+    run = Run(args)             # Ctrl-C as Python's default has it (not ignored, main thread): ours
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
     before = signal.signal(signal.SIGINT, run.sigint) if ours else None
     try:
         run.go()

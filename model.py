@@ -76,7 +76,7 @@ class Config:
             raise ModelError(f"config: {bad} must be a positive number, got {getattr(self, bad)!r}")
         if not all(type(e) is int for e in self.eos_ids):
             raise ModelError(f"config: eos_token_id must be integers, got {self.eos_ids!r}")
-        if self.dim % self.n_heads and not (self.head_dim and self.arch == "llama"):
+        if self.dim % self.n_heads and not self.head_dim:                    # (an explicit head_dim may)
             raise ModelError(f"num_attention_heads={self.n_heads} does not divide hidden_size={self.dim}")
         if self.rope_scaling and not num(self.rope_scaling.get("factor")):
             raise ModelError(f"rope_scaling llama3 needs a positive factor, got {self.rope_scaling}")

@@ -593,7 +593,9 @@ def test_streamed_text_equals_the_decoded_text(runs):
 # --- Ctrl-C as a user gives it: a real SIGINT to a real process
 def interrupt_after(cmd, ready, stream="stdout", timeout=120):
     """Start cmd, wait until `ready` bytes appear on the stream, send SIGINT, return the finished run."""
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    # SIGINT as a terminal leaves it, even where this process ignores it (a background `make test &`)
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, t0 = b"", time.time()
     src = p.stdout if stream == "stdout" else p.stderr
     while ready not in seen and time.time() - t0 < timeout and p.poll() is None:
