@@ -65,11 +65,8 @@ def env_info():
 
 
 def write_json(path, data):
-    """Whole or not at all: a temporary file, then a rename."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """Whole or not at all: a temporary file, then a rename (removed when interrupted)."""
+    cli.write_json(path, data)
 
 
 def write(name, data):
@@ -161,7 +158,7 @@ def suite_cpu(a):
 
     say("loading our model and the transformers model (GGUF, float32) ...")
     model, folder = M.load(prepare.prepare(), dev, dtype)
-    ids = I.Tok(folder).encode(open(text, encoding="utf-8", errors="replace").read(), chat=False)
+    ids = I.Tok(folder).encode(cli.read_text(text, "--text"), chat=False)
     if len(ids) < n_prompt:
         sys.exit(f"error: {text} has only {len(ids)} tokens, {n_prompt} needed")
     ids = ids[:n_prompt]
@@ -321,7 +318,10 @@ def rows_file(dev, name=None):
 
 def save_row(path, run, row):
     """Add (or replace) one row in the results file, written whole each time."""
-    data = json.load(open(path)) if os.path.exists(path) else {"suite": "gpu", "runs": [], "rows": []}
+    try:
+        data = json.load(open(path)) if os.path.exists(path) else {"suite": "gpu", "runs": [], "rows": []}
+    except ValueError as e:
+        raise ValueError(f"{path} is not readable JSON ({e}): move it away or give --out") from None
     if not data["runs"] or data["runs"][-1] != run:
         data["runs"] = [r for r in data["runs"] if r["date"] != run["date"]] + [run]
     key = lambda r: (r["model"], r["impl"], r.get("budget"), r["batch"], r["context"], r.get("gather"))
@@ -598,18 +598,19 @@ def plot_timeline(out, path):
                      f"{sum(wait) / len(wait):.2f} ms per step for copies")
     axes[-1].set_xlabel("ms (colour = layer; layer i+1's copy runs under layer i)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with cli.whole(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     say(f"wrote {path}")
 
 
 # --- Command line
-def main():
+def main(argv=None):
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=["cpu", "gpu", "timeline", "gather"],
                    default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--text", help="cpu: the prompt's source text (default: GPL-3 in "
                    "/usr/share/common-licenses)")
-    p.add_argument("--prompt-tokens", type=int, default=512, help="cpu: prompt length in tokens")
+    p.add_argument("--prompt-tokens", type=cli.positive_int, default=512, help="cpu: prompt length in tokens")
     p.add_argument("--new-tokens", type=cli.positive_int, default=None, help="default: 128 (cpu), 16 (gpu)")
     p.add_argument("--models", default="smollm2,7b", help=f"gpu, timeline: from {', '.join(SHAPES)}")
     p.add_argument("--shapes", help="gpu, timeline: BATCHxCONTEXT,... (context = prompt + new tokens); "
@@ -621,12 +622,16 @@ def main():
     p.add_argument("--device", choices=["cuda", "cpu"], help="gpu, timeline: default cuda when present")
     p.add_argument("--out", help="gpu, timeline: the results file (default results/bench-<device>.json, "
                    "results/timeline-<device>.json and .png)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     try:
+        if a.text:                                       # before the first measurement, not after
+            cli.read_text(a.text, "--text")
         suites = {"cpu": suite_cpu, "gpu": suite_gpu, "timeline": suite_timeline, "gather": suite_gather}
         suites[a.suite](a)
-    except (ValueError, OffloadError, M.ModelError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, OffloadError, M.ModelError, OSError, ImportError) as e:   # FileNotFoundError: OSError
+        cli.fail(e)
+    except KeyboardInterrupt:
+        cli.interrupted(": the results files written so far are whole")
 
 
 if __name__ == "__main__":

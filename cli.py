@@ -1,9 +1,13 @@
 """The command line of the engine: `python infinigen.py` (generation), and what every script shares:
-a parser whose errors are one line, and the checks of numbers and files a user gives."""
+a parser whose errors are one line, the checks of numbers and files a user gives, results written whole."""
 import argparse
+import contextlib
 import json
+import math
 import os
+import signal
 import sys
+import threading
 
 import torch
 
@@ -12,16 +16,38 @@ import skew as SK
 from infinigen import GATHERS, PAPER, POLICIES, Policy, calibrate, generate
 from offload import OffloadError
 
+KNOWN = (M.ModelError, OffloadError, ValueError, OSError, ImportError)   # what a user's input can cause
+MAX_TEXT = 256 * 2**20                                                  # bytes of one text file
+
 
 # --- Command line
+def fail(message):
+    """Exit with one line on stderr (a message that holds newlines is joined) and status 1."""
+    sys.exit("error: " + " ".join(str(message).splitlines()))
+
+
+def interrupted(what=""):
+    """Ctrl-C: one line on stderr, status 130 (the shell's code for SIGINT)."""
+    print(f"interrupted{what}", file=sys.stderr)
+    sys.exit(130)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
-        sys.exit(f"error: {message}")
+        fail(message)
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        for act in self._actions:          # Python 3.11's argparse turns --flag=-- into []: refuse that
+            v = getattr(ns, act.dest, None)
+            if isinstance(v, list) and (v == [] or [] in v):
+                self.error(f"argument {'/'.join(act.option_strings)}: expected one argument")
+        return ns
 
 
 def positive_int(s):
-    if not s.isdigit() or int(s) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    if not s.isdecimal() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s[:40]!r}")
     return int(s)
 
 
@@ -41,6 +67,70 @@ def parse_args(p, argv=None):
         p.set_defaults(policy="infinigen", **PAPER)
         args = p.parse_args(argv)
     return args
+# --- Files
+def read_text(path, what="file"):
+    """A UTF-8 text file, whole: a ValueError naming `path` for what is not one (missing, a folder, a
+    device such as /dev/zero, unreadable, binary, larger than MAX_TEXT). Never blocks on a pipe."""
+    if not os.path.exists(path):
+        raise ValueError(f"{what} not found: {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} is not a regular file: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TEXT + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if len(data) > MAX_TEXT:
+        raise ValueError(f"{what} {path} is larger than {MAX_TEXT // 2**20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.start}: 0x{data[e.start]:02x})") from None
+    if "\x00" in text:
+        raise ValueError(f"{what} {path} is binary, not text (it holds NUL bytes)")
+    return text
+
+
+@contextlib.contextmanager
+def whole(path):
+    """Write `path` whole or not at all: yields a temporary name next to it (same extension, for
+    matplotlib), renamed over `path` when the block ends, removed when it fails or is interrupted."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def write_json(path, data):
+    with whole(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+# --- Streaming text
+class Stream:
+    """Text of tokens as they come, whole characters only. Each token decodes only a window (the tokens
+    of the last piece printed, for context, and those since), so the cost per token stays constant: the
+    text printed equals the decoded whole. Stop tokens are skipped (generate drops them from its output)."""
+    def __init__(self, tok, skip=()):
+        self.tok, self.skip, self.ids, self.read = tok, set(skip), [], 0
+
+    def push(self, t):
+        """The text that token t completes ('' while a character is still incomplete)."""
+        if t in self.skip:
+            return ""
+        self.ids.append(t)
+        return self.flush(final=False)
+
+    def flush(self, final=True):
+        head, text = self.tok.decode(self.ids[:self.read]), self.tok.decode(self.ids)
+        if not final and text.endswith("\ufffd") and len(self.ids) - self.read < 8:   # a split character
+            return ""                                          # (8 tokens on: bytes that never decode)
+        self.ids, self.read = self.ids[self.read:], len(self.ids) - self.read
+        return text[len(head):]
 
 
 def build_parser():
@@ -82,53 +172,119 @@ def build_parser():
     return p
 
 
+def check(args):
+    """The numbers Policy does not check itself."""
+    if not (args.temperature == 0 or 1e-4 <= args.temperature < math.inf):
+        raise ValueError(f"--temperature must be 0 (greedy) or finite and >= 1e-4, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not -2**63 <= args.seed < 2**64:
+        raise ValueError(f"--seed must fit in 64 bits, got {args.seed}")
+    if not math.isfinite(args.cpu_kv_capacity):
+        raise ValueError(f"--cpu-kv-capacity must be finite, got {args.cpu_kv_capacity}")
+
+
+def budget_of(b):  # a token count past any context means all of it (and stays a 64-bit integer)
+    return min(b, 2**31) if math.isfinite(b) else b
+
+
+def device_of(name):
+    """auto | cpu | cuda -> a torch device; cuda where there is none is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def main(argv=None):
     args = parse_args(build_parser(), argv)
+    run = Run(args)             # Ctrl-C as Python's default has it (not ignored, main thread): ours
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.signal(signal.SIGINT, run.sigint) if ours else None
     try:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
-        dev = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        run.go()
+    except BrokenPipeError:                          # the reader went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except (*KNOWN, torch.OutOfMemoryError) as e:
+        fail(e)
+    except KeyboardInterrupt:
+        if ours:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C does not cut the last words
+        run.interrupted()
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, before)
+
+
+class Run:
+    """One generation of the command line; what it generated so far survives a Ctrl-C."""
+    def __init__(self, args):
+        self.args, self.got, self.stream = args, [], None    # got: per step, the token of each sequence
+        self.busy = self.pending = False
+
+    def go(self):
+        args = self.args
+        dev = device_of(args.device)
         dtype = getattr(torch, args.dtype or ("float16" if dev.type == "cuda" else "float32"))
-        pol = Policy(args.policy, args.budget, args.alpha, args.partial_ratio, args.skew, args.dense_layers,
-                     args.recent, capacity=args.cpu_kv_capacity, eviction=args.eviction,
+        pol = Policy(args.policy, budget_of(args.budget), args.alpha, args.partial_ratio, args.skew,
+                     args.dense_layers, args.recent, capacity=args.cpu_kv_capacity, eviction=args.eviction,
                      measure_recall=args.measure_recall, layer_budget=args.layer_budget, gather=args.gather)
-        if args.temperature < 0 or not 0 < args.top_p <= 1:
-            raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], "
-                             f"got {args.temperature}, {args.top_p}")
-        if missing := [f for f in (args.prompt_file, args.calib) if f and not os.path.isfile(f)]:
-            raise ValueError(f"file not found: {missing[0]}")
-        read = lambda f: open(f, encoding="utf-8", errors="replace").read()
-        prompts = [read(args.prompt_file)] if args.prompt_file else \
-            args.prompt or ["Explain in two sentences why the sky is blue."]
+        check(args)
+        prompts = [read_text(args.prompt_file, "prompt file")] if args.prompt_file else [
+            p.encode("utf-8", "surrogateescape").decode("utf-8", "replace")          # bytes argv held
+            for p in args.prompt or ["Explain in two sentences why the sky is blue."]]
+        calib = read_text(args.calib, "calibration file") if args.calib else None
         model, tok = M.load_with_tokenizer(args.model, dev, dtype)
         ids = [tok.encode(p, chat=not args.no_chat) for p in prompts]
         partial = None
-        if args.calib and pol.name == "infinigen":
-            partial = calibrate(model, torch.tensor([tok.encode(read(args.calib), chat=False)[:1024]]), pol)
-        stream, acc = len(ids) == 1 and not args.json, []
-
-        def on_token(nxt):  # print text as it is produced (whole characters only)
-            before = tok.decode(acc)
-            acc.append(int(nxt[0]))
-            if not tok.decode(acc).endswith("\ufffd"):
-                print(tok.decode(acc)[len(before.rstrip("\ufffd")):], end="", flush=True)
-
-        stop = list(model.cfg.eos_ids) + tok.stop_ids
+        if calib is not None and pol.name == "infinigen":
+            cal = tok.encode(calib, chat=False)[:min(1024, model.cfg.max_seq_len)]
+            if not cal:
+                raise ValueError(f"calibration file {args.calib} holds no tokens")
+            partial = calibrate(model, torch.tensor([cal]), pol)
+        self.tok, self.stop = tok, list(model.cfg.eos_ids) + tok.stop_ids
+        self.stream = Stream(tok, self.stop) if len(ids) == 1 and not args.json else None
         out, st = generate(model, ids, pol, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                           stop, on_token if stream else None, partial, progress=not args.json,
+                           self.stop, self.on_token, partial, progress=not args.json,
                            time_copies=args.time_copies)
-    except (M.ModelError, OffloadError, ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: {e}")
-    texts = [tok.decode(o) for o in out]
-    if args.json:
-        one = len(texts) == 1
-        print(json.dumps({"text": texts[0] if one else texts, "tokens": out[0] if one else out, "stats": st}))
-        return
-    print("" if stream else "\n---\n".join(texts))
-    print(f"[{args.policy}] prefill {st['prefill_s']:.2f}s, decode {st['decode_steps']} steps in "
-          f"{st['decode_s']:.2f}s ({st['tokens_per_s']} tok/s), KV {st['kv_bytes'] / 2**20:.1f} MiB",
-          file=sys.stderr)
-    if "fetched_fraction_per_layer" in st:
-        f = st["fetched_fraction_per_layer"]
-        print(f"  fetched {sum(f) / len(f):.3f} of the KV per layer on average, "
-              f"{st['h2d_bytes_per_step'] / 2**20:.2f} MiB host->device per step", file=sys.stderr)
+        self.show(out, st)
+
+    def on_token(self, nxt):  # (B,) tokens; with one sequence, print its text as it comes
+        self.busy = True                                  # a Ctrl-C now waits for this token to be printed
+        self.got.append(nxt.tolist())
+        if self.stream:
+            print(self.stream.push(self.got[-1][0]), end="", flush=True)
+        self.busy = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def sigint(self, *_):  # so that what was printed and what was kept agree
+        if not self.busy:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def show(self, out, st=None):
+        args, texts = self.args, [self.tok.decode(o) for o in out]
+        if args.json:
+            one = len(texts) == 1
+            res = {"text": texts[0] if one else texts, "tokens": out[0] if one else out}
+            print(json.dumps(res | ({"stats": st} if st else {"interrupted": True})))
+            return
+        print(self.stream.flush() if self.stream else "\n---\n".join(texts))
+        if not st:
+            return
+        print(f"[{args.policy}] prefill {st['prefill_s']:.2f}s, decode {st['decode_steps']} steps in "
+              f"{st['decode_s']:.2f}s ({st['tokens_per_s']} tok/s), KV {st['kv_bytes'] / 2**20:.1f} MiB",
+              file=sys.stderr)
+        if "fetched_fraction_per_layer" in st:
+            f = st["fetched_fraction_per_layer"]
+            print(f"  fetched {sum(f) / len(f):.3f} of the KV per layer on average, "
+                  f"{st['h2d_bytes_per_step'] / 2**20:.2f} MiB host->device per step", file=sys.stderr)
+
+    def interrupted(self):
+        """Ctrl-C: print what was generated (the rest of the streamed text, or each sequence), exit 130."""
+        if self.got:
+            rows = [list(r) for r in zip(*self.got)]                                 # per sequence
+            self.show([r[:next((j for j, x in enumerate(r) if x in self.stop), len(r))] for r in rows])
+        interrupted(f" after {len(self.got)} new tokens" if self.got else "")

@@ -5,6 +5,7 @@
   python eval.py --passkey [--contexts 1024,2048] [--policy P] ...
   python eval.py --study --text FILE     (the whole study of `make eval`)
   --paper sets the authors' choices (see `python infinigen.py --help`); a flag given next to it wins.
+  --device cuda runs any of them on a GPU (float32; CPU by default).
 
 Each window of N tokens is prefilled densely but for its last --decode tokens, which are decoded one
 by one with the policy, always feeding the true next token. Every decoded position's next-token distribution
@@ -47,17 +48,17 @@ def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
     Windows run one at a time: on a CPU, batch 1 is the fast shape for the vocabulary projection."""
     W, N = windows.shape
     prefix = prefix or N // 2
-    rows, frac, t0 = [], [], time.time()
+    rows, frac, t0, dev = [], [], time.time(), next(model.parameters()).device
     for w in range(W):
-        win = windows[w:w + 1]
+        win = windows[w:w + 1].to(dev)
         ref = full_logprobs(model, win, prefix)[0]                     # position t's logits predict token t+1
         cache = I.make_cache(model, pol, 1, N)
         I.prefill(model, cache, win[:, :prefix], torch.ones(1, prefix, dtype=torch.bool))
         for t in range(prefix, N - 1):
             lp = I.decode_one(model, cache, win[:, t])[0].float().log_softmax(-1)   # predicts token t+1
             r, tgt = ref[t - prefix], win[0, t + 1]
-            rows.append([-lp[tgt], -r[tgt], float(lp.argmax() == r.argmax()),
-                         (r.exp() * (r - lp)).sum().clamp(min=0)])
+            rows.append(torch.stack([-lp[tgt], -r[tgt], (lp.argmax() == r.argmax()).float(),
+                                     (r.exp() * (r - lp)).sum().clamp(min=0)]))      # on the device: no sync
             if progress and (t - prefix) % 64 == 0:
                 print(f"\r  {pol.name}: window {w + 1}/{W}, {t - prefix + 1}/{N - 1 - prefix} positions "
                       f"({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
@@ -65,7 +66,7 @@ def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
                                                              [1.0] * model.cfg.n_layers))
     if progress:
         print(file=sys.stderr)
-    nll, nll_full, agree, kl = torch.tensor(rows).view(W, N - 1 - prefix, 4).unbind(-1)   # each (W, n)
+    nll, nll_full, agree, kl = torch.stack(rows).cpu().view(W, N - 1 - prefix, 4).unbind(-1)   # each (W, n)
     frac = torch.tensor(frac).mean(0).tolist()                                            # per layer
     dense = pol.dense_layers if pol.name not in ("full", "offload") else model.cfg.n_layers
     chunks = [{"start": prefix + 1 + c, "ppl": math.exp(nll[:, c:c + chunk].mean()),
@@ -79,9 +80,7 @@ def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
 
 def windows_of(tok, path, n, count, seed=0):
     """`count` windows of n tokens from the text, evenly spaced (deterministic)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"text file not found: {path}")
-    ids = tok.tok.encode(open(path, encoding="utf-8", errors="replace").read()).ids
+    ids = tok.tok.encode(cli.read_text(path, "text file")).ids
     if len(ids) < n:
         raise ValueError(f"{path} has {len(ids)} tokens, fewer than one window of {n}")
     starts = [round(i * (len(ids) - n) / max(count - 1, 1)) for i in range(count)]
@@ -150,7 +149,7 @@ def study(model, tok, args):
                   f"sparse {r['sparse_fraction']:.3f}", file=sys.stderr)
             save(f"eval-{part}.json", dict(meta, rows=rows))
     if not args.only or "passkey" in args.only.split(","):
-        ctx = [int(c) for c in args.contexts.split(",")]
+        ctx = args.contexts
         rows = [dict(policy={k: (str(v) if v == math.inf else v) for k, v in kw.items()},
                      accuracy=passkey(model, tok, I.Policy(**kw), ctx))
                 for kw in (dict(name="full"), dict(base, name="infinigen"), dict(base, name="h2o"))]
@@ -159,7 +158,13 @@ def study(model, tok, args):
 
 def load_part(name):
     path = os.path.join(HERE, "results", f"eval-{name}.json")
-    return json.load(open(path)) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not readable JSON: {e}") from None
 
 
 def label(p):
@@ -199,9 +204,12 @@ def report():
                           f"{r['policy'].get('budget', '') if r['policy']['name'] != 'full' else ''} | "
                           + " | ".join(f"{r['accuracy'][c]:.2f}" for c in ctx) + " |" for r in pk["rows"]))
         readme = os.path.join(HERE, "README.md")
-        text = open(readme).read()
-        a, b = text.index("<!-- eval:begin -->"), text.index("<!-- eval:end -->")
-        open(readme, "w").write(text[:a] + "<!-- eval:begin -->\n" + table + "\n" + text[b:])
+        text = open(readme, encoding="utf-8").read()
+        a, b = text.find("<!-- eval:begin -->"), text.find("<!-- eval:end -->")
+        if not 0 <= a < b:
+            raise ValueError(f"{readme} has no <!-- eval:begin --> ... <!-- eval:end --> markers")
+        with cli.whole(readme) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(text[:a] + "<!-- eval:begin -->\n" + table + "\n" + text[b:])
     plots()
 
 
@@ -228,7 +236,8 @@ def plots():
     ax[1].set(xlabel="position", ylabel="perplexity per 256-token chunk", title="budget 0.1")
     ax[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "eval-policies.png"), dpi=90)
+    with cli.whole(os.path.join(HERE, "results", "eval-policies.png")) as tmp:
+        fig.savefig(tmp, dpi=90)
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
     for i, (part, key) in enumerate((("alpha", "alpha"), ("ratio", "partial_ratio"))):
         res = load_part(part)
@@ -241,21 +250,57 @@ def plots():
             ax[i].set(xlabel=key + (" (16 = inf)" if key == "alpha" else ""), ylabel="KL",
                       title=f"infinigen, budget 0.1: {key} (labels: fetched)")
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results", "eval-sweeps.png"), dpi=90)
+    with cli.whole(os.path.join(HERE, "results", "eval-sweeps.png")) as tmp:
+        fig.savefig(tmp, dpi=90)
 
 
-def save(name, obj):
-    with open(os.path.join(HERE, "results", name), "w") as f:
-        json.dump(obj, f, indent=1)
+def save(name, obj):  # whole or not at all
+    cli.write_json(os.path.join(HERE, "results", name), obj)
 
 
 # --- Command line
 def policy_from(args, **over):
-    kw = dict(name=args.policy, budget=args.budget, alpha=args.alpha, partial_ratio=args.partial_ratio,
-              skew=args.skew, dense_layers=args.dense_layers, capacity=args.cpu_kv_capacity,
-              eviction=args.eviction, layer_budget=args.layer_budget)
+    if not math.isfinite(args.cpu_kv_capacity):
+        raise ValueError(f"--cpu-kv-capacity must be finite, got {args.cpu_kv_capacity}")
+    kw = dict(name=args.policy, budget=cli.budget_of(args.budget), alpha=args.alpha,
+              partial_ratio=args.partial_ratio, skew=args.skew, dense_layers=args.dense_layers,
+              capacity=args.cpu_kv_capacity, eviction=args.eviction, layer_budget=args.layer_budget)
     kw.update(over)
     return I.Policy(**kw)
+
+
+def contexts_of(spec, limit):
+    try:
+        ctx = [int(c) for c in spec.split(",")]
+    except ValueError:
+        ctx = [0]
+    if min(ctx) < 64 or max(ctx) > limit:
+        raise ValueError(f"--contexts wants token counts from 64 to the model's {limit}, got {spec[:80]!r}")
+    return ctx
+
+
+def run(args):
+    """What main asks for: the results (a dict), or None when they went to results/ and the README."""
+    if args.report:
+        return report()
+    pol = policy_from(args)
+    dev = cli.device_of(args.device)
+    model, tok = M.load_with_tokenizer(args.model, dev, torch.float32)
+    if args.study or args.passkey:
+        args.contexts = contexts_of(args.contexts, model.cfg.max_seq_len)
+    if args.study or not args.passkey:
+        if not args.text:
+            raise ValueError("--text FILE is required (or --passkey)")
+        if args.decode >= args.context or args.context > model.cfg.max_seq_len:
+            raise ValueError(f"--decode {args.decode} must be smaller than --context {args.context}, "
+                             f"and --context at most the model's {model.cfg.max_seq_len}")
+    if args.study:
+        study(model, tok, args)
+        return report()
+    if args.passkey:
+        return {"passkey": passkey(model, tok, pol, args.contexts)}
+    win = windows_of(tok, args.text, args.context, args.windows)
+    return compare(model, win, pol, args.context - args.decode)
 
 
 def build_parser():
@@ -286,30 +331,20 @@ def build_parser():
       help="with --study: comma list of parts (policies,alpha,ratio,pool,layers,paper,passkey)")
     cli.add_paper(p)
     a("--json", action="store_true")
+    a("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs (float32 on both)")
     return p
 
 
 def main(argv=None):
     args = cli.parse_args(build_parser(), argv)
-    if args.report:
-        return report()
     try:
-        pol = policy_from(args)
-        model, tok = M.load_with_tokenizer(args.model, torch.device("cpu"), torch.float32)
-        if args.study:
-            study(model, tok, args)
-            return report()
-        if args.passkey:
-            res = {"passkey": passkey(model, tok, pol, [int(c) for c in args.contexts.split(",")])}
-        else:
-            if not args.text:
-                raise ValueError("--text FILE is required (or --passkey)")
-            if args.decode >= args.context:
-                raise ValueError(f"--decode {args.decode} must be smaller than --context {args.context}")
-            res = compare(model, windows_of(tok, args.text, args.context, args.windows), pol,
-                          args.context - args.decode)
-    except (M.ModelError, ValueError, FileNotFoundError, OffloadError) as e:
-        sys.exit(f"error: {e}")
+        res = run(args)
+    except (M.ModelError, ValueError, OSError, OffloadError, ImportError) as e:
+        cli.fail(e)
+    except KeyboardInterrupt:
+        cli.interrupted(": results files already written stay whole")
+    if res is None:
+        return
     if args.json:
         print(json.dumps(res))
     else:

