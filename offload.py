@@ -147,35 +147,39 @@ class Pool:
         self.clock, self.misses, self.requests = 0, 0, 0
 
     def admit(self, layer, t0, valid=None):
-        """Slots for tokens t0.. of every sequence (valid (B, T), None = all): (B, T), -1 for padding."""
-        B = self.where.shape[1]
-        valid = torch.ones(B, 1, dtype=torch.bool) if valid is None else valid
-        slots = torch.full(valid.shape, -1, dtype=torch.long)
-        for j in range(valid.shape[1]):
-            for b in range(B):
-                if valid[b, j]:
-                    slots[b, j] = self.admit_one(layer, b, t0 + j)
-        return slots
+        """Slots for tokens t0..t0+T-1 of every sequence (valid (B, T), None = all): (B, T), -1 for a pad
+        or a token evicted again in this call. As if admitted one at a time in position order, with
+        tensor operations over the batch: the tokens that find a free slot take theirs at once; each
+        of the others evicts a victim, one round per eviction for all sequences together."""
+        owner, where = self.owner[layer], self.where[layer]                      # (B, P), (B, S)
+        P = owner.shape[1]
+        valid = torch.ones(owner.shape[0], 1, dtype=torch.bool) if valid is None else valid   # (B, T)
+        T = valid.shape[1]
+        tok = torch.arange(t0, t0 + T).expand_as(valid)                          # (B, T) token ids
+        self.last_use[layer, :, t0:t0 + T].masked_fill_(valid, self.clock)       # admitted counts as a use
+        rank = valid.cumsum(1) - 1                                               # (B, T) among the new
+        free = P - (owner >= 0).sum(1, keepdim=True)            # (B, 1) free slots: the last `free` ones
+        b, j = (valid & (rank < free)).nonzero(as_tuple=True)
+        p = P - free[b, 0] + rank[b, j]                                          # the free slots in order
+        owner[b, p], where[b, tok[b, j]] = tok[b, j], p
+        for i in range(int((valid.sum(1, keepdim=True) - free).max().clamp(min=0))):
+            b, j = (valid & (rank == free + i)).nonzero(as_tuple=True)          # each one's i-th eviction
+            p = self.victim(layer, b)
+            where[b, owner[b, p]] = -1
+            owner[b, p], where[b, tok[b, j]] = tok[b, j], p
+        return where[:, t0:t0 + T].clone()
 
-    def admit_one(self, layer, b, t):
-        """A slot for token t of sequence b, evicting one resident token when the pool is full."""
-        free = (self.owner[layer, b] < 0).nonzero()
-        if len(free):
-            p = int(free[0])
-        else:
-            res = self.owner[layer, b]                                  # (P,) tokens resident
-            if self.policy == "fifo":
-                victim = int(res.min())
-            elif self.policy == "lru":
-                victim = int(res[self.last_use[layer, b, res].argmin()])
-            else:  # counter: among the older half of the residents, the least often fetched
-                old = res[res <= res.median()]
-                victim = int(old[self.fetches[layer, b, old].argmin()])
-            p = int((res == victim).nonzero()[0])
-            self.where[layer, b, victim] = -1
-        self.owner[layer, b, p], self.where[layer, b, t] = t, p
-        self.last_use[layer, b, t] = self.clock                          # admitted counts as a use
-        return p
+    def victim(self, layer, b):
+        """The slot that each sequence b (n,), its pool full, gives up: fifo the oldest token's, lru the
+        least recently used one's, counter the least fetched among the older half; ties: the lowest slot."""
+        res = self.owner[layer, b]                                               # (n, P) tokens resident
+        if self.policy == "fifo":
+            return res.argmin(1)
+        if self.policy == "lru":
+            return self.last_use[layer, b[:, None], res].argmin(1)
+        older = res <= res.median(1, keepdim=True).values                        # (n, P) the older half
+        fetched = self.fetches[layer, b[:, None], res]                           # (n, P)
+        return fetched.masked_fill(~older, torch.iinfo(torch.long).max).argmin(1)
 
     def touch(self, layer, idx, ok):
         """Record a fetch of tokens idx (B, Hkv, n) where ok; count misses; return slots (-1 = miss)."""

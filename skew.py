@@ -160,10 +160,11 @@ def threshold_select(s, alpha, cap, allowed, kmax=None):
 
 # --- Layer shares of the budget
 def needed_share(p, mask, mass=0.9):
-    """p (B, H, Tq, n) attention weights, mask (B, 1|H, Tq, n) -> the mean share of its visible keys
+    """p (B, H, Tq, n) attention weights, mask (B, 1|Hkv|H, Tq, n) -> the mean share of its visible keys
     a query needs, heaviest first, to hold `mass` of its attention (queries that see one key skipped)."""
     need = (p.sort(-1, descending=True).values.cumsum(-1) < mass).sum(-1) + 1             # (B, H, Tq)
-    seen = mask.sum(-1).expand_as(need)
+    seen = mask.sum(-1)                                                                    # (B, 1|Hkv|H, Tq)
+    seen = seen.repeat_interleave(need.shape[1] // seen.shape[1], 1)     # (B, H, Tq): per KV head's G heads
     return (need / seen)[seen > 1].mean().nan_to_num(0.0)
 
 

@@ -213,6 +213,83 @@ def check_consistent(pool, L, B):
             assert len(resident) == int((owner >= 0).sum())
 
 
+def admit_one(pool, layer, b, t):
+    """Token t of sequence b alone (the other sequences' rows are pads): its slot."""
+    valid = torch.zeros(pool.where.shape[1], 1, dtype=torch.bool)
+    valid[b] = True
+    return int(pool.admit(layer, t, valid)[b, 0])
+
+
+class SequentialPool(Pool):
+    """The pool as it was written first: one token of one sequence at a time, in plain Python (the
+    reference the batched `admit` must equal, eviction for eviction)."""
+    def admit(self, layer, t0, valid=None):
+        valid = torch.ones(self.where.shape[1], 1, dtype=torch.bool) if valid is None else valid
+        for j in range(valid.shape[1]):
+            for b in range(valid.shape[0]):
+                if valid[b, j]:
+                    self.admit_token(layer, b, t0 + j)
+        return torch.where(valid, self.where[layer, :, t0:t0 + valid.shape[1]], -1)
+
+    def admit_token(self, layer, b, t):
+        free = (self.owner[layer, b] < 0).nonzero()
+        if len(free):
+            p = int(free[0])
+        else:
+            res = self.owner[layer, b]                                  # (P,) tokens resident
+            if self.policy == "fifo":
+                victim = int(res.min())
+            elif self.policy == "lru":
+                victim = int(res[self.last_use[layer, b, res].argmin()])
+            else:  # counter: among the older half of the residents, the least often fetched
+                old = res[res <= res.median()]
+                victim = int(old[self.fetches[layer, b, old].argmin()])
+            p = int((res == victim).nonzero()[0])
+            self.where[layer, b, victim] = -1
+        self.owner[layer, b, p], self.where[layer, b, t] = t, p
+        self.last_use[layer, b, t] = self.clock
+
+
+@st.composite
+def chunked_pool_ops(draw):
+    """Prefill-like chunks (left padding: each sequence's first tokens may be pads) and touches."""
+    B, S = draw(st.integers(1, 3)), draw(st.integers(2, 24))
+    policy = draw(st.sampled_from(["fifo", "lru", "counter"]))
+    cap = draw(st.integers(1, S))
+    start = [draw(st.integers(0, S // 2)) for _ in range(B)]            # first real token of each sequence
+    ops, t = [], 0
+    while t < S:
+        T = draw(st.integers(1, S - t))
+        ops.append(("admit", t, torch.tensor([[t + j >= s for j in range(T)] for s in start])))
+        t += T
+        n = draw(st.integers(0, t))
+        if n:
+            idx = torch.tensor(draw(st.lists(st.integers(0, t - 1), min_size=B * n, max_size=B * n)))
+            ops.append(("touch", idx.view(B, 1, n), torch.tensor(start).view(B, 1, 1) <= idx.view(B, 1, n)))
+    return dict(B=B, S=S, cap=cap, policy=policy, ops=ops)
+
+
+@HYP
+@given(c=chunked_pool_ops())
+def test_pool_batched_admit_equals_one_at_a_time(c):
+    """Whole chunks of the batch at once make the same evictions as admitting one token of one sequence
+    at a time: the same slots, owners, clocks and misses; pads take no slot."""
+    pools = [cls(1, c["B"], c["S"], c["cap"], c["policy"]) for cls in (Pool, SequentialPool)]
+    for op, a, b in c["ops"]:
+        if op == "admit":
+            got, want = (pool.admit(0, a, b) for pool in pools)
+            assert torch.equal(got, want)
+            assert (got[~b] == -1).all()
+            for row in got:      # a token evicted within the call has no slot: no slot is written twice
+                assert len(row[row >= 0].unique()) == int((row >= 0).sum())
+        else:
+            assert torch.equal(*(pool.touch(0, a, b) for pool in pools))
+        for name in ("where", "owner", "last_use", "fetches"):
+            assert torch.equal(getattr(pools[0], name), getattr(pools[1], name)), name
+        assert (pools[0].misses, pools[0].requests) == (pools[1].misses, pools[1].requests)
+    check_consistent(pools[0], 1, c["B"])
+
+
 @st.composite
 def pool_ops(draw):
     L, B, S = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(2, 12))
@@ -250,7 +327,7 @@ def test_pool_capacity_and_eviction(c):
             nxt[layer][b] += 1
             res = resident[layer][b]
             before = set(res)
-            p = pool.admit_one(layer, b, t)
+            p = admit_one(pool, layer, b, t)
             last[layer][b][t] = clock                       # being admitted counts as a use
             after = set((pool.where[layer, b] >= 0).nonzero().flatten().tolist())
             assert 0 <= p < cap and int(pool.where[layer, b, t]) == p
@@ -301,7 +378,7 @@ def test_pool_large_enough_never_misses(L, B, Hkv, S, extra, policy, data):
     for t in range(S):
         for layer in range(L):
             for b in range(B):
-                pool.admit_one(layer, b, t)
+                admit_one(pool, layer, b, t)
     assert (pool.where >= 0).all(), "a token was evicted from a pool with room for all"
     asked = 0
     for _ in range(data.draw(st.integers(1, 4), label="touches")):
@@ -331,10 +408,10 @@ def one_head_touch(pool, tokens):
 def test_pool_victims(policy, touches, victim):
     pool = Pool(1, 1, 8, 4, policy)
     for t in range(4):
-        assert pool.admit_one(0, 0, t) == t           # free slots are used in order
+        assert admit_one(pool, 0, 0, t) == t           # free slots are used in order
     for tokens in touches:
         assert (one_head_touch(pool, tokens) >= 0).all()
-    p = pool.admit_one(0, 0, 4)
+    p = admit_one(pool, 0, 0, 4)
     assert int(pool.where[0, 0, victim]) == -1, f"{policy} should evict token {victim}"
     assert p == victim and int(pool.where[0, 0, 4]) == p
     assert int((pool.where[0, 0] >= 0).sum()) == 4
@@ -345,11 +422,11 @@ def test_pool_victims(policy, touches, victim):
 def test_pool_lru_over_several_kv_heads():
     pool = Pool(1, 1, 8, 3, "lru")
     for t in range(3):
-        pool.admit_one(0, 0, t)
+        admit_one(pool, 0, 0, t)
     pool.touch(0, torch.tensor([[[1], [2]]]), torch.tensor([[[True], [True]]]))    # tokens 1, 2 at time 1
     pool.touch(0, torch.tensor([[[0], [0]]]), torch.tensor([[[True], [False]]]))  # token 0 at time 2, head 0
     assert int(pool.last_use[0, 0, 0]) == pool.clock
-    pool.admit_one(0, 0, 3)
+    admit_one(pool, 0, 0, 3)
     assert int(pool.where[0, 0, 0]) >= 0, "lru evicted the most recently fetched token"
 
 

@@ -47,14 +47,14 @@ def padded(prompts):
 
 
 @torch.no_grad()
-def forced_logits(m, prompts, pol, forced):
+def forced_logits(m, prompts, pol, forced, chunk=1024):
     """Drive prefill/decode_one ourselves, feeding `forced` (B, n) tokens: logits (B, n, V), where
-    [:, i] predicts token i (the prompt's last position for i = 0)."""
+    [:, i] predicts token i (the prompt's last position for i = 0). The prompt in `chunk`-token pieces."""
     tokens, valid = padded(prompts)
     cache = IG.make_cache(m, pol, len(prompts), tokens.shape[1] + forced.shape[1])
     dev = next(m.parameters()).device
     forced = forced.to(dev)
-    out = [IG.prefill(m, cache, tokens.to(dev), valid)]
+    out = [IG.prefill(m, cache, tokens.to(dev), valid, chunk=chunk)]
     for i in range(forced.shape[1] - 1):
         out.append(IG.decode_one(m, cache, forced[:, i]))
     return torch.stack(out, 1)
@@ -372,6 +372,22 @@ def test_bounded_pool_that_never_evicts_equals_full(case, variant):
         ids, stats = case.generate(pol)
         assert ids == case.full()[0].tolist(), eviction
         assert stats["pool_misses"] == 0 and stats["pool_requests"] > 0, eviction
+
+
+@pytest.mark.parametrize("eviction", ["fifo", "lru", "counter"])
+def test_pool_under_a_prefill_in_chunks(llama, eviction):
+    """A left-padded batch prefilled in chunks of 8 through a bounded pool: the later chunks read the
+    store by index, a mask per KV head (GQA: 6 query heads over 2), which the layer budget's measure
+    reads too. With room for every token, the logits of `full`; with room for half, it runs."""
+    ids, want = llama.full(batch=True)
+    slots = max(map(len, llama.prompts)) + ids.shape[1]
+    for cap, same in ((slots - 1, True), (slots // 2, False)):
+        pol = dataclasses.replace(VARIANTS["infinigen-planes"], capacity=float(cap), eviction=eviction)
+        assert pol.layer_budget == "prompt"
+        got = forced_logits(llama.m, llama.prompts, pol, ids, chunk=8)
+        assert got.isfinite().all()
+        if same:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_pool_refuses_oracle_and_recall():

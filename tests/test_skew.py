@@ -249,6 +249,20 @@ def test_needed_share_counts_the_heaviest_keys():
     assert SK.needed_share(torch.ones(1, 1, 1, 10), lone).item() == 0.0
 
 
+@HYP
+@given(Hkv=st.integers(1, 3), G=st.integers(1, 3), Tq=st.integers(1, 4), n=st.integers(1, 12),
+       seed=st.integers(0, 2**16))
+def test_needed_share_takes_a_mask_per_kv_head(Hkv, G, Tq, n, seed):
+    """A mask per KV head (B, Hkv, Tq, n), as a fetch by index gives, means the same as that mask
+    repeated for each of the KV head's G query heads."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(2, Hkv, Tq, n, generator=g) < 0.7
+    p = torch.rand(2, Hkv * G, Tq, n, generator=g) * mask.repeat_interleave(G, 1)
+    p = p / p.sum(-1, keepdim=True).clamp(min=1e-9)
+    want = SK.needed_share(p, mask.repeat_interleave(G, 1))
+    assert torch.equal(SK.needed_share(p, mask), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_speculate_never_gives_nan(dtype):
     """Partial scores past float16's range (inf) are clamped, so the selection is made from numbers."""
