@@ -355,7 +355,7 @@ def test_solution_ex14_1():
     assert [a for a, f, b in rows if f < b - 0.005] == [a for a, _, _ in rows if a != "inf"]
 
 
-def test_solution_ex14_2():
+def test_solution_ex15_1():
     import torch
 
     import infinigen as I
@@ -368,12 +368,12 @@ def test_solution_ex14_2():
     row = KVStore(2, 1, 4, 1, cfg.head_dim, torch.device("cpu"), torch.float16).row_bytes + 8
     pol = I.Policy("infinigen")
     want = (cfg.n_layers - pol.dense_layers) * 8 * cfg.n_kv_heads * int(pol.count([4096])[0]) * row
-    got, ms, offload_ms = solutions.ex14_2()
+    got, ms, offload_ms = solutions.ex15_1()
     assert got == want and ms == pytest.approx(want / 55e9 * 1e3)
     assert offload_ms == pytest.approx(8 * 4096 * cfg.kv_bytes_per_token / 55e9 * 1e3)
 
 
-def test_solution_ex15_1(lm):
+def test_solution_ex16_1(lm):
     import torch
 
     import infinigen as I
@@ -383,22 +383,22 @@ def test_solution_ex15_1(lm):
     I.prefill(model, cache, torch.tensor([lab.text_tokens(tok, 20)]), torch.ones(1, 20, dtype=torch.bool))
     cache.begin(1)
     sel = cache.select(2, None, None, None)                          # (B, Hkv, 20)
-    assert all(sel[0, h].nonzero().flatten().tolist() == solutions.ex15_1() for h in range(sel.shape[1]))
+    assert all(sel[0, h].nonzero().flatten().tolist() == solutions.ex16_1() for h in range(sel.shape[1]))
 
 
-def test_solution_ex15_2(lm):
+def test_solution_ex16_2(lm):
     from tutorial import solutions
-    h2o, full = solutions.ex15_2(*lm)
+    h2o, full = solutions.ex16_2(*lm)
     assert h2o == full and len(full) == 8
 
 
-def test_solution_ex16_1():
+def test_solution_ex17_1():
     from tutorial import solutions
-    changed, wanted = solutions.ex16_1()
+    changed, wanted = solutions.ex17_1()
     assert changed == wanted > 0
 
 
-def test_solution_ex16_2(monkeypatch):
+def test_solution_ex17_2(monkeypatch):
     import torch
 
     import kernel
@@ -414,4 +414,4 @@ def test_solution_ex16_2(monkeypatch):
     idx = torch.zeros(32, 3, 410, dtype=torch.long)
     kernel.gather_rows(torch.zeros(1, 32, 3, 2, 64), idx, idx.bool(), torch.zeros(410, 32, 3, 2, 64))
     row = KVStore(2, 1, 4, 1, 64, torch.device("cpu"), torch.float16).row_bytes
-    assert solutions.ex16_2() == (grids[0][0], row)
+    assert solutions.ex17_2() == (grids[0][0], row)

@@ -296,14 +296,15 @@ def ex13_2(cfg):
     return sum(per_step) * cfg.n_kv_heads * (cfg.n_layers - pol.dense_layers)
 
 
-# --- Chapter 14: results
+# --- Chapter 14: accuracy
 def ex14_1():
     """From results/eval-alpha.json: [(alpha, share of the sparse layers' tokens fetched, budget)]."""
     return [(r["policy"]["alpha"], r["sparse_fraction"], r["policy"]["budget"])
             for r in lab.results("alpha")["rows"]]
 
 
-def ex14_2(bandwidth=55e9):
+# --- Chapter 15: the paper and speed
+def ex15_1(bandwidth=55e9):
     """Llama-2-7B, batch 8, 4096 tokens, fp16, budget 0.2, layers 0 and 1 resident, 8-byte positions:
     (bytes per step, PCIe floor in ms, offload's floor in ms)."""
     L, Hkv, d, B, t = 32, 32, 128, 8, 4096
@@ -313,13 +314,13 @@ def ex14_2(bandwidth=55e9):
     return sparse, sparse / bandwidth * 1e3, everything / bandwidth * 1e3
 
 
-# --- Chapter 15: the baselines
-def ex15_1():
+# --- Chapter 16: the baselines
+def ex16_1():
     """StreamingLLM, a 20-token past, budget 8 tokens, 4 sinks: the sinks and the 4 most recent."""
     return list(range(4)) + list(range(20 - (8 - 4), 20))
 
 
-def ex15_2(model, tok):
+def ex16_2(model, tok):
     """h2o at budget 1 against full: (h2o's tokens, full's), a 100-token prompt, 8 new tokens."""
     ids = lab.text_tokens(tok, 100)
     h2o, _ = I.generate(model, [ids], I.Policy("h2o", budget=1.0), max_new=8, stop_ids=())
@@ -327,8 +328,8 @@ def ex15_2(model, tok):
     return h2o[0], full[0]
 
 
-# --- Chapter 16: the CUDA bookkeeping
-def ex16_1():
+# --- Chapter 17: the CUDA bookkeeping
+def ex17_1():
     """The device gather into a buffer of markers: (destination rows changed, rows wanted)."""
     g = torch.Generator().manual_seed(1)
     store = KVStore(n_layers=1, batch=2, slots=8, n_kv=3, head_dim=4, device=torch.device("cpu"),
@@ -341,6 +342,6 @@ def ex16_1():
     return int(changed.sum()), int(ok.sum())
 
 
-def ex16_2(n=410, B=32, Hkv=3, block=32):
+def ex17_2(n=410, B=32, Hkv=3, block=32):
     """(programs the kernel launches, bytes each row moves for the default model in float16)."""
     return math.ceil(n * B * Hkv / block), 2 * 64 * 2
