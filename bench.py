@@ -64,9 +64,7 @@ def env_info():
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
-def write_json(path, data):
-    """Whole or not at all: a temporary file, then a rename (removed when interrupted)."""
-    cli.write_json(path, data)
+write_json = cli.write_json  # whole or not at all: a temporary file, then a rename
 
 
 def write(name, data):

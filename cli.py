@@ -67,6 +67,8 @@ def parse_args(p, argv=None):
         p.set_defaults(policy="infinigen", **PAPER)
         args = p.parse_args(argv)
     return args
+
+
 # --- Files
 def read_text(path, what="file"):
     """A UTF-8 text file, whole: a ValueError naming `path` for what is not one (missing, a folder, a
@@ -180,8 +182,6 @@ def check(args):
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not -2**63 <= args.seed < 2**64:
         raise ValueError(f"--seed must fit in 64 bits, got {args.seed}")
-    if not math.isfinite(args.cpu_kv_capacity):
-        raise ValueError(f"--cpu-kv-capacity must be finite, got {args.cpu_kv_capacity}")
 
 
 def budget_of(b):  # a token count past any context means all of it (and stays a 64-bit integer)

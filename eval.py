@@ -260,8 +260,6 @@ def save(name, obj):  # whole or not at all
 
 # --- Command line
 def policy_from(args, **over):
-    if not math.isfinite(args.cpu_kv_capacity):
-        raise ValueError(f"--cpu-kv-capacity must be finite, got {args.cpu_kv_capacity}")
     kw = dict(name=args.policy, budget=cli.budget_of(args.budget), alpha=args.alpha,
               partial_ratio=args.partial_ratio, skew=args.skew, dense_layers=args.dense_layers,
               capacity=args.cpu_kv_capacity, eviction=args.eviction, layer_budget=args.layer_budget)

@@ -51,7 +51,8 @@ class Policy:
             (0 < self.partial_ratio <= 1, f"partial ratio {self.partial_ratio} must be in (0, 1]"),
             (self.alpha >= 0, f"alpha {self.alpha} must be >= 0 (inf: no threshold, the budget decides)"),
             (0 <= self.recent <= 1, f"recent share {self.recent} must be in [0, 1]"),
-            (self.capacity >= 0, f"CPU KV capacity {self.capacity} must be >= 0 (0: unbounded)"),
+            (0 <= self.capacity < math.inf,
+             f"CPU KV capacity {self.capacity} must be finite and >= 0 (0: unbounded)"),
             (self.dense_layers >= (self.name == "infinigen"), "--dense-layers must be >= 0, and >= 1 for "
              "infinigen: it speculates layer i+1 from layer i, so layer 0 is dense"),
             (not self.capacity or (self.name != "oracle" and not self.measure_recall),
