@@ -322,7 +322,8 @@ def save_row(path, run, row):
         raise ValueError(f"{path} is not readable JSON ({e}): move it away or give --out") from None
     if not data["runs"] or data["runs"][-1] != run:
         data["runs"] = [r for r in data["runs"] if r["date"] != run["date"]] + [run]
-    key = lambda r: (r["model"], r["impl"], r.get("budget"), r["batch"], r["context"], r.get("gather"))
+    key = lambda r: (r["model"], r["impl"], r.get("budget"), r["batch"], r["context"], r.get("gather"),
+                     r.get("cuda_graph"))
     data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
     write_json(path, data)
 
@@ -402,7 +403,7 @@ def suite_gpu(a):
         model, make_twin, real = models_for(name, dev, dtype)
         cfg, label = model.cfg, name if real or name != "smollm2" else "smollm2-random"
         for pol, budget in [p for p in pols if not p[0].startswith("hf")]:
-            p = I.Policy(pol, **({"budget": budget} if budget else {}), gather=a.gather)
+            p = I.Policy(pol, **({"budget": budget} if budget else {}), gather=a.gather, graphs=a.graphs)
             say(f"{label}: warming up {pol} ...")
             ours(model, [list(range(64))], p, 4)
             for B, ctx in shapes[name]:
@@ -431,7 +432,7 @@ def suite_gpu(a):
     print(f"\n{info['device']}, {info['dtype']}, {new} new tokens"
           + (f", pinned H2D {bw / 1e9:.1f} GB/s" if bw else ""))
     table(rows, ["model", "impl", "budget", "batch", "context", "tokens_per_s", "h2d_bytes_per_step",
-                 "pcie_floor_s", "step_s", "step_over_floor", "copy_wait_s", "skipped"])
+                 "pcie_floor_s", "step_s", "step_over_floor", "copy_wait_s", "cuda_graph", "skipped"])
     say(f"wrote {path}")
 
 
@@ -617,6 +618,9 @@ def main(argv=None):
                    help="gpu: POLICY[:BUDGET],... and hf-dynamic, hf-offloaded")
     p.add_argument("--gather", choices=I.GATHERS, default="auto",
                    help="gpu, timeline: how sparse rows are gathered")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="gpu: decode steps op by op, their copy waits timed (default: CUDA graphs where "
+                        "they can be)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="gpu, timeline: default cuda when present")
     p.add_argument("--out", help="gpu, timeline: the results file (default results/bench-<device>.json, "
                    "results/timeline-<device>.json and .png)")

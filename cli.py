@@ -129,9 +129,15 @@ class Stream:
 
     def flush(self, final=True):
         head, text = self.tok.decode(self.ids[:self.read]), self.tok.decode(self.ids)
-        if not final and text.endswith("\ufffd") and len(self.ids) - self.read < 8:   # a split character
-            return ""                                          # (8 tokens on: bytes that never decode)
-        self.ids, self.read = self.ids[self.read:], len(self.ids) - self.read
+        cut = len(self.ids)
+        if not final and text.endswith("\ufffd"):          # a split character, or bytes that never decode
+            if cut - self.read < 8:
+                return ""
+            # 8 tokens on: print up to the last token whose text is settled (the last character may end)
+            cut = next((k for k in range(cut - 1, self.read, -1)
+                        if text[:-1].startswith(self.tok.decode(self.ids[:k]))), cut)
+            text = self.tok.decode(self.ids[:cut])
+        self.ids, self.read = self.ids[self.read:], cut - self.read
         return text[len(head):]
 
 
@@ -169,8 +175,11 @@ def build_parser():
     a("--gather", choices=GATHERS, default=d.gather,
       help="how selected rows reach the device: host (CPU gather + one copy) or device (a kernel reads "
            "pinned memory); auto: device on CUDA")
+    a("--no-graphs", dest="graphs", action="store_false",
+      help="CUDA: run every decode step op by op (default: replay it as a CUDA graph where it can be)")
     add_paper(p)
-    a("--time-copies", action="store_true", help="CUDA: time the waits for copies (copy_wait_s) with events")
+    a("--time-copies", action="store_true",
+      help="CUDA: time the waits for copies (copy_wait_s) with events, in steps that are not a graph")
     return p
 
 
@@ -229,7 +238,8 @@ class Run:
         dtype = getattr(torch, args.dtype or ("float16" if dev.type == "cuda" else "float32"))
         pol = Policy(args.policy, budget_of(args.budget), args.alpha, args.partial_ratio, args.skew,
                      args.dense_layers, args.recent, capacity=args.cpu_kv_capacity, eviction=args.eviction,
-                     measure_recall=args.measure_recall, layer_budget=args.layer_budget, gather=args.gather)
+                     measure_recall=args.measure_recall, layer_budget=args.layer_budget, gather=args.gather,
+                     graphs=args.graphs)
         check(args)
         prompts = [read_text(args.prompt_file, "prompt file")] if args.prompt_file else [
             p.encode("utf-8", "surrogateescape").decode("utf-8", "replace")          # bytes argv held

@@ -14,7 +14,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 import model as M
@@ -42,6 +41,7 @@ class Policy:
     layer_budget: str = "prompt"  # prompt: sparse layers share the budget by their need at prefill | uniform
     measure_recall: bool = False
     gather: str = "auto"         # host | device (a kernel reads pinned memory) | auto: device on CUDA
+    graphs: bool = True          # CUDA: decode steps replayed as one CUDA graph, where the step allows it
 
     def __post_init__(self):  # every impossible setting, refused with one line
         for ok, why in [
@@ -71,14 +71,16 @@ class Policy:
 
     def count(self, n, share=1.0):
         """Tokens to keep of n past tokens (B,) at this share of the budget (a float, or (L, 1) per layer):
-        (B,) or (L, B). Host arithmetic (numpy), float32 products as a device would compute them."""
-        n, share = np.asarray(n), np.asarray(share, dtype=np.float64)
+        (B,) or (L, B), a tensor on n's device (a decode step counts on the device, with float32 products;
+        the host counts its bounds with the same arithmetic)."""
+        n = torch.as_tensor(n)
+        share = torch.as_tensor(share, dtype=torch.float64, device=n.device)
         if self.budget <= 1:   # budget 1: everything, always
-            f = np.ones_like(share) if self.budget == 1 else np.minimum(self.budget * share, 1.0)
-            k = np.ceil(n.astype(np.float32) * f.astype(np.float32))
+            f = torch.ones_like(share) if self.budget == 1 else (self.budget * share).clamp(max=1.0)
+            k = torch.ceil(n.float() * f.float())
         else:
-            k = np.trunc(self.budget * share) + np.zeros(n.shape)
-        return np.minimum(np.maximum(k.astype(np.int64), 1), n)
+            k = torch.trunc(self.budget * share) + torch.zeros(n.shape, dtype=torch.float64, device=n.device)
+        return k.long().clamp(min=1).minimum(n)
 
 
 # The authors' choices (their speed-up scripts, speedup/scripts/*/run.sh of snu-comparch/InfiniGen):
@@ -114,7 +116,8 @@ class OffloadCache(M.Cache):
         self.fetched = torch.zeros(cfg.n_layers, device=device)          # sum over steps of fraction fetched
         self.recall = torch.zeros(cfg.n_layers, dtype=torch.float64)
         self.decode_steps, self.handles, self.idx = 0, {}, {}
-        self.need, self.share = torch.zeros(cfg.n_layers), np.ones(cfg.n_layers)        # (L,) on the host
+        self.need = torch.zeros(cfg.n_layers)                                     # (L,) on the host
+        self.set_shares(torch.ones(cfg.n_layers))
 
     def device_bytes(self, batch, slots, elt):  # what a policy keeps on the device besides K, V
         return 0
@@ -122,14 +125,22 @@ class OffloadCache(M.Cache):
     def sparse(self, layer):
         return self.T == 1 and layer >= self.pol.dense_layers and self.name != "offload"
 
+    def set_shares(self, share):
+        """Each layer's share of the budget (L,): on the device for the counts of a step, and on the host
+        the bound of a selection, `kmax` per layer: the count of the longest past a decode step can have
+        (S - 1 tokens), so a decode step's shapes never change."""
+        self.share, self.share_dev = share, share.double().to(self.dev)[:, None]      # (L,), (L, 1)
+        self.kmax = self.pol.count(torch.tensor([max(self.S - 1, 1)]), share[:, None])[:, 0].tolist()
+
+    def enter(self, T, valid_new=None):
+        super().enter(T, valid_new)
+        self.store.ledger.decoding = T == 1
+
     def begin(self, T, valid_new=None):
         pos = super().begin(T, valid_new)
-        self.allowed = self.valid[:, None, :self.t0]                                # (B, 1, t0) past tokens
-        self.store.ledger.decoding = self.T == 1
-        counts = self.pol.count(self.lengths, self.share[:, None])                  # (L, B) on the host
-        self.kmax = counts.max(1).tolist()                       # per layer: a bound the host knows
-        counts = torch.from_numpy(counts)
-        self.counts = (counts.pin_memory() if self.store.cuda else counts).to(self.dev, non_blocking=True)
+        w = self.S if T == 1 else self.t0                                # a decode step reads every slot
+        self.allowed = (self.valid[:, :w] & (self.slot[:w] < self.next))[:, None]    # (B, 1, w) the past
+        self.counts = self.pol.count(self.length, self.share_dev)                     # (L, B) tokens to keep
         if self.ahead and self.first == 0:
             self.issue(0, self.plan(0))
         return pos
@@ -141,9 +152,9 @@ class OffloadCache(M.Cache):
         if self.t0 == 0 or (not self.sparse(layer) and self.store.pool is None):
             return None
         if self.sparse(layer):
-            sel, n = self.select(layer, q, x, rope) & self.allowed, self.kmax[layer]   # (B, Hkv, t0)
+            sel, n = self.select(layer, q, x, rope) & self.allowed, self.kmax[layer]   # (B, Hkv, w)
         else:  # dense, but a bounded pool scatters tokens: fetch every past token by index
-            sel, n = self.allowed.expand(-1, self.cfg.n_kv_heads, -1), self.t0
+            sel, n = self.allowed.expand(-1, self.cfg.n_kv_heads, -1), max(self.t0, 1)
         idx, ok = to_index(sel, n)                               # n: a bound, no device sync
         self.idx[layer] = idx
         if self.store.gather == "host":                                          # pinned, async on CUDA
@@ -167,10 +178,11 @@ class OffloadCache(M.Cache):
     def attend(self, layer, q, k, v, x, rope):
         ahead = self.ahead and self.first <= layer + 1 < self.cfg.n_layers
         nxt = self.plan(layer + 1, x=x, rope=rope) if ahead else None   # speculate layer i+1 first
-        t0, T = self.t0, self.T
+        T, span = self.T, self.span
         if layer < self.first:                              # resident, as in the full policy
-            self.rk[layer, :, :, t0:t0 + T], self.rv[layer, :, :, t0:t0 + T] = k, v
-            out = M.attention(q, self.rk[layer, :, :, :t0 + T], self.rv[layer, :, :, :t0 + T], self.mask)
+            self.rk[layer].index_copy_(2, self.at, k)
+            self.rv[layer].index_copy_(2, self.at, v)
+            out = M.attention(q, self.rk[layer, :, :, :span], self.rv[layer, :, :, :span], self.mask)
             if ahead:
                 self.issue(layer + 1, nxt)
             return out
@@ -180,14 +192,13 @@ class OffloadCache(M.Cache):
         kb[n:n + T], vb[n:n + T] = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)    # (T, B, Hkv, d)
         kd, vd = kb[:n + T].permute(1, 2, 0, 3), vb[:n + T].permute(1, 2, 0, 3)     # (B, Hkv, n+T, d)
         if ok is None:                                      # dense: rows are slots 0..t0+T
-            mask, slots = self.mask, None
+            mask, slots = self.mask[..., :n + T], None
             self.fetched[layer] += 1.0 if T == 1 else 0.0
         else:                                               # by index: a mask per KV head
             ok = ok.to(self.dev, non_blocking=True)                                    # pinned on CUDA
-            new = self.mask[:, :, :, t0:].expand(-1, ok.shape[1], -1, -1)              # (B, Hkv, T, T)
+            new = self.mask.index_select(-1, self.at).expand(-1, ok.shape[1], -1, -1)  # (B, Hkv, T, T)
             mask = torch.cat([ok[:, :, None].expand(-1, -1, T, -1), new], -1)          # (B, Hkv, T, n+T)
-            new_slots = (t0 + torch.arange(T, device=self.dev)).expand(self.B, ok.shape[1], T)
-            slots = torch.cat([self.idx.pop(layer), new_slots], -1)                   # (B, Hkv, n+T)
+            slots = torch.cat([self.idx.pop(layer), self.at.expand(*ok.shape[:2], T)], -1)    # (B, Hkv, n+T)
             if T == 1:
                 self.fetched[layer] += (ok.sum((1, 2)) / (ok.shape[1] * self.length.clamp(min=1))).mean()
         out = M.attention(q, kd, vd, mask)                  # queued before the host gathers for i+1
@@ -199,17 +210,17 @@ class OffloadCache(M.Cache):
         self.observe(layer, q, kd, mask, slots)
         if self.pol.measure_recall and T == 1 and self.sparse(layer):
             self.recall[layer] += self.recall_of(layer, q, k, slots, mask)
-        valid = self.valid[:, t0:t0 + T].cpu() if self.store.pool else None
-        self.store.append(layer, t0, k, v, valid)
+        valid = self.valid[:, self.t0:self.t0 + T].cpu() if self.store.pool else None
+        self.store.append(layer, self.t0, k, v, valid, self.at)
         return out
 
-    def end(self):
+    def leave(self):
         if self.T == 1:
             self.decode_steps += 1
         elif self.pol.layer_budget == "prompt" and self.need.any():    # a prefill chunk measured the need
-            self.share = SK.layer_shares(self.need, self.pol.dense_layers).numpy()
+            self.set_shares(SK.layer_shares(self.need, self.pol.dense_layers))
         self.store.step_done()
-        super().end()
+        super().leave()
 
     # --- Observe and recall
     def observe(self, layer, q, kd, mask, slots):  # what a policy learns from a layer's attention
@@ -219,8 +230,9 @@ class OffloadCache(M.Cache):
         """Attention mass (true, full attention) on the tokens the layer attended to."""
         kall = torch.cat([self.store.keys(layer, self.t0, self.dev).to(q.dtype), k], 2)   # (B, Hkv, t0+1, d)
         p = M.attention_probs(q, kall, self.valid[:, None, None, :self.t0 + 1])     # (B, H, 1, t0+1)
+        slots = torch.where(mask[:, :, 0], slots, self.t0)      # rows not fetched: the new token's slot
         chosen = torch.zeros_like(p, dtype=torch.bool)
-        chosen.scatter_(-1, slots.repeat_interleave(self.G, 1)[:, :, None], mask.repeat_interleave(self.G, 1))
+        chosen.scatter_(-1, slots.repeat_interleave(self.G, 1)[:, :, None], True)
         return ((p * chosen).sum(-1).mean()).item()
 
 
@@ -256,12 +268,12 @@ class InfiniGen(OffloadCache):
             self.Wp[layer] = SK.partial_query_weight(wq.weight, wq.bias, self.P[layer])
         if self.P[layer] is not None:                                   # the partial key cache grows
             new = kd[:, :, -self.T:] @ self.P[layer][None]                           # (B, Hkv, T, m)
-            self.kpart[layer][:, :, self.t0:self.t0 + self.T] = new
+            self.kpart[layer].index_copy_(2, self.at, new)
 
     # --- InfiniGen select
     def select(self, layer, q, x, rope):
         qp = partial_query(x, self.model.layers[layer].attn, rope, self.P[layer], self.Wp[layer])
-        s = speculate(qp, self.kpart[layer][:, :, :self.t0], self.scale, self.allowed)
+        s = speculate(qp, self.kpart[layer][:, :, :self.allowed.shape[-1]], self.scale, self.allowed)
         return threshold_select(s, self.pol.alpha, self.counts[layer], self.allowed, self.kmax[layer])
 
 
@@ -270,24 +282,23 @@ class Oracle(OffloadCache):
     name, ahead = "oracle", False
 
     def select(self, layer, q, x, rope):
-        kall = self.store.keys(layer, self.t0, self.dev).to(q.dtype)                     # (B, Hkv, t0, d)
-        s = speculate(q.view(self.B, -1, self.G, q.shape[-1]), kall, self.scale, self.allowed)  # (B, Hkv, t0)
+        kall = self.store.keys(layer, self.allowed.shape[-1], self.dev).to(q.dtype)       # (B, Hkv, w, d)
+        s = speculate(q.view(self.B, -1, self.G, q.shape[-1]), kall, self.scale, self.allowed)  # (B, Hkv, w)
         return topk_mask(s, self.counts[layer], self.allowed, self.kmax[layer])
 
 
 class Streaming(OffloadCache):
     name, ahead = "streaming", False
 
-    def begin(self, T, valid_new=None):  # the sinks stay even past a small budget: they bound a selection
-        pos = super().begin(T, valid_new)
+    def set_shares(self, share):  # the sinks stay even past a small budget: they bound a selection
+        super().set_shares(share)
         self.kmax = [max(k, self.pol.sinks) for k in self.kmax]
-        return pos
 
     def select(self, layer, q, x, rope):
         rank = self.allowed.long().cumsum(-1)                                     # 1.. for real tokens
         k = self.counts[layer]
         recent = rank > (self.length - (k - self.pol.sinks).clamp(min=0))[:, None, None]
-        sel = (rank <= self.pol.sinks) | recent
+        sel = ((rank <= self.pol.sinks) | recent) & self.allowed
         return sel.expand(-1, self.cfg.n_kv_heads, -1)
 
 
@@ -316,10 +327,11 @@ class H2O(OffloadCache):
         n_recent = (k.double() * self.pol.recent).long()
         rank = self.allowed.long().cumsum(-1)
         recent = rank > (self.length - n_recent)[:, None, None]
-        alive = self.alive[layer, :, :, :self.t0] & self.allowed
-        heavy = topk_mask(self.score[layer, :, :, :self.t0], k - n_recent, alive & ~recent, self.kmax[layer])
+        w = self.allowed.shape[-1]
+        alive = self.alive[layer, :, :, :w] & self.allowed
+        heavy = topk_mask(self.score[layer, :, :, :w], k - n_recent, alive & ~recent, self.kmax[layer])
         sel = heavy | (recent & self.allowed)
-        self.alive[layer, :, :, :self.t0] &= sel                                   # evicted for good
+        self.alive[layer, :, :, :w] &= sel | ~self.allowed                   # past tokens evicted for good
         return sel
 
 
@@ -379,12 +391,69 @@ def decode_one(model, cache, tok):
     return model(tok[:, None], cache)[:, 0]
 
 
+# --- CUDA graphs
+def replayable(cache):
+    """Whether a decode step of this cache does the same at every step, all of it on the device: the same
+    operations, shapes and addresses (tests/test_graphs.py checks it on the CPU). Not: the host gather and
+    the bounded pool (they decide on the host), a fetch of the whole past (it grows: `offload`), recall
+    (it reads the past of a length), timing and tracing (they read events on the host)."""
+    if not hasattr(cache, "store"):
+        return True                                                           # full
+    st = cache.store
+    return (st.gather == "device" and st.pool is None and cache.name != "offload"
+            and not cache.pol.measure_recall and not st.timing and st.trace is None)
+
+
+def graphable(cache):  # replay decode steps as a CUDA graph: on CUDA, unless the policy says not to
+    return cache.valid.is_cuda and getattr(cache, "pol", Policy()).graphs and replayable(cache)
+
+
+class Graphed:
+    """Decode steps as a CUDA graph: the first call is a plain step (Triton compiles, the allocator
+    warms), the second records the step's kernels, copies and events into one graph and replays it;
+    every later call replays it, with no Python and no launches of its own. A decode step reads every
+    slot and writes through slot numbers on the device (model.Cache), so one graph is right for every
+    step. The host's part of a step is not in the graph: each replay runs Cache.enter and leave around
+    it and adds to the ledger the bytes it counted while recording."""
+    def __init__(self, model, cache):
+        self.model, self.cache, self.graph, self.warm = model, cache, None, False
+        self.ledger = cache.store.ledger if hasattr(cache, "store") else None
+
+    def __call__(self, tok):
+        if not self.warm:
+            self.warm = True
+            return decode_one(self.model, self.cache, tok)
+        if self.graph is None:
+            return self.record(tok)
+        self.tok.copy_(tok)
+        self.cache.enter(1)
+        self.graph.replay()
+        self.cache.leave()
+        if self.ledger:
+            self.ledger.add_host_counts(self.delta)
+        return self.logits
+
+    def record(self, tok):
+        if self.ledger:                             # no event of an earlier step may be waited on inside
+            st = self.cache.store
+            st.appended, st.ready, st.freed = [None] * len(st.appended), [None, None], [None, None]
+            before = self.ledger.host_counts()
+        self.tok, self.graph = tok.clone(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):          # recording runs the host's part of one step ...
+            self.logits = decode_one(self.model, self.cache, self.tok)
+        if self.ledger:
+            self.delta = [a - b for a, b in zip(self.ledger.host_counts(), before)]
+        self.graph.replay()                         # ... and this replay its device part
+        return self.logits
+
+
 # --- Generate
 @torch.no_grad()
 def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, seed=0, stop_ids=(),
              on_token=None, partial=None, progress=False, time_copies=False):
     """Greedy or sampled generation for a batch of token lists (left-padded). Returns (outputs, stats).
-    time_copies: on CUDA, time the compute stream's waits for copies with events (a sync per step)."""
+    time_copies: on CUDA, time the compute stream's waits for copies with events (a sync per step), unless
+    the decode steps are a CUDA graph."""
     pol = pol or Policy()
     dev = next(model.parameters()).device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda d: None)
@@ -399,8 +468,9 @@ def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, s
     for b, p in enumerate(prompts):
         tokens[b, T - len(p):], valid[b, T - len(p):] = torch.tensor(p), True
     cache = make_cache(model, pol, B, T + max_new, partial)
+    step = Graphed(model, cache) if graphable(cache) else (lambda tok: decode_one(model, cache, tok))
     if hasattr(cache, "store"):
-        cache.store.timing = time_copies and cache.store.cuda
+        cache.store.timing = time_copies and cache.store.cuda and not isinstance(step, Graphed)
     gen = torch.Generator(device=dev).manual_seed(seed)
     sync(dev); t = time.perf_counter()
     logits = prefill(model, cache, tokens.to(dev), valid, progress=progress)   # valid stays on the host
@@ -416,11 +486,12 @@ def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, s
             on_token(nxt)
         if bool(done.all()) or i == max_new - 1:
             break
-        logits = decode_one(model, cache, nxt)
+        logits = step(nxt)
     sync(dev); t_decode = time.perf_counter() - t
     ids = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
     ids = [r[:next((j for j, x in enumerate(r) if x in stop_ids), len(r))] for r in ids]
-    return ids, stats_of(model, cache, t_prefill, t_decode, len(out) - 1, B)
+    return ids, {**stats_of(model, cache, t_prefill, t_decode, len(out) - 1, B),
+                 "cuda_graph": isinstance(step, Graphed)}
 
 
 if __name__ == "__main__":   # the command line lives in cli.py: `python infinigen.py --help`

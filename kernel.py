@@ -1,4 +1,5 @@
-"""The gather kernel: the selected K, V rows go from the CPU store straight into a device buffer.
+"""The gather kernel: the selected K, V rows go from the CPU store straight into a device buffer;
+the put kernel writes the new tokens' rows into the store through their slots on the device.
 
 On a GPU the store is pinned host memory, which a kernel can read through its host pointer (unified
 addressing): each program reads BLOCK selected rows over PCIe and writes them where attention
@@ -36,3 +37,28 @@ def gather_rows(src, idx, ok, dst, block=32):
     grid = (triton.cdiv(n * B * Hkv, block),)
     gather_rows_kernel[grid](src, idx.contiguous(), ok.contiguous(), dst, n, B * Hkv,
                              R=R, RP=triton.next_power_of_2(R), BLOCK=block)
+
+
+# --- Put kernel
+@triton.jit
+def put_rows_kernel(src, at, dst, T, BH, R: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr):
+    """dst row at[t] * BH + bh <- src row r = t * BH + bh (source (T, B, Hkv) order): the new tokens'
+    K, V written into their slots of the store, which may be pinned host memory."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)                   # (BLOCK,) source rows
+    t, bh = r // BH, r % BH
+    keep = r < T * BH
+    slot = tl.load(at + t, mask=keep, other=0).to(tl.int64)              # the token's slot in the store
+    col = tl.arange(0, RP)
+    m = keep[:, None] & (col[None, :] < R)
+    x = tl.load(src + r.to(tl.int64)[:, None] * R + col[None, :], mask=m)
+    tl.store(dst + (slot * BH + bh)[:, None] * R + col[None, :], x, mask=m)
+
+
+def put_rows(src, at, dst, block=32):
+    """src (T, B, Hkv, 2, d) contiguous on the device, at (T,) slots on the device, dst (S, B, Hkv, 2, d)
+    one layer of the store: dst[at[t]] = src[t]. The slots are read on the device, never by the host."""
+    T, B, Hkv = src.shape[:3]
+    R = src.shape[-2] * src.shape[-1]
+    grid = (triton.cdiv(T * B * Hkv, block),)
+    put_rows_kernel[grid](src, at.contiguous(), dst, T, B * Hkv,
+                          R=R, RP=triton.next_power_of_2(R), BLOCK=block)

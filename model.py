@@ -122,19 +122,17 @@ class Config:
                        rope_scaling=rope if kind == "llama3" else {},
                        attn_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
                        **common)
-        if mt == "opt":
-            if hf.get("activation_function", "relu") != "relu":
-                raise ModelError(f"unsupported activation_function {hf['activation_function']!r} "
-                                 "for opt (only relu)")
-            if not hf.get("enable_bias", True) or not hf.get("layer_norm_elementwise_affine", True):
-                raise ModelError("unsupported OPT variant: "
-                                 "enable_bias=False or layer_norm_elementwise_affine=False")
-            if hf.get("_remove_final_layer_norm", False):
-                raise ModelError("unsupported OPT variant: _remove_final_layer_norm=True")
-            return cls(arch="opt", n_kv_heads=hf["num_attention_heads"], ffn_dim=hf["ffn_dim"], norm_eps=1e-5,
-                       attn_bias=True, mlp_bias=True, embed_dim=hf.get("word_embed_proj_dim") or 0,
-                       pre_norm=hf.get("do_layer_norm_before", True), **common)
-        raise ModelError(f"unsupported model_type {mt!r} (supported: llama, opt)")
+        if hf.get("activation_function", "relu") != "relu":                       # opt
+            raise ModelError(f"unsupported activation_function {hf['activation_function']!r} "
+                             "for opt (only relu)")
+        if not hf.get("enable_bias", True) or not hf.get("layer_norm_elementwise_affine", True):
+            raise ModelError("unsupported OPT variant: "
+                             "enable_bias=False or layer_norm_elementwise_affine=False")
+        if hf.get("_remove_final_layer_norm", False):
+            raise ModelError("unsupported OPT variant: _remove_final_layer_norm=True")
+        return cls(arch="opt", n_kv_heads=hf["num_attention_heads"], ffn_dim=hf["ffn_dim"], norm_eps=1e-5,
+                   attn_bias=True, mlp_bias=True, embed_dim=hf.get("word_embed_proj_dim") or 0,
+                   pre_norm=hf.get("do_layer_norm_before", True), **common)
 
 
 # --- RoPE
@@ -198,44 +196,54 @@ def attention_probs(q, k, mask):
 class Cache:
     """The step bookkeeping every policy shares; subclasses implement `attend`.
 
-    Slots are shared by the batch: slot t holds every sequence's t-th token (left-padded prompts
-    start with pad slots, which `valid` masks out). Subclasses get, per step, `self.t0` (first new
-    slot), `self.pos` (B, T) positions and `self.mask` (B, 1, T, t0+T) which keys each query sees.
-    The host keeps its own count of real tokens (`lengths`), so a policy can size things without
-    reading the device.
+    Slots are shared by the batch: slot t holds every sequence's t-th token (left-padded prompts start
+    with pad slots, which `valid` masks out). Per step a subclass gets `t0` (the first new slot, on the
+    host), `at` (T,) the new slots on the device, `pos` (B, T) positions and `mask` (B, 1, T, span), which
+    keys each query sees. A prefill chunk reads span = t0 + T slots; a decode step reads all S (those not
+    yet written are masked) and writes through `at`, so its shapes and addresses never change and a CUDA
+    graph can replay it (infinigen.Graphed), with the host's part of a step, `enter` and `leave`, around
+    it. The host counts real tokens itself (`lengths`): a policy sizes things without reading the device.
     """
     def __init__(self, batch, slots, device):
         self.B, self.S, self.t0 = batch, slots, 0
         self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)   # (B, S)
         self.length = torch.zeros(batch, dtype=torch.long, device=device)          # (B,) real tokens so far
         self.lengths = np.zeros(batch, dtype=np.int64)                          # (B,) the same, on the host
+        self.slot = torch.arange(slots, device=device)                          # (S,) slot numbers
+        self.next = torch.zeros(1, dtype=torch.long, device=device)             # (1,) t0 on the device
+
+    def enter(self, T, valid_new=None):  # the host's part of begin
+        if self.t0 + T > self.S:
+            raise ModelError(f"sequence of {self.t0 + T} tokens exceeds the cache's {self.S} slots")
+        self.T, self.span = T, self.S if T == 1 else self.t0 + T
+        self.new = T if valid_new is None else valid_new.sum(1).cpu().numpy()   # (B,) real new tokens
+
+    def leave(self):  # the host's part of end
+        self.lengths = self.lengths + self.new
+        self.t0 += self.T
 
     def begin(self, T, valid_new=None):
         """T new tokens per sequence; valid_new (B, T) bool on the host, False for left padding
         (None: all real, as in a decode step)."""
-        if self.t0 + T > self.S:
-            raise ModelError(f"sequence of {self.t0 + T} tokens exceeds the cache's {self.S} slots")
-        self.T, dev, t1 = T, self.valid.device, self.t0 + T
-        key, query = torch.arange(t1, device=dev), self.t0 + torch.arange(T, device=dev)[:, None]   # slots
-        causal = key <= query                                                                     # (T, t1)
+        self.enter(T, valid_new)
+        self.at = self.next + self.slot[:T]                                     # (T,) the new slots
+        key, query = self.slot[:self.span], self.at[:, None]
         if valid_new is None:
-            self.valid[:, self.t0:t1] = True
-            self.pos = self.length[:, None] + torch.arange(T, device=dev)                      # (B, T)
-            self.new = T
+            self.valid.index_fill_(1, self.at, True)
+            self.pos = self.length[:, None] + self.slot[:T]                    # (B, T)
         else:
-            self.new = valid_new.sum(1).cpu().numpy()        # (B,) real tokens (reads the host tensor)
-            valid_new = valid_new.to(dev, non_blocking=True)
-            self.valid[:, self.t0:t1] = valid_new
+            valid_new = valid_new.to(self.valid.device, non_blocking=True)
+            self.valid.index_copy_(1, self.at, valid_new)
             self.pos = (self.length[:, None] + valid_new.long().cumsum(1) - 1).clamp(min=0)      # (B, T)
-        self.mask = causal[None, None] & self.valid[:, None, None, :t1]                       # (B, 1, T, t1)
+        self.mask = (key <= query)[None, None] & self.valid[:, None, None, :self.span]   # (B, 1, T, span)
         if valid_new is not None:                                                   # pads see themselves
             self.mask |= ~valid_new[:, None, :, None] & (key == query)
         return self.pos
 
     def end(self):
-        self.length += self.valid[:, self.t0:self.t0 + self.T].sum(1)
-        self.lengths = self.lengths + self.new
-        self.t0 += self.T
+        self.length += self.valid.index_select(1, self.at).sum(1)
+        self.next += self.T
+        self.leave()
 
     def attend(self, layer, q, k, v, x, rope):
         raise NotImplementedError
@@ -250,9 +258,9 @@ class DenseCache(Cache):
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     def attend(self, layer, q, k, v, x, rope):
-        t0, t1 = self.t0, self.t0 + self.T
-        self.k[layer, :, :, t0:t1], self.v[layer, :, :, t0:t1] = k, v
-        return attention(q, self.k[layer, :, :, :t1], self.v[layer, :, :, :t1], self.mask)
+        self.k[layer].index_copy_(2, self.at, k)
+        self.v[layer].index_copy_(2, self.at, v)
+        return attention(q, self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span], self.mask)
 
 
 # --- Modules
@@ -392,13 +400,10 @@ class Tok:
 # --- Loading
 HF_NAMES = [  # (Hugging Face name, ours); {i} is the layer index
     ("model.embed_tokens.weight", "embed.weight"), ("model.norm.weight", "norm.weight"),
-    ("model.decoder.embed_tokens.weight", "embed.weight"),
-    ("model.decoder.embed_positions.weight", "pos_embed.weight"),
-    ("model.decoder.project_in.weight", "proj_in.weight"),
-    ("model.decoder.project_out.weight", "proj_out.weight"),
-    ("model.decoder.final_layer_norm.weight", "norm.weight"),
-    ("model.decoder.final_layer_norm.bias", "norm.bias"),
-    ("lm_head.weight", "lm_head.weight"),
+    ("lm_head.weight", "lm_head.weight")] + [(f"model.decoder.{a}", b) for a, b in [
+    ("embed_tokens.weight", "embed.weight"), ("embed_positions.weight", "pos_embed.weight"),
+    ("project_in.weight", "proj_in.weight"), ("project_out.weight", "proj_out.weight"),
+    ("final_layer_norm.weight", "norm.weight"), ("final_layer_norm.bias", "norm.bias")]
 ] + [(f"{pre}.layers.{{i}}.{a}.{w}", f"layers.{{i}}.{b}.{w}") for w in ("weight", "bias") for pre, a, b in [
     ("model", "input_layernorm", "attn_norm"), ("model", "post_attention_layernorm", "mlp_norm"),
     ("model", "self_attn.q_proj", "attn.wq"), ("model", "self_attn.k_proj", "attn.wk"),
@@ -472,8 +477,7 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
             raise ModelError(f"{os.path.join(folder, fname)} is not a valid safetensors file: {e}") from None
     if cfg.tie_embeddings or "lm_head.weight" not in loaded:
         loaded["lm_head.weight"] = loaded.get("embed.weight")
-    missing = [n for n in params if loaded.get(n) is None]
-    if missing:
+    if missing := [n for n in params if loaded.get(n) is None]:
         raise ModelError(f"{len(missing)} weights missing from {folder}, e.g. {missing[0]} "
                          f"(do its tensor names and sizes match a {cfg.arch} checkpoint?)")
     model.load_state_dict(loaded, assign=True)

@@ -95,10 +95,14 @@ def triton_available():
 
 def gather_kernel():
     """kernel.gather_rows, imported on first use; on a CPU its logic runs under Triton's interpreter."""
+    return device_kernel("gather_rows")
+
+
+def device_kernel(name):  # a function of kernel.py (gather_rows, put_rows), imported on first use
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from kernel import gather_rows
-    return gather_rows
+    import kernel
+    return getattr(kernel, name)
 
 
 # --- Ledger
@@ -121,6 +125,15 @@ class Ledger:
             self.rows[layer] += rows
             if self.decoding:
                 self.decode_rows += rows
+
+    def host_counts(self):  # the counters the host keeps, as one list
+        return self.h2d + self.d2h + [self.decode_h2d]
+
+    def add_host_counts(self, delta):  # what a replayed CUDA graph's step adds: what recording it counted
+        L = len(self.h2d)
+        self.h2d = [a + b for a, b in zip(self.h2d, delta[:L])]
+        self.d2h = [a + b for a, b in zip(self.d2h, delta[L:2 * L])]
+        self.decode_h2d += delta[-1]
 
     def h2d_per_layer(self):  # (reads the device counters: after the run)
         return [h + r * self.row_bytes for h, r in zip(self.h2d, self.rows.tolist())]
@@ -239,13 +252,19 @@ class KVStore:
         return layer - self.first
 
     # --- Append
-    def append(self, layer, t0, k, v, valid=None):
+    def append(self, layer, t0, k, v, valid=None, at=None):
         """Write the new tokens' K, V (B, Hkv, T, d) on the device into slots t0..t0+T (device->host);
-        valid (B, T) on the host: which are real tokens (only the pool needs it)."""
+        at (T,): the same slots on the device; valid (B, T) on the host: which are real tokens (only the
+        pool needs it). The device path writes through `at` (kernel.put_rows), so a CUDA graph that
+        replays the write puts each step's token in its own slot; the host path copies to slot t0."""
         kv = torch.stack([k, v], 3).permute(2, 0, 1, 3, 4).contiguous()      # (T, B, Hkv, 2, d)
         store = self.kv[self.local(layer)]
         if self.pool is None:  # asynchronous on CUDA; whoever reads this layer waits for `appended`
-            store[t0:t0 + kv.shape[0]].copy_(kv, non_blocking=True)
+            if self.gather == "device":
+                at = torch.arange(t0, t0 + kv.shape[0], device=kv.device) if at is None else at
+                device_kernel("put_rows")(kv, at, store)
+            else:
+                store[t0:t0 + kv.shape[0]].copy_(kv, non_blocking=True)
             if self.cuda:
                 self.appended[layer] = torch.cuda.Event()
                 self.appended[layer].record()
@@ -353,7 +372,8 @@ class KVStore:
         return self.buf[buf][..., 0, :], self.buf[buf][..., 1, :], n, ok
 
     def step_done(self):
-        """The end of a step: the copy-wait events of a timed run are read and dropped (a sync)."""
+        """The end of a step (the host's part): the copy-wait events of a timed run are read and dropped
+        (a sync)."""
         self.freed = [None, None]
         if self.wait_events:
             torch.cuda.synchronize(self.device)

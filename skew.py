@@ -138,17 +138,18 @@ CHECK_BOUNDS = True   # on a CPU, to_index checks a bound it is given (reading t
 
 
 def to_index(sel, n=None):
-    """sel (B, Hkv, S) bool -> idx (B, Hkv, n) slots in ascending order, ok (B, Hkv, n); n = the max count,
-    or a bound on it known on the host (the rows past a head's count have ok False)."""
+    """sel (B, Hkv, S) bool -> idx (B, Hkv, n), ok (B, Hkv, n): each head's selected slots in ascending
+    order, then (ok False) the lowest others as padding; n = the max count, or a bound on it known on
+    the host."""
     S = sel.shape[-1]
     if n is None or (CHECK_BOUNDS and not sel.is_cuda):   # reading the count waits for the device
         most = int(sel.sum(-1).max())
         if n is not None and most > n:
             raise ValueError(f"a selection of {most} tokens per KV head exceeds its bound of {n}")
     n = max(most if n is None else min(n, S), 1)
-    key = torch.where(sel, 0, S) + torch.arange(S, device=sel.device)
-    idx = key.topk(n, dim=-1, largest=False).indices.sort(-1).values                        # (B, Hkv, n)
-    return idx, torch.gather(sel, -1, idx)
+    key = torch.where(sel, 0, S) + torch.arange(S, device=sel.device)      # selected first, each in order
+    first = key.topk(n, dim=-1, largest=False)                              # ascending: sorted by key
+    return first.indices, first.values < S                                              # (B, Hkv, n)
 
 
 def threshold_select(s, alpha, cap, allowed, kmax=None):

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -302,7 +303,7 @@ def test_layer_budget_by_prompt_keeps_the_mean(case, name):
     IG.prefill(m, cache, ids, torch.ones_like(ids, dtype=torch.bool))
     IG.decode_one(m, cache, ids[:, -1])
     assert (cache.need[2:] > 0).all() and (cache.need[:2] == 0).all()
-    share = torch.from_numpy(cache.share)
+    share = cache.share
     assert torch.equal(share, SK.layer_shares(cache.need, 2)) and not torch.equal(share, torch.ones(4))
 
 
@@ -537,6 +538,7 @@ def random_selection(layer, t0, allowed, counts, kmax, n_kv):
     within 1.0 of each head's best, at most counts (B,) of them. (B, Hkv, t0) bool."""
     g = torch.Generator().manual_seed(1000 * layer + t0)
     s = torch.randn(allowed.shape[0], n_kv, t0, generator=g).to(allowed.device)
+    s = F.pad(s, (0, allowed.shape[-1] - t0), value=float("-inf"))      # a decode step reads every slot
     return SK.threshold_select(s, 1.0, counts, allowed, kmax)
 
 
@@ -559,9 +561,9 @@ class MaskedFull(model.DenseCache):
     def attend(self, layer, q, k, v, x, rope):
         t0, t1 = self.t0, self.t0 + self.T
         self.k[layer, :, :, t0:t1], self.v[layer, :, :, t0:t1] = k, v
-        mask = self.mask
+        mask = self.mask[..., :t1]
         if self.T == 1 and layer >= self.pol.dense_layers:
-            counts = torch.from_numpy(self.pol.count(self.lengths)).to(q.device)
+            counts = self.pol.count(self.lengths).to(q.device)
             sel = random_selection(layer, t0, self.valid[:, None, :t0], counts, int(counts.max()), self.n_kv)
             mask = torch.cat([sel, torch.ones_like(sel[..., :1])], -1)[:, :, None]   # (B, Hkv, 1, t1)
         return model.attention(q, self.k[layer, :, :, :t1], self.v[layer, :, :, :t1], mask)

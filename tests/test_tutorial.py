@@ -382,7 +382,7 @@ def test_solution_ex16_1(lm):
     cache = I.make_cache(model, I.Policy("streaming", budget=8, layer_budget="uniform"), 1, 21)
     I.prefill(model, cache, torch.tensor([lab.text_tokens(tok, 20)]), torch.ones(1, 20, dtype=torch.bool))
     cache.begin(1)
-    sel = cache.select(2, None, None, None)                          # (B, Hkv, 20)
+    sel = cache.select(2, None, None, None)                          # (B, Hkv, S): slots 0..20
     assert all(sel[0, h].nonzero().flatten().tolist() == solutions.ex16_1() for h in range(sel.shape[1]))
 
 
@@ -415,3 +415,14 @@ def test_solution_ex17_2(monkeypatch):
     kernel.gather_rows(torch.zeros(1, 32, 3, 2, 64), idx, idx.bool(), torch.zeros(410, 32, 3, 2, 64))
     row = KVStore(2, 1, 4, 1, 64, torch.device("cpu"), torch.float16).row_bytes
     assert solutions.ex17_2() == (grids[0][0], row)
+
+
+def test_solution_ex18_1(lm):
+    from tutorial import solutions
+    one, four = solutions.ex18_1(*lm)
+    assert one == four > 1000, (one, four)
+
+
+def test_solution_ex18_2(lm):
+    from tutorial import solutions
+    assert solutions.ex18_2(lm[0]) == {"offload": False, "host": False, "pool": False, "h2o": True}

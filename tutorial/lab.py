@@ -66,7 +66,7 @@ class Recorder(M.DenseCache):
         self.kk[layer].append(k[0].transpose(0, 1))
         if self.T == 1:
             t1 = self.t0 + 1
-            self.p[layer].append(M.attention_probs(q, self.k[layer, :, :, :t1], self.mask)[0, :, 0])
+            self.p[layer].append(M.attention_probs(q, self.k[layer, :, :, :t1], self.mask[..., :t1])[0, :, 0])
         return out
 
     def inputs(self, layer):    # every token's attention input of a layer: (N, C)
@@ -172,7 +172,7 @@ class NaiveOffload(M.Cache):
         k = self.k_cpu[layer, :, :, :self.t0].to(self.dev)
         v = self.v_cpu[layer, :, :, :self.t0].to(self.dev)
         self.copied += 2 * k.numel() * k.element_size()
-        return k, v, self.mask                                                     # (B, 1, T, t0+T)
+        return k, v, self.mask[..., :self.t0 + self.T]                             # (B, 1, T, t0+T)
 
     def attend(self, layer, q, k, v, x, rope):
         k_past, v_past, mask = self.past(layer)       # the layer waits for this copy: nothing overlaps
@@ -202,7 +202,7 @@ class LayerAhead(NaiveOffload):
             allowed = self.valid[:, None, :t0]                                       # (B, 1, t0)
             qp = SK.partial_query(x, self.model.layers[i].attn, rope, self.P[i], self.Wp[i])
             s = SK.speculate(qp, self.kpart[i][:, :, :t0], q.shape[-1] ** -0.5, allowed)   # (B, Hkv, t0)
-            cap = torch.from_numpy(self.pol.count(self.lengths))                      # (B,) tokens
+            cap = self.pol.count(self.lengths)                                        # (B,) tokens
             idx, ok = SK.to_index(SK.threshold_select(s, self.pol.alpha, cap, allowed))  # (B, Hkv, n)
             rows = lambda c: c[i, :, :, :t0].gather(2, idx[..., None].expand(-1, -1, -1, c.shape[-1]))
             self.ahead[i] = rows(self.k_cpu).to(self.dev), rows(self.v_cpu).to(self.dev), ok  # the prefetch
@@ -215,5 +215,5 @@ class LayerAhead(NaiveOffload):
         if layer not in self.ahead:
             return super().past(layer)
         k, v, ok = self.ahead.pop(layer)
-        new = self.mask[:, :, :, self.t0:].expand(-1, ok.shape[1], -1, -1)         # (B, Hkv, 1, 1)
+        new = self.mask[:, :, :, self.t0:self.t0 + 1].expand(-1, ok.shape[1], -1, -1)   # (B, Hkv, 1, 1)
         return k, v, torch.cat([ok[:, :, None], new], -1)                            # (B, Hkv, 1, n+1)

@@ -345,3 +345,34 @@ def ex17_1():
 def ex17_2(n=410, B=32, Hkv=3, block=32):
     """(programs the kernel launches, bytes each row moves for the default model in float16)."""
     return math.ceil(n * B * Hkv / block), 2 * 64 * 2
+
+
+# --- Chapter 18: CUDA graphs
+def ex18_1(model, tok):
+    """Tensor operations in one `full` decode step at batch 1 and batch 4 (a 60-token prompt)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    ids, counts = lab.text_tokens(tok, 60), []
+    for B in (1, 4):
+        cache = I.make_cache(model, I.Policy("full"), B, len(ids) + 2)
+        I.prefill(model, cache, torch.tensor([ids] * B), torch.ones(B, len(ids), dtype=torch.bool))
+        with Count() as c:
+            I.decode_one(model, cache, torch.tensor([ids[-1]] * B))
+        counts.append(c.n)
+    return tuple(counts)
+
+
+def ex18_2(model):
+    """replayable() of four runs: offload; infinigen, host gather; infinigen, pool at half the context;
+    h2o, device gather."""
+    runs = {"offload": I.Policy("offload"), "host": I.Policy("infinigen", gather="host"),
+            "pool": I.Policy("infinigen", capacity=0.5, gather="device"),
+            "h2o": I.Policy("h2o", gather="device")}
+    return {k: I.replayable(I.make_cache(model, pol, 1, 64)) for k, pol in runs.items()}
