@@ -30,14 +30,14 @@ for part in $parts; do
     gather)     # host gather + copy against the kernel, GB/s of useful bytes
         run gather 60 "$PY" bench.py --suite gather ;;
     smollm2)    # the SmolLM2 shape, graphs on, then the same rows op by op (their copy waits timed)
-        run smollm2 150 "$PY" bench.py --models smollm2 --shapes 32x4096 \
+        run smollm2 150 "$PY" bench.py --suite gpu --models smollm2 --shapes 32x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic
-        run smollm2-no-graphs 60 "$PY" bench.py --models smollm2 --shapes 32x4096 --no-graphs \
+        run smollm2-no-graphs 60 "$PY" bench.py --suite gpu --models smollm2 --shapes 32x4096 --no-graphs \
             --policies full,infinigen:0.1 ;;
     timeline)   # layer i+1's copy inside layer i's compute, on the Llama-2-7B shape
         run timeline 60 "$PY" bench.py --suite timeline --models 7b --shapes 8x4096 ;;
     7b)         # the Llama-2-7B shape at 8 x 4096
-        run 7b 150 "$PY" bench.py --models 7b --shapes 8x4096 \
+        run 7b 150 "$PY" bench.py --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;
     *) echo "unknown part $part (tests gather smollm2 timeline 7b)"; exit 2 ;;
     esac

@@ -9,6 +9,7 @@ The host's part of a step (Cache.enter / leave, the ledger's byte counts) is che
 bookkeeping must leave the host where a plain step leaves it. On a GPU, graphs and plain steps give
 the same tokens.
 """
+import copy
 import dataclasses
 
 import numpy as np
@@ -170,10 +171,9 @@ def test_a_replay_leaves_the_host_where_a_plain_step_does(llama, name, monkeypat
 def test_cuda_graph_steps_equal_plain_steps(llama, name, dtype, tmp_path):
     pytest.importorskip("triton")
     m, prompts = llama
-    m = m.to("cuda", dtype)
+    m = copy.deepcopy(m).to("cuda", dtype)
     pol = Policy(name.split("-")[0], gather="device", **REPLAYABLE[name])
     runs = [IG.generate(m, prompts, dataclasses.replace(pol, graphs=g), max_new=12) for g in (False, True)]
-    m.to("cpu", torch.float32)
     (ids0, s0), (ids1, s1) = runs
     assert not s0["cuda_graph"] and s1["cuda_graph"]
     assert ids0 == ids1
