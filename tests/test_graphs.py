@@ -179,3 +179,16 @@ def test_cuda_graph_steps_equal_plain_steps(llama, name, dtype, tmp_path):
     assert ids0 == ids1
     for key in ("h2d_bytes_per_step", "fetched_fraction_per_layer"):
         assert s0.get(key) == s1.get(key), key
+
+
+def test_h2o_evicts_only_past_tokens(llama):
+    """A decode step reads every slot, so H2O's eviction must touch only slots that hold past tokens:
+    a slot not yet written stays alive for the token that will fill it."""
+    m, prompts = llama
+    tokens, valid = padded(prompts)
+    cache = IG.make_cache(m, Policy("h2o", budget=0.2), len(prompts), tokens.shape[1] + 8)
+    IG.prefill(m, cache, tokens, valid)
+    for i in range(4):
+        IG.decode_one(m, cache, torch.full((len(prompts),), 5 + i))
+        assert cache.alive[cache.first:, :, :, cache.t0:].all()
+        assert not cache.alive[cache.first:, :, :, :cache.t0 - 1].all()      # while past tokens go
