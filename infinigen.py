@@ -434,9 +434,8 @@ class Graphed:
         return self.logits
 
     def record(self, tok):
-        if self.ledger:                             # no event of an earlier step may be waited on inside
-            st = self.cache.store
-            st.appended, st.ready, st.freed = [None] * len(st.appended), [None, None], [None, None]
+        if self.ledger:
+            self.cache.store.forget_events()
             before = self.ledger.host_counts()
         self.tok, self.graph = tok.clone(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):          # recording runs the host's part of one step ...

@@ -93,12 +93,9 @@ def triton_available():
     return importlib.util.find_spec("triton") is not None
 
 
-def gather_kernel():
-    """kernel.gather_rows, imported on first use; on a CPU its logic runs under Triton's interpreter."""
-    return device_kernel("gather_rows")
-
-
-def device_kernel(name):  # a function of kernel.py (gather_rows, put_rows), imported on first use
+def device_kernel(name):
+    """A kernel of kernel.py (gather_rows, put_rows), imported on first use; on a CPU its logic runs
+    under Triton's interpreter."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import kernel
@@ -318,7 +315,7 @@ class KVStore:
                     idx, ok = idx.to(self.device, non_blocking=True), ok.to(self.device, non_blocking=True)
                     if self.cuda:                           # made on the compute stream, read on this one
                         idx.record_stream(self.stream), ok.record_stream(self.stream)
-                    gather_kernel()(store, idx, ok, self.buf[buf])
+                    device_kernel("gather_rows")(store, idx, ok, self.buf[buf])
                     self.ledger.add(layer, rows=ok.sum())
                 else:
                     ok = self.host_gather(layer, buf, store, idx, ok)
@@ -370,6 +367,9 @@ class KVStore:
                 after.record(cur)
                 self.wait_events.append((before, after))
         return self.buf[buf][..., 0, :], self.buf[buf][..., 1, :], n, ok
+
+    def forget_events(self):  # what a CUDA graph records must not wait on an event of an earlier step
+        self.appended, self.ready, self.freed = [None] * self.L, [None, None], [None, None]
 
     def step_done(self):
         """The end of a step (the host's part): the copy-wait events of a timed run are read and dropped

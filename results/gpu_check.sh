@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 9, 10 and 12 in one call of a GPU machine (about 9 minutes on an H100/H200),
+# The GPU checks of issues 9, 10 and 12 in one call of a GPU machine (at most 9 minutes: the parts' limits),
 # with that machine's own python3 and CUDA torch; no .venv, no default model (random weights of its shape).
 #   bash results/gpu_check.sh [PART ...]    parts: tests gather smollm2 timeline 7b (default: all)
 # Each part has its own time limit; what it measured is written as it goes: the results files under
@@ -24,20 +24,20 @@ run() {  # run NAME LIMIT_S COMMAND...: its log in $OUT/NAME.log, its status on 
 for part in $parts; do
     case $part in
     tests)      # every CUDA test, then the summary line with the device, torch and the date
-        run tests 200 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
+        run tests 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
         "$PY" -c "import torch, datetime; print(torch.cuda.get_device_name(), 'torch', torch.__version__,
                   datetime.date.today())" >>"$OUT/tests.log" 2>&1 ;;
     gather)     # host gather + copy against the kernel, GB/s of useful bytes
-        run gather 60 "$PY" bench.py --suite gather ;;
+        run gather 45 "$PY" bench.py --suite gather ;;
     smollm2)    # the SmolLM2 shape, graphs on, then the same rows op by op (their copy waits timed)
-        run smollm2 150 "$PY" bench.py --suite gpu --models smollm2 --shapes 32x4096 \
+        run smollm2 120 "$PY" bench.py --suite gpu --models smollm2 --shapes 32x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic
-        run smollm2-no-graphs 60 "$PY" bench.py --suite gpu --models smollm2 --shapes 32x4096 --no-graphs \
+        run smollm2-no-graphs 45 "$PY" bench.py --suite gpu --models smollm2 --shapes 32x4096 --no-graphs \
             --policies full,infinigen:0.1 ;;
     timeline)   # layer i+1's copy inside layer i's compute, on the Llama-2-7B shape
-        run timeline 60 "$PY" bench.py --suite timeline --models 7b --shapes 8x4096 ;;
+        run timeline 45 "$PY" bench.py --suite timeline --models 7b --shapes 8x4096 ;;
     7b)         # the Llama-2-7B shape at 8 x 4096
-        run 7b 150 "$PY" bench.py --suite gpu --models 7b --shapes 8x4096 \
+        run 7b 120 "$PY" bench.py --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;
     *) echo "unknown part $part (tests gather smollm2 timeline 7b)"; exit 2 ;;
     esac

@@ -168,8 +168,7 @@ def test_host_and_device_gathers_deliver_the_same_rows(c):
 def test_gather_kernel_against_indexing(B, Hkv, S, n, d, dtype, seed):
     """kernel.gather_rows on CPU tensors (Triton's interpreter) against plain indexing: rows of any width
     (2d need not be a power of two), rows not wanted left untouched."""
-    offload.gather_kernel()
-    from kernel import gather_rows
+    gather_rows = offload.device_kernel("gather_rows")
     g = torch.Generator().manual_seed(seed)
     src = torch.randn(S, B, Hkv, 2, d, generator=g).to(dtype)                   # (S, B, Hkv, 2, d)
     idx = torch.randint(0, S, (B, Hkv, n), generator=g)

@@ -629,7 +629,8 @@ def test_decode_step_reads_no_device_value_on_the_host(llama, name, monkeypatch)
         with monkeypatch.context() as mp:
             if strict:
                 import offload
-                mp.setattr(offload, "gather_kernel", lambda: torch_gather)
+                kernels = {"gather_rows": torch_gather, "put_rows": offload.device_kernel("put_rows")}
+                mp.setattr(offload, "device_kernel", kernels.get)
                 mp.setattr(SK, "CHECK_BOUNDS", False)
                 for meth in SYNCS:
                     fail = lambda *a, meth=meth, **k: pytest.fail(f"Tensor.{meth} in a decode step")
