@@ -199,6 +199,46 @@ def test_put_kernel_against_indexing(B, Hkv, S, data, d, dtype, seed):
     assert torch.equal(dst, torch.full_like(dst, 7.0).index_copy_(0, at, src))
 
 
+def nvidia_compiler():  # Triton's CUDA compiler (ptxas ships in the wheel): it needs no GPU
+    try:
+        from triton.backends import backends
+        return "nvidia" in backends
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not (HAS_TRITON and nvidia_compiler()), reason="needs triton with its CUDA compiler")
+@pytest.mark.parametrize("name", ["gather_rows_kernel", "put_rows_kernel"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("d", [48, 64, 128])
+def test_kernels_compile_for_hopper_with_16_byte_rows(name, dtype, d):
+    """Both kernels compile for an H100/H200 (sm_90) here, without a GPU, with the arguments specialized
+    as Triton's launcher does for 16-byte aligned tensors: every K, V row is read and written in 16-byte
+    vector loads and stores (over PCIe, for the pinned store), never element by element."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    import kernel
+    fn = getattr(kernel, name)
+    fn = JITFunction(getattr(fn, "fn", fn))            # the compiled kernel, also where the interpreter is on
+    first = {"gather_rows_kernel": ["src", "idx", "ok", "dst", "n", "BH"],
+             "put_rows_kernel": ["src", "at", "dst", "T", "BH"]}[name]
+    types = {"src": f"*{dtype}", "dst": f"*{dtype}", "idx": "*i64", "at": "*i64", "ok": "*i1"}
+    sig = {a: types.get(a, "i32") for a in first} | dict.fromkeys(["R", "RP", "BLOCK"], "constexpr")
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(first) if a in types}
+    src = ASTSource(fn=fn, signature=sig, constexprs={"R": 2 * d, "RP": triton.next_power_of_2(2 * d),
+                                                      "BLOCK": 32}, attrs=aligned)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"]
+    ops = set(re.findall(r"(?:ld|st)\.global[\w.]*", compiled.asm["ptx"]))
+    assert {"ld.global.v4.b32", "st.global.v4.b32"} <= ops, ops
+    assert not {"ld.global.b16", "st.global.b16", "ld.global.b32", "st.global.b32"} & ops, ops
+
+
 def test_host_tensor_is_plain_on_a_cpu():
     t = offload.host_tensor((3, 5), torch.float16, pin=False)
     assert t.shape == (3, 5) and t.dtype == torch.float16 and not t.is_cuda
