@@ -23,7 +23,7 @@ help:  ## list the targets
 	touch $@
 
 .venv/.dev: .venv/.core
-	$(PIP) install pytest hypothesis transformers accelerate matplotlib ruff "triton==3.6.*"
+	$(PIP) install pytest hypothesis "transformers>=5.17,<5.40" accelerate matplotlib ruff "triton==3.6.*"
 	touch $@
 
 install: .venv/.core  ## make .venv with what the engine and the default model need

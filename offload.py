@@ -93,13 +93,23 @@ def triton_available():
     return importlib.util.find_spec("triton") is not None
 
 
-def device_kernel(name):
-    """A kernel of kernel.py (gather_rows, put_rows), imported on first use; on a CPU its logic runs
-    under Triton's interpreter."""
-    if not torch.cuda.is_available():
+def device_kernel(name, cuda=False):
+    """A kernel of kernel.py (gather_rows, put_rows), imported on first use. Without a GPU its logic runs
+    under Triton's interpreter (CI). Triton takes one mode per process, so on a machine with a GPU, CPU
+    tensors (cuda False) go through the compiled kernel on device copies, the result back in the last."""
+    gpu = torch.cuda.is_available()
+    if not gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import kernel
-    return getattr(kernel, name)
+    fn = getattr(kernel, name)
+    if cuda or not gpu:
+        return fn
+
+    def on_copies(*args):                   # (..., dst): the kernels write only their last argument
+        dev = [a.cuda() if torch.is_tensor(a) else a for a in args]
+        fn(*dev)
+        args[-1].copy_(dev[-1])
+    return on_copies
 
 
 # --- Ledger
@@ -259,7 +269,7 @@ class KVStore:
         if self.pool is None:  # asynchronous on CUDA; whoever reads this layer waits for `appended`
             if self.gather == "device":
                 at = torch.arange(t0, t0 + kv.shape[0], device=kv.device) if at is None else at
-                device_kernel("put_rows")(kv, at, store)
+                device_kernel("put_rows", self.cuda)(kv, at, store)
             else:
                 store[t0:t0 + kv.shape[0]].copy_(kv, non_blocking=True)
             if self.cuda:
@@ -315,7 +325,7 @@ class KVStore:
                     idx, ok = idx.to(self.device, non_blocking=True), ok.to(self.device, non_blocking=True)
                     if self.cuda:                           # made on the compute stream, read on this one
                         idx.record_stream(self.stream), ok.record_stream(self.stream)
-                    device_kernel("gather_rows")(store, idx, ok, self.buf[buf])
+                    device_kernel("gather_rows", self.cuda)(store, idx, ok, self.buf[buf])
                     self.ledger.add(layer, rows=ok.sum())
                 else:
                     ok = self.host_gather(layer, buf, store, idx, ok)

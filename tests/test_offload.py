@@ -199,6 +199,26 @@ def test_put_kernel_against_indexing(B, Hkv, S, data, d, dtype, seed):
     assert torch.equal(dst, torch.full_like(dst, 7.0).index_copy_(0, at, src))
 
 
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
+                    reason="needs triton; with a GPU the kernel tests take this path for real")
+def test_cpu_tensors_on_a_machine_with_a_gpu_go_through_device_copies(monkeypatch):
+    """Triton's interpreter is one mode per process: where CUDA is, CPU tensors (a --device cpu run, the
+    tests) get the compiled kernel on device copies, and only the destination changes. Here the kernel is
+    the interpreter's and a "device copy" a clone."""
+    cpu = offload.device_kernel("gather_rows")                  # imports kernel as this machine does
+    assert offload.device_kernel("gather_rows", cuda=True) is cpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    moved = []
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda t: moved.append(t) or t.clone())
+    wrapped = offload.device_kernel("gather_rows")
+    assert wrapped is not cpu and offload.device_kernel("gather_rows", cuda=True) is cpu
+    src = torch.arange(4 * 2 * 3 * 2 * 8, dtype=torch.float32).view(4, 2, 3, 2, 8)    # (S, B, Hkv, 2, d)
+    idx, ok = torch.full((2, 3, 1), 2), torch.ones(2, 3, 1, dtype=torch.bool)
+    before, dst = src.clone(), torch.zeros(1, 2, 3, 2, 8)
+    wrapped(src, idx, ok, dst)
+    assert len(moved) == 4 and torch.equal(dst[0], src[2]) and torch.equal(src, before)
+
+
 def nvidia_compiler():  # Triton's CUDA compiler (ptxas ships in the wheel): it needs no GPU
     try:
         from triton.backends import backends
