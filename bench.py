@@ -118,10 +118,11 @@ def load_hf_default(device, dtype, folder=None):
     the prepared folder (the same weights as ours; no GGUF needed)."""
     from transformers import AutoModelForCausalLM
     if folder:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    g = prepare.gguf_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(g), gguf_file=os.path.basename(g),
-                                              dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    else:
+        g = prepare.gguf_path()
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(g), gguf_file=os.path.basename(g),
+                                                  dtype=dtype)
     return hf.to(device).eval()
 
 

@@ -141,6 +141,7 @@ class OffloadCache(M.Cache):
         w = self.S if T == 1 else self.t0                                # a decode step reads every slot
         self.allowed = (self.valid[:, :w] & (self.slot[:w] < self.next))[:, None]    # (B, 1, w) the past
         self.counts = self.pol.count(self.length, self.share_dev)                     # (L, B) tokens to keep
+        self.new_mask = self.mask.index_select(-1, self.at)                   # (B, 1, T, T) among new tokens
         if self.ahead and self.first == 0:
             self.issue(0, self.plan(0))
         return pos
@@ -196,7 +197,7 @@ class OffloadCache(M.Cache):
             self.fetched[layer] += 1.0 if T == 1 else 0.0
         else:                                               # by index: a mask per KV head
             ok = ok.to(self.dev, non_blocking=True)                                    # pinned on CUDA
-            new = self.mask.index_select(-1, self.at).expand(-1, ok.shape[1], -1, -1)  # (B, Hkv, T, T)
+            new = self.new_mask.expand(-1, ok.shape[1], -1, -1)                         # (B, Hkv, T, T)
             mask = torch.cat([ok[:, :, None].expand(-1, -1, T, -1), new], -1)          # (B, Hkv, T, n+T)
             slots = torch.cat([self.idx.pop(layer), self.at.expand(*ok.shape[:2], T)], -1)    # (B, Hkv, n+T)
             if T == 1:

@@ -22,16 +22,19 @@ run() {  # run NAME LIMIT_S COMMAND...: its log in $OUT/NAME.log, its status on 
     tail -n 4 "$OUT/$name.log"
 }
 
+stamp() {  # stamp NAME: the device, torch and the date under NAME's log (its summary line)
+    "$PY" -c "import torch, datetime; print(torch.cuda.get_device_name(), 'torch', torch.__version__,
+              datetime.date.today())" >>"$OUT/$1.log" 2>&1
+}
+
 for part in $parts; do
     case $part in
     suite)      # every test, then the same summary line
         run suite 540 "$PY" -m pytest -q -p no:cacheprovider tests
-        "$PY" -c "import torch, datetime; print(torch.cuda.get_device_name(), 'torch', torch.__version__,
-                  datetime.date.today())" >>"$OUT/suite.log" 2>&1 ;;
+        stamp suite ;;
     tests)      # every CUDA test, then the summary line with the device, torch and the date
         run tests 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
-        "$PY" -c "import torch, datetime; print(torch.cuda.get_device_name(), 'torch', torch.__version__,
-                  datetime.date.today())" >>"$OUT/tests.log" 2>&1 ;;
+        stamp tests ;;
     gather)     # host gather + copy against the kernel, GB/s of useful bytes
         run gather 45 "$PY" bench.py --suite gather ;;
     smollm2)    # the SmolLM2 shape, graphs on, then the same rows op by op (their copy waits timed)
