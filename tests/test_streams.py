@@ -1,15 +1,20 @@
-"""The copy stream's ordering, checked on the CPU: no race between the two streams, and a decode step a
-CUDA graph can record.
+"""The copy stream's ordering, checked on the CPU: no race between the streams and the host, and a decode
+step a CUDA graph can record.
 
-On a GPU, KVStore.fetch copies on its own stream while the compute stream runs the layers; events are
-all that orders them. A missing wait gives no error there, only wrong numbers now and then. Here the
-same code runs against a model of CUDA's semantics: streams and events are stand-ins, every tensor
-operation is logged on the stream it was issued to (a TorchDispatchMode; the kernels by what they read
-and write), and vector clocks give "happens before". Every write must happen after the earlier reads and
-writes of the same bytes on other streams, every read after the last write. While a graph records, a
-stream may wait only on events recorded inside the recording, every stream that joined must be joined
-back at its end, no stream outside it may work, and the host may not wait. The device gather only: the
-host gather's own work runs on the host, which this model does not follow.
+On a GPU, KVStore.fetch copies on its own stream while the compute stream runs the layers, and with the
+host gather or the bounded pool the host reads and writes pinned memory itself; events, waits and
+blocking copies are all that orders them. A missing wait gives no error there, only wrong numbers now
+and then. Here the same code runs against a model of CUDA's semantics: streams and events are
+stand-ins, every tensor operation is logged on whoever runs it (a TorchDispatchMode; the kernels by what
+they read and write), and vector clocks give "happens before". All tensors stay on the CPU; the model
+keeps which memory is the host's (the store, the staging rows, the pool's tables, what `.cpu()` made)
+and which the device's. An operation that touches device memory is queued on the current stream, after
+everything the host did before issuing it; one that touches only host memory runs on the host. A
+blocking copy, an event's `synchronize` and a read of a device value make the host wait. Every write
+must happen after the earlier reads and writes of the same bytes by others, every read after the last
+write. While a graph records, a stream may wait only on events recorded inside the recording, every
+stream that joined must be joined back at its end, no stream outside it may work, and the host may
+not wait.
 """
 import contextlib
 
@@ -22,7 +27,7 @@ import infinigen as IG
 import offload
 import skew as SK
 from infinigen import Policy
-from test_graphs import torch_put
+from test_graphs import HOST_READS, torch_put
 from test_policies import hf_random, padded, torch_gather
 
 
@@ -53,24 +58,38 @@ class Event:
         self.sim.record(self, stream or self.sim.cur)
 
     def synchronize(self):
-        self.sim.host_wait("Event.synchronize")
+        self.sim.host_waits(None if self.sim.ignore(self, self.sim.host) else self.vc, "Event.synchronize")
+
+
+class Device:   # the device as the engine sees it in the model: type "cuda"; its tensors stay on the CPU
+    type, index = "cuda", 0
+
+
+def join(vc, *others):
+    for other in others:
+        for k, c in (other or {}).items():
+            vc[k] = max(vc.get(k, 0), c)
+    return vc
 
 
 class Sim(TorchDispatchMode):
-    """Streams, events and every tensor access. races: conflicting accesses with no order between them;
-    errors: what CUDA would refuse while a graph records."""
-    def __init__(self, ignore=lambda ev: False):
+    """Streams, events, the host, and every tensor access. races: conflicting accesses with no order
+    between them; errors: what CUDA would refuse while a graph records."""
+    def __init__(self, ignore=lambda ev, who: False):
         super().__init__()
-        self.compute, self.copy = Stream(self, "compute"), Stream(self, "copy")
+        self.compute, self.copy, self.host = (Stream(self, n) for n in ("compute", "copy", "host"))
         self.cur, self.ignore, self.races, self.errors = self.compute, ignore, [], []
-        self.acc = {}                                    # storage -> {(stream, kind, lo, hi): clock}
+        self.acc = {}                                    # storage -> {(agent, kind, lo, hi): clock}
+        self.where = {}                                  # storage -> "host" | "new" (either); else device
         self.capturing = None                            # the streams in the recording, or None
         self.op = None                                   # the operation being logged
 
     # streams, events, the host
     def tick(self, s):
-        if self.capturing is not None and s not in self.capturing:
-            self.errors.append(f"work on {s} outside the recording")
+        if s is not self.host:                           # issued by the host: after what it did before
+            if self.capturing is not None and s not in self.capturing:
+                self.errors.append(f"work on {s} outside the recording")
+            join(s.vc, self.host.vc)
         s.vc[s] = s.vc.get(s, 0) + 1
         return s.vc
 
@@ -79,18 +98,18 @@ class Sim(TorchDispatchMode):
         ev.vc, ev.captured = dict(s.vc), self.capturing is not None
 
     def wait(self, s, ev):
-        if ev.vc is None or self.ignore(ev):             # never recorded: CUDA waits for nothing
+        if ev.vc is None or self.ignore(ev, s):          # never recorded: CUDA waits for nothing
             return
         if self.capturing is not None:
             if not ev.captured:
                 self.errors.append(f"{s} waits on an event recorded before the recording")
             self.capturing.add(s)
-        for k, c in ev.vc.items():
-            s.vc[k] = max(s.vc.get(k, 0), c)
+        join(s.vc, ev.vc)
 
-    def host_wait(self, what):
+    def host_waits(self, vc, what):
         if self.capturing is not None:
             self.errors.append(f"the host waits while a graph records ({what})")
+        join(self.host.vc, vc)
 
     @contextlib.contextmanager
     def stream(self, s):
@@ -109,9 +128,30 @@ class Sim(TorchDispatchMode):
                 self.errors.append(f"{s} is not joined back at the end of the recording")
         self.capturing = None
 
+    # memory: the host's or the device's
+    def place(self, t):
+        return self.where.get(t.untyped_storage().data_ptr(), "device")
+
+    def put(self, where, *ts):
+        for t in ts:
+            self.where[t.untyped_storage().data_ptr()] = where
+
+    def moved(self, t, where, non_blocking=False):
+        """t.cpu() / t.to(...): a copy on the current stream when it crosses to the other side."""
+        if self.place(t) in (where, "new"):
+            return t
+        with _disable_current_modes():
+            out = t.clone()
+        self.op = f"copy to the {where}"
+        self.access([t], [out], fresh=[out])
+        self.put(where, out)
+        if not non_blocking:
+            self.host_waits(self.cur.vc, f"a blocking {self.op}")
+        return out
+
     # accesses
-    def access(self, reads, writes, fresh=()):
-        s = self.cur
+    def access(self, reads, writes, fresh=(), agent=None):
+        s = agent or self.cur
         vc = self.tick(s)
         for t, kind in [(t, "r") for t in reads] + [(t, "w") for t in writes]:
             if t.numel() == 0:
@@ -130,6 +170,10 @@ class Sim(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         schema, self.op = func._schema, str(func)
+        if "lift_fresh" in self.op:                      # torch.tensor(...), x[i] = 1.0: a new constant
+            self.put("new", out)
+            self.acc.pop(out.untyped_storage().data_ptr(), None)
+            return out
         written = [a.alias_info is not None and a.alias_info.is_write for a in schema.arguments]
         if any(r.alias_info is not None for r in schema.returns) and not any(written):
             return out                                   # a view: no memory is touched
@@ -137,7 +181,20 @@ class Sim(TorchDispatchMode):
         named = dict(zip([a.name for a in schema.arguments], args)) | kwargs
         writes = tensors([named.get(a.name) for a, w in zip(schema.arguments, written) if w])
         outs = [t for t in tensors(out) if not any(t is w for w in writes)]
-        self.access(tensors((args, kwargs)), writes + outs, fresh=outs)
+        ins = tensors((args, kwargs))
+        places = {self.place(t) for t in ins}
+        where = "device" if "device" in places else "host" if "host" in places else "new"
+        for t in outs:                                   # new memory, where it was made: nothing before it
+            self.where.pop(t.untyped_storage().data_ptr(), None)
+            self.acc.pop(t.untyped_storage().data_ptr(), None)
+            if where != "device":
+                self.put(where, t)
+        if where == "new":                               # made from nothing but new memory: no one else's
+            return out
+        agent = self.cur if where == "device" else self.host
+        self.access(ins, writes + outs, fresh=outs, agent=agent)
+        if where == "device" and str(func).split(".")[1] in HOST_READS:
+            self.host_waits(agent.vc, f"a read of a device value ({func})")
         return out
 
     def kernel(self, fn, reads):                # a kernel: reads its first arguments, writes its last
@@ -150,18 +207,38 @@ class Sim(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def simulated(store, monkeypatch, **kw):
-    """Run a cache's steps as if on CUDA: its store copies on the simulated copy stream."""
-    sim = Sim(**kw)
+def simulated(cache, monkeypatch, **kw):
+    """Run a cache's steps as if on CUDA: its store copies on the simulated copy stream; the store, its
+    staging rows and the pool's tables are host memory."""
+    sim, store = Sim(**kw), cache.store
     Event.sim = sim
-    store.cuda, store.stream = True, sim.copy
+    store.cuda, store.stream, store.device, cache.dev = True, sim.copy, Device(), Device()
+    sim.store = store.kv.untyped_storage().data_ptr()
+    pool = store.pool
+    sim.put("host", store.kv, cache.need, cache.recall, cache.share, *getattr(store, "stage", []),
+            *getattr(store, "stage_pos", []), *([pool.where, pool.owner, pool.fetches, pool.last_use]
+                                                if pool else []))
     kernels = {"gather_rows": sim.kernel(torch_gather, 3), "put_rows": sim.kernel(torch_put, 2)}
+    to = torch.Tensor.to
+
+    def moved_to(t, *args, **kw):   # .to("cpu") means the host, .to(a device) the device
+        dev, nb = kw.pop("device", None), kw.pop("non_blocking", False)
+        rest = [a for a in args if not isinstance(a, (str, torch.device, Device, bool))]
+        dev = next((a for a in args if isinstance(a, (str, torch.device, Device))), dev)
+        nb = next((a for a in args if isinstance(a, bool)), nb)
+        if dev is not None:
+            t = sim.moved(t, "host" if dev == "cpu" else "device", nb)
+        return to(t, *rest, **kw) if rest or kw else t
     monkeypatch.setattr(offload, "device_kernel", lambda name, cuda=False: kernels[name])
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: sim.cur)
     monkeypatch.setattr(torch.cuda, "stream", sim.stream)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: sim.host_wait("synchronize"))
+    everything = lambda device=None: sim.host_waits(join({}, sim.compute.vc, sim.copy.vc), "synchronize")
+    monkeypatch.setattr(torch.cuda, "synchronize", everything)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: None)
+    monkeypatch.setattr(torch.Tensor, "to", moved_to)
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, **kw: sim.moved(t, "host"))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: t.clone())
     monkeypatch.setattr(SK, "CHECK_BOUNDS", False)
     with sim:
         yield sim
@@ -174,16 +251,19 @@ def llama(tmp_path_factory):
 
 POLICIES = {"offload": {}, "infinigen": dict(budget=0.2, dense_layers=1), "h2o": dict(budget=0.2),
             "streaming": dict(budget=0.2), "oracle": dict(budget=0.2)}
+POOL = dict(capacity=24)        # of 38 slots per sequence: the 30-token prompt's sequence evicts
 
 
-def run(llama, name, monkeypatch, record=True, forget=True, **kw):
+def run(llama, name, monkeypatch, gather="device", record=True, forget=True, ignore=lambda ev, who: False,
+        **kw):
     """Prefill, three plain decode steps, then (record) one more as a graph records it. Returns the sim."""
     m, prompts = llama
     tokens, valid = padded(prompts)
-    cache = IG.make_cache(m, Policy(name, gather="device", **POLICIES[name]), len(prompts),
+    cache = IG.make_cache(m, Policy(name, gather=gather, **POLICIES[name], **kw), len(prompts),
                           tokens.shape[1] + 8)
     tok = torch.full((len(prompts),), 5)
-    with simulated(cache.store, monkeypatch, **kw) as sim:
+    with simulated(cache, monkeypatch, ignore=ignore) as sim:
+        sim.put("host", valid)                           # generate keeps the prompt's mask on the host
         IG.prefill(m, cache, tokens, valid)
         for _ in range(3):
             IG.decode_one(m, cache, tok)
@@ -203,30 +283,59 @@ def test_the_streams_never_race_and_a_step_can_be_recorded(llama, name, monkeypa
     assert not sim.errors, sim.errors[:3]
 
 
-@pytest.mark.parametrize("drop", ["ready", "freed", "selection"])
-def test_a_missing_wait_is_a_race(llama, drop, monkeypatch):
-    """The check can fail: each kind of event, ignored, leaves accesses unordered: a buffer's `ready` and
-    `freed`, and the event after a selection made in the layer itself (oracle, h2o, streaming; InfiniGen
-    selects a layer ahead, and `freed` orders that). Ignoring `appended` leaves no race with the device
-    gather: `freed` already orders a fetch after the compute stream's last append."""
-    state, plan, init = {}, IG.OffloadCache.plan, offload.KVStore.__init__
+@pytest.mark.parametrize("pool", [False, True], ids=["unbounded", "pool"])
+@pytest.mark.parametrize("gather", ["host", "device"])
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_the_host_and_the_streams_never_race(llama, name, gather, pool, monkeypatch):
+    """The host gather and the bounded pool, whose host reads and writes pinned memory itself: no
+    access of the host's is unordered with the streams'. (These steps are not recorded as graphs.)"""
+    if pool and name == "oracle":
+        pytest.skip("the oracle reads every key: it refuses a bounded pool")
+    sim = run(llama, name, monkeypatch, gather=gather, record=False, **(POOL if pool else {}))
+    touched = {who for who, *_ in sim.acc[sim.store]}                   # who read or wrote the store
+    by_host = pool or (gather == "host" and name != "offload")      # offload alone copies whole blocks
+    assert (sim.host in touched) == by_host, touched
+    assert not sim.races, sim.races[:3]
 
-    def plan_without_event(self, *a, **k):
+
+@pytest.mark.parametrize("name, gather, drop, who, pool", [
+    ("offload", "device", "ready", "compute", False), ("offload", "device", "freed", "copy", False),
+    ("oracle", "device", "selection", "copy", False), ("h2o", "device", "selection", "copy", True),
+    ("infinigen", "host", "selection", "host", False), ("h2o", "host", "selection", "host", True),
+    ("offload", "host", "ready", "compute", False)])
+def test_a_missing_wait_is_a_race(llama, name, gather, drop, who, pool, monkeypatch):
+    """The check can fail: each kind of event, ignored by `who` (a stream, or the host), leaves accesses
+    unordered: a buffer's `ready` and `freed`, and the event after a selection made in the layer itself
+    (oracle, h2o, streaming; with the device gather InfiniGen selects a layer ahead, and `freed` orders
+    that); with the host gather, the host's wait for the indices. Ignoring `appended` leaves no race
+    anywhere, nor does the host's wait on `ready` before it fills the staging rows: `freed` (device
+    gather) or the host's wait for the selection already orders them, since the selection was queued
+    after the last append and after the compute stream waited for that staging's last copy."""
+    kept, plan, init = {"selection": []}, IG.OffloadCache.plan, offload.KVStore.__init__
+
+    def plan_and_keep(self, *a, **k):
         p = plan(self, *a, **k)
-        return p and (p[0], p[1], None)
+        if p and p[2] is not None:
+            kept["selection"].append(p[2])
+        return p
 
     def init_and_keep(self, *a, **k):
         init(self, *a, **k)
-        state["store"] = self
+        kept["store"] = self
 
-    def ignore(ev):
-        return "store" in state and any(ev is e for e in getattr(state["store"], drop))
-    if drop == "selection":
-        monkeypatch.setattr(IG.OffloadCache, "plan", plan_without_event)
-    else:
-        monkeypatch.setattr(offload.KVStore, "__init__", init_and_keep)
-    sim = run(llama, "oracle" if drop == "selection" else "offload", monkeypatch, record=False, ignore=ignore)
-    assert sim.races
+    def ignore(ev, by):
+        evs = kept["selection"] if drop == "selection" else getattr(kept.get("store"), drop, [])
+        return str(by) == who and any(ev is e for e in evs)
+    monkeypatch.setattr(IG.OffloadCache, "plan", plan_and_keep)
+    monkeypatch.setattr(offload.KVStore, "__init__", init_and_keep)
+    sim = run(llama, name, monkeypatch, gather=gather, record=False, ignore=ignore, **(POOL if pool else {}))
+    assert any(f"on {who} " in r for r in sim.races), sim.races[:3]
+
+
+def test_a_step_with_the_host_gather_cannot_be_recorded(llama, monkeypatch):
+    """Why infinigen.replayable leaves the host gather out: the host waits for the indices in every step."""
+    sim = run(llama, "infinigen", monkeypatch, gather="host")
+    assert any("the host waits while a graph records" in e for e in sim.errors), sim.errors[:3]
 
 
 def test_a_recording_without_forgetting_old_events_is_refused(llama, monkeypatch):
