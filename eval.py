@@ -175,10 +175,12 @@ def label(p):
 
 def report():
     """The README's accuracy table and the plots, from results/eval-*.json."""
-    rows = []
-    for part in ("policies", "alpha", "ratio", "pool", "layers", "paper"):
+    rows, runs = [], {}
+    for part in ("policies", "alpha", "ratio", "pool", "layers", "paper", "passkey"):
         res = load_part(part)
-        for r in (res or {}).get("rows", []):
+        if res:                                         # which run made which parts
+            runs.setdefault((res.get("command"), res.get("date")), []).append(part)
+        for r in (res or {}).get("rows", []) if part != "passkey" else []:
             p = r["policy"]
             knobs = [f"α={p['alpha']}", f"r={p['partial_ratio']}"] if p["name"] == "infinigen" else []
             knobs += [f"pool 80% {p['eviction']}"] if p.get("capacity") else []
@@ -190,7 +192,8 @@ def report():
         meta = load_part("policies") or load_part("alpha") or {}
         table = (f"Default model, `{meta.get('text')}`, {meta.get('windows')} window(s) of "
                  f"{meta.get('context')} tokens, the last {meta.get('decode', 512)} decoded with the policy; "
-                 f"made by `{meta.get('command')}` on {meta.get('date')}.\n\n"
+                 "made by " + "; ".join(f"`{c}` on {d}" + (f" ({', '.join(ps)})" if len(runs) > 1 else "")
+                                        for (c, d), ps in runs.items()) + ".\n\n"
                  "| part | policy | budget | settings | KL(full‖policy) | top-1 | ppl / full | "
                  "fetched (all layers) | fetched (sparse layers) |\n|---|---|---|---|---|---|---|---|---|\n"
                  + "\n".join(rows))

@@ -298,20 +298,29 @@ def test_the_host_and_the_streams_never_race(llama, name, gather, pool, monkeypa
     assert not sim.races, sim.races[:3]
 
 
-@pytest.mark.parametrize("name, gather, drop, who, pool", [
-    ("offload", "device", "ready", "compute", False), ("offload", "device", "freed", "copy", False),
-    ("oracle", "device", "selection", "copy", False), ("h2o", "device", "selection", "copy", True),
-    ("infinigen", "host", "selection", "host", False), ("h2o", "host", "selection", "host", True),
-    ("offload", "host", "ready", "compute", False)])
-def test_a_missing_wait_is_a_race(llama, name, gather, drop, who, pool, monkeypatch):
-    """The check can fail: each kind of event, ignored by `who` (a stream, or the host), leaves accesses
-    unordered: a buffer's `ready` and `freed`, and the event after a selection made in the layer itself
-    (oracle, h2o, streaming; with the device gather InfiniGen selects a layer ahead, and `freed` orders
-    that); with the host gather, the host's wait for the indices. Ignoring `appended` leaves no race
-    anywhere, nor does the host's wait on `ready` before it fills the staging rows: `freed` (device
-    gather) or the host's wait for the selection already orders them, since the selection was queued
-    after the last append and after the compute stream waited for that staging's last copy."""
-    kept, plan, init = {"selection": []}, IG.OffloadCache.plan, offload.KVStore.__init__
+RUNS = [(n, g, pool) for n in POLICIES for g in ("device", "host") for pool in (False, True)
+        if not (pool and n == "oracle")]                         # 18 runs: the oracle refuses a pool
+NEEDED = {   # tutorial chapter 17's table: a wait ignored by one party -> the runs that then race
+    ("ready", "compute"): lambda n, g, pool: True,
+    ("freed", "copy"): lambda n, g, pool: n == "offload" and not pool,
+    ("selection", "copy"): lambda n, g, pool: g == "device" and n in ("oracle", "h2o", "streaming"),
+    ("selection", "host"): lambda n, g, pool: g == "host" and (n != "offload" or pool),
+    ("appended", "copy"): lambda n, g, pool: False,
+    ("appended", "host"): lambda n, g, pool: False,
+    ("ready", "host"): lambda n, g, pool: False}
+
+
+@pytest.mark.parametrize("drop, who", list(NEEDED))
+def test_each_wait_is_needed_where_the_tutorial_says(llama, drop, who, monkeypatch):
+    """The check can fail: a wait ignored by `who` (a stream, or the host) leaves accesses unordered in
+    exactly the runs chapter 17's table names: a buffer's `ready` and `freed`, and the event after a
+    selection (made in the layer itself: oracle, h2o, streaming; InfiniGen selects a layer ahead, and
+    `freed` orders that); with the host gather, the host's wait for the indices. Ignoring `appended`
+    leaves no race anywhere, nor does the host's wait on `ready` before it refills the staging rows:
+    `freed` (device gather) or the host's wait for the selection orders them already, since the
+    selection was queued after the last append and after the compute stream waited for that staging's
+    last copy. A change that makes one of them needed fails here, and the table must change with it."""
+    kept, plan, init = {}, IG.OffloadCache.plan, offload.KVStore.__init__
 
     def plan_and_keep(self, *a, **k):
         p = plan(self, *a, **k)
@@ -321,15 +330,17 @@ def test_a_missing_wait_is_a_race(llama, name, gather, drop, who, pool, monkeypa
 
     def init_and_keep(self, *a, **k):
         init(self, *a, **k)
-        kept["store"] = self
+        kept["store"], kept["selection"] = self, []
 
     def ignore(ev, by):
-        evs = kept["selection"] if drop == "selection" else getattr(kept.get("store"), drop, [])
+        evs = kept["selection"] if drop == "selection" else getattr(kept["store"], drop)
         return str(by) == who and any(ev is e for e in evs)
     monkeypatch.setattr(IG.OffloadCache, "plan", plan_and_keep)
     monkeypatch.setattr(offload.KVStore, "__init__", init_and_keep)
-    sim = run(llama, name, monkeypatch, gather=gather, record=False, ignore=ignore, **(POOL if pool else {}))
-    assert any(f"on {who} " in r for r in sim.races), sim.races[:3]
+    racing = {(n, g, pool): run(llama, n, monkeypatch, gather=g, record=False, ignore=ignore,
+                                **(POOL if pool else {})).races for n, g, pool in RUNS}
+    assert {r for r, races in racing.items() if races} == {r for r in RUNS if NEEDED[drop, who](*r)}
+    assert all(any(f" {who} " in x for x in racing[r]) for r in RUNS if NEEDED[drop, who](*r))
 
 
 def test_a_step_with_the_host_gather_cannot_be_recorded(llama, monkeypatch):
