@@ -175,12 +175,13 @@ def label(p):
 
 def report():
     """The README's accuracy table and the plots, from results/eval-*.json."""
+    parts = {p: load_part(p) for p in ("policies", "alpha", "ratio", "pool", "layers", "paper", "passkey")}
     rows, runs = [], {}
-    for part in ("policies", "alpha", "ratio", "pool", "layers", "paper", "passkey"):
-        res = load_part(part)
-        if res:                                         # which run made which parts
+    for part, res in parts.items():                     # which run made which parts
+        if res:
             runs.setdefault((res.get("command"), res.get("date")), []).append(part)
-        for r in (res or {}).get("rows", []) if part != "passkey" else []:
+    for part in list(parts)[:-1]:                       # the table: every part but passkey
+        for r in (parts[part] or {}).get("rows", []):
             p = r["policy"]
             knobs = [f"α={p['alpha']}", f"r={p['partial_ratio']}"] if p["name"] == "infinigen" else []
             knobs += [f"pool 80% {p['eviction']}"] if p.get("capacity") else []
@@ -189,7 +190,7 @@ def report():
                         f"{r['top1']:.3f} | {r['ppl']:.2f} / {r['ppl_full']:.2f} | "
                         f"{r['fetched_fraction']:.3f} | {r['sparse_fraction']:.3f} |")
     if rows:
-        meta = load_part("policies") or load_part("alpha") or {}
+        meta = parts["policies"] or parts["alpha"] or {}
         table = (f"Default model, `{meta.get('text')}`, {meta.get('windows')} window(s) of "
                  f"{meta.get('context')} tokens, the last {meta.get('decode', 512)} decoded with the policy; "
                  "made by " + "; ".join(f"`{c}` on {d}" + (f" ({', '.join(ps)})" if len(runs) > 1 else "")
@@ -197,7 +198,7 @@ def report():
                  "| part | policy | budget | settings | KL(full‖policy) | top-1 | ppl / full | "
                  "fetched (all layers) | fetched (sparse layers) |\n|---|---|---|---|---|---|---|---|---|\n"
                  + "\n".join(rows))
-        pk = load_part("passkey")
+        pk = parts["passkey"]
         if pk:
             ctx = list(pk["rows"][0]["accuracy"])
             table += ("\n\nPasskey retrieval (accuracy over depths 10%, 50%, 90%):\n\n| policy | "

@@ -80,7 +80,7 @@ class Sim(TorchDispatchMode):
         self.compute, self.copy, self.host = (Stream(self, n) for n in ("compute", "copy", "host"))
         self.cur, self.ignore, self.races, self.errors = self.compute, ignore, [], []
         self.acc = {}                                    # storage -> {(agent, kind, lo, hi): clock}
-        self.where = {}                                  # storage -> "host" | "new" (either); else device
+        self.where = {}                                  # storage -> "host" | "device" | "new" (either)
         self.capturing = None                            # the streams in the recording, or None
         self.op = None                                   # the operation being logged
 
@@ -132,9 +132,11 @@ class Sim(TorchDispatchMode):
     def place(self, t):
         return self.where.get(t.untyped_storage().data_ptr(), "device")
 
-    def put(self, where, *ts):
+    def made(self, where, *ts):   # memory new here ("host", "device" or "new": either), no access before
         for t in ts:
-            self.where[t.untyped_storage().data_ptr()] = where
+            base = t.untyped_storage().data_ptr()
+            self.acc.pop(base, None)
+            self.where[base] = where
 
     def moved(self, t, where, non_blocking=False):
         """t.cpu() / t.to(...): a copy on the current stream when it crosses to the other side."""
@@ -143,14 +145,14 @@ class Sim(TorchDispatchMode):
         with _disable_current_modes():
             out = t.clone()
         self.op = f"copy to the {where}"
-        self.access([t], [out], fresh=[out])
-        self.put(where, out)
+        self.made(where, out)
+        self.access([t], [out])
         if not non_blocking:
             self.host_waits(self.cur.vc, f"a blocking {self.op}")
         return out
 
     # accesses
-    def access(self, reads, writes, fresh=(), agent=None):
+    def access(self, reads, writes, agent=None):
         s = agent or self.cur
         vc = self.tick(s)
         for t, kind in [(t, "r") for t in reads] + [(t, "w") for t in writes]:
@@ -158,8 +160,6 @@ class Sim(TorchDispatchMode):
                 continue
             base, lo = t.untyped_storage().data_ptr(), t.data_ptr()
             hi = lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-            if any(t is f for f in fresh):
-                self.acc[base] = {}                      # new memory: nothing before it
             book = self.acc.setdefault(base, {})
             for (s2, k2, lo2, hi2), c in book.items():
                 if s2 is not s and lo2 < hi and lo < hi2 and "w" in (kind, k2) and vc.get(s2, 0) < c:
@@ -171,8 +171,7 @@ class Sim(TorchDispatchMode):
         out = func(*args, **kwargs)
         schema, self.op = func._schema, str(func)
         if "lift_fresh" in self.op:                      # torch.tensor(...), x[i] = 1.0: a new constant
-            self.put("new", out)
-            self.acc.pop(out.untyped_storage().data_ptr(), None)
+            self.made("new", out)
             return out
         written = [a.alias_info is not None and a.alias_info.is_write for a in schema.arguments]
         if any(r.alias_info is not None for r in schema.returns) and not any(written):
@@ -184,15 +183,11 @@ class Sim(TorchDispatchMode):
         ins = tensors((args, kwargs))
         places = {self.place(t) for t in ins}
         where = "device" if "device" in places else "host" if "host" in places else "new"
-        for t in outs:                                   # new memory, where it was made: nothing before it
-            self.where.pop(t.untyped_storage().data_ptr(), None)
-            self.acc.pop(t.untyped_storage().data_ptr(), None)
-            if where != "device":
-                self.put(where, t)
+        self.made(where, *outs)                          # new memory, where it was made
         if where == "new":                               # made from nothing but new memory: no one else's
             return out
         agent = self.cur if where == "device" else self.host
-        self.access(ins, writes + outs, fresh=outs, agent=agent)
+        self.access(ins, writes + outs, agent=agent)
         if where == "device" and str(func).split(".")[1] in HOST_READS:
             self.host_waits(agent.vc, f"a read of a device value ({func})")
         return out
@@ -215,7 +210,7 @@ def simulated(cache, monkeypatch, **kw):
     store.cuda, store.stream, store.device, cache.dev = True, sim.copy, Device(), Device()
     sim.store = store.kv.untyped_storage().data_ptr()
     pool = store.pool
-    sim.put("host", store.kv, cache.need, cache.recall, cache.share, *getattr(store, "stage", []),
+    sim.made("host", store.kv, cache.need, cache.recall, cache.share, *getattr(store, "stage", []),
             *getattr(store, "stage_pos", []), *([pool.where, pool.owner, pool.fetches, pool.last_use]
                                                 if pool else []))
     kernels = {"gather_rows": sim.kernel(torch_gather, 3), "put_rows": sim.kernel(torch_put, 2)}
@@ -263,7 +258,7 @@ def run(llama, name, monkeypatch, gather="device", record=True, forget=True, ign
                           tokens.shape[1] + 8)
     tok = torch.full((len(prompts),), 5)
     with simulated(cache, monkeypatch, ignore=ignore) as sim:
-        sim.put("host", valid)                           # generate keeps the prompt's mask on the host
+        sim.made("host", valid)                           # generate keeps the prompt's mask on the host
         IG.prefill(m, cache, tokens, valid)
         for _ in range(3):
             IG.decode_one(m, cache, tok)
