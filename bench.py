@@ -29,6 +29,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 
 import torch
 
@@ -84,6 +85,19 @@ def table(rows, cols):
         print("  ".join(v.rjust(w) for v, w in zip(r, width)))
 
 
+WARM_STEPS = 2   # decode steps a GPU row's step time leaves out: Triton specializes, a CUDA graph records
+
+
+def steady(stamps, B):
+    """The mean decode step from the times after each forward (the first: prefill's), leaving out the first
+    WARM_STEPS decode steps where enough steps follow them; and tokens/s at that step."""
+    k = WARM_STEPS if len(stamps) > WARM_STEPS + 2 else 0
+    if len(stamps) - 1 - k < 1:
+        return {}
+    step = (stamps[-1] - stamps[k]) / (len(stamps) - 1 - k)
+    return {"steady_step_s": round(step, 5), "warm_steps": k, "steady_tokens_per_s": round(B / step, 2)}
+
+
 def ours(model, prompts, policy, new, **kw):  # our generate, never stopping early (no stop ids)
     pol = policy if isinstance(policy, I.Policy) else I.Policy(policy)
     return I.generate(model, prompts, pol, new, stop_ids=(), **kw)
@@ -110,7 +124,8 @@ def hf_generate(hf, ids, new, cache=None):
     steps, decode_s = len(t) - 1, t[-1] - t[0]
     return out[:, ids.shape[1]:].tolist(), {
         "prefill_s": round(t[0] - t0, 4), "decode_s": round(decode_s, 4), "decode_steps": steps,
-        "tokens_per_s": round(ids.shape[0] * steps / decode_s, 2) if decode_s > 0 else None}
+        "tokens_per_s": round(ids.shape[0] * steps / decode_s, 2) if decode_s > 0 else None} | steady(
+        t, ids.shape[0])
 
 
 def load_hf_default(device, dtype, folder=None):
@@ -333,25 +348,34 @@ def save_row(path, run, row):
     write_json(path, data)
 
 
+class RowsFailed(Exception):
+    """Rows of ours that ended in an error (a bug, not a lack of memory): the run fails, after the rest."""
+
+
 def measure(fn, args, row, bw, peer=False):
     """Run one row. Out of memory (or refused by a preflight) is that row's result; so is any error of
-    the transformers peer (its row says so); any other error of ours fails the run."""
+    the transformers peer (its row says so). Any other error of ours is a bug: its traceback is printed,
+    its row says `error`, the other rows still run, and the run fails at the end (RowsFailed)."""
     line = lambda e: f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
     try:
         s = fn(*args)
     except (torch.OutOfMemoryError, OffloadError) as e:
         s = {"skipped": line(e)}
     except Exception as e:
-        if not peer:
-            raise
-        s = {"skipped": "peer error: " + line(e)}
+        if peer:
+            s = {"skipped": "peer error: " + line(e)}
+        else:
+            traceback.print_exc()
+            s = {"error": line(e)}
     free_memory()
     row.update({k: None for k in ROW_KEYS} | s)
-    if "skipped" in s:
-        say(f"    skipped: {s['skipped']}")
+    if "skipped" in s or "error" in s:
+        say(f"    {'skipped' if 'skipped' in s else 'ERROR'}: {s.get('skipped') or s['error']}")
         return row
     h2d = s.get("h2d_bytes_per_step")
     step = s["decode_s"] / s["decode_steps"] if s["decode_steps"] else None
+    if s.get("steady_step_s"):                                # the warm-up steps left out
+        step, row["tokens_per_s"] = s["steady_step_s"], s["steady_tokens_per_s"]
     floor = h2d / bw if h2d and bw else None
     row.update(step_s=round(step, 5) if step else None, pcie_floor_s=round(floor, 5) if floor else None,
                step_over_floor=round(step / floor, 2) if step and floor else None)
@@ -360,7 +384,14 @@ def measure(fn, args, row, bw, peer=False):
 
 
 def run_ours(model, ids, pol, new, cuda):
-    return ours(model, ids.tolist(), pol, new, time_copies=cuda)[1]
+    """Our generate, stamped after each forward as hf_generate stamps transformers' (a sync on CUDA)."""
+    t = []
+
+    def stamp(_):
+        if cuda:
+            torch.cuda.synchronize()
+        t.append(time.perf_counter())
+    return ours(model, ids.tolist(), pol, new, time_copies=cuda, on_token=stamp)[1] | steady(t, ids.shape[0])
 
 
 def make_peer(make_twin, dev):
@@ -451,6 +482,11 @@ def suite_gpu(a):
     table(rows, ["model", "impl", "budget", "batch", "context", "tokens_per_s", "h2d_bytes_per_step",
                  "pcie_floor_s", "step_s", "step_over_floor", "copy_wait_s", "cuda_graph", "skipped"])
     say(f"wrote {path}")
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        f = failed[0]
+        raise RowsFailed(f"{len(failed)} of {len(rows)} rows failed (their tracebacks are above), the first: "
+                         f"{f['impl']} {f['batch']}x{f['context']}: {f['error']}")
 
 
 # --- Gather: the kernel against the host path
@@ -475,10 +511,13 @@ def suite_gather(a):
     bw = pinned_h2d_bandwidth(dev)
     info["pinned_h2d_bytes_per_s"] = round(bw) if bw else None
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    slug = "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-")
+    path = a.out or os.path.join(ROOT, "results", f"gather-{slug}.json")
     for d in (32, 64, 128):
         for gather in gathers:
             store = KVStore(1, B, S, Hkv, d, dev, dtype, gather=gather)
-            store.kv.copy_(torch.randn(store.kv.shape, generator=torch.Generator().manual_seed(d)).to(dtype))
+            gen = torch.Generator(dev).manual_seed(d)                       # made on the device: fast
+            store.kv.copy_(torch.randn(store.kv.shape, generator=gen, device=dev, dtype=dtype))
             for frac in (0.05, 0.1, 0.2):
                 n = max(1, int(frac * S))
                 g = torch.Generator().manual_seed(n)
@@ -498,6 +537,7 @@ def suite_gather(a):
                        "ms": round(dt * 1e3, 3), "useful_gb_per_s": round(useful / dt / 1e9, 2),
                        "of_pinned_bandwidth": round(useful / dt / bw, 3) if bw else None}
                 info["rows"].append(row)
+                write_json(path, info)                                   # a run cut short keeps its rows
                 say(f"  rows of {store.row_bytes} B, {frac:.0%}, {gather}: {row['ms']} ms, "
                     f"{row['useful_gb_per_s']} GB/s")
             store = None
@@ -512,8 +552,6 @@ def suite_gather(a):
             "folded_into_queries": sdpa_backend(q.view(B, Hkv, G, d), k, k, mask.expand(B, Hkv, G, n), False)}
         say(f"  decode attention, {name} shape: {info['sdpa'][name]}")
     table(info["rows"], ["row_bytes", "fraction", "gather", "ms", "useful_gb_per_s", "of_pinned_bandwidth"])
-    slug = "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-")
-    path = a.out or os.path.join(ROOT, "results", f"gather-{slug}.json")
     write_json(path, info)
     say(f"wrote {path}")
 
@@ -535,6 +573,8 @@ def suite_timeline(a):
            "note": "CUDA: copy-stream and compute-stream events, so overlap is real concurrency" if cuda else
            "CPU: host clock; a copy inside the previous layer's span ran serially within it, "
            "not concurrently"}
+    slug = "".join(c if c.isalnum() else "-" for c in out["device"].lower()).strip("-")
+    path = a.out or os.path.join(ROOT, "results", f"timeline-{slug}.json")
     for pol in ("offload", "infinigen"):
         say(f"timeline: {pol}, batch {B}, context {ctx} ...")
         cache = I.make_cache(model, I.Policy(pol, gather=a.gather), B, ctx + 8)
@@ -590,10 +630,10 @@ def suite_timeline(a):
         say(f"  step {step:.2f} ms; copies {out['runs'][pol]['copy_ms']:.2f} ms in all, {overlap:.2f} ms "
             f"of it during the previous layer; copy wait per step {waits} ms; "
             f"breakdown {out['runs'][pol]['breakdown_ms']}")
-    slug = "".join(c if c.isalnum() else "-" for c in out["device"].lower()).strip("-")
-    path = a.out or os.path.join(ROOT, "results", f"timeline-{slug}.json")
-    out["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    write_json(path, out)
+        out["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        write_json(path, out)                                    # a run cut short keeps the first policy
+        cache = None                                             # its store goes before the next is made
+        free_memory()
     say(f"wrote {path}")
     plot_timeline(out, os.path.splitext(path)[0] + ".png")
 
@@ -647,7 +687,7 @@ def main(argv=None):
             cli.read_text(a.text, "--text")
         suites = {"cpu": suite_cpu, "gpu": suite_gpu, "timeline": suite_timeline, "gather": suite_gather}
         suites[a.suite](a)
-    except (ValueError, OffloadError, M.ModelError, OSError, ImportError) as e:   # FileNotFoundError: OSError
+    except (ValueError, OffloadError, M.ModelError, OSError, ImportError, RowsFailed) as e:   # OSError: files
         cli.fail(e)
     except KeyboardInterrupt:
         cli.interrupted(": the results files written so far are whole")

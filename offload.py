@@ -27,7 +27,15 @@ class OffloadError(Exception):
 
 
 # --- Memory preflight
-def host_available():  # bytes of CPU memory the OS says it can still give
+def host_available():
+    """Bytes of CPU memory the OS says it can still give; INFINIGEN_HOST_GIB overrides it, for a virtual
+    machine whose memory grows as it is used (it reports far less than it can give)."""
+    over = os.environ.get("INFINIGEN_HOST_GIB")
+    if over:
+        try:
+            return float(over) * 2**30
+        except ValueError:
+            raise ValueError(f"INFINIGEN_HOST_GIB={over!r} is not a number of GiB") from None
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
@@ -36,8 +44,8 @@ def host_available():  # bytes of CPU memory the OS says it can still give
         return None
 
 
-def gib(n):
-    return f"{n / 2**30:.2f} GiB"
+def gib(n):  # bytes, as people read them
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def preflight(host_bytes, device_bytes, device, what="KV"):
@@ -59,6 +67,8 @@ def host_tensor(shape, dtype, pin):
     Registered memory is mapped, so a kernel can read it through its host pointer."""
     t = torch.empty(shape, dtype=dtype)
     if pin and t.numel():
+        while LATE:
+            unpin(LATE.pop())
         cudart = torch.cuda.cudart()
         err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 3)   # portable | mapped
         if int(err) != 0:
@@ -68,9 +78,18 @@ def host_tensor(shape, dtype, pin):
     return t
 
 
+LATE = []   # blocks freed while a CUDA graph was being recorded (it may not sync): unpinned at the next pin
+
+
 def unpin(ptr):  # before the memory goes back: nothing queued may still read it
     try:
+        if torch.cuda.is_current_stream_capturing():
+            LATE.append(ptr)                 # still registered: a reuse of its pages is harmless
+            return
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)   # a wanted sync, also inside a test that forbids them
         torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(mode)
         torch.cuda.cudart().cudaHostUnregister(ptr)
     except RuntimeError:                     # CUDA already shut down at exit
         pass

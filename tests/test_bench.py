@@ -1,7 +1,8 @@
 """bench.py's GPU suite and timeline, run on this CPU with the tiny random shape: every row is written as
 soon as it is measured and rows of earlier runs stay; a row that does not fit is that row's result, and
-any other error fails the run; the transformers peer is refused before it could exhaust host memory;
-bad flags give one line. (The numbers themselves are measured on a GPU, never asserted.)"""
+any other error of ours fails the run after the other rows; the transformers peer is refused before it
+could exhaust host memory; bad flags give one line. (The numbers themselves are measured on a GPU, never
+asserted.)"""
 import json
 import os
 import subprocess
@@ -68,10 +69,45 @@ def test_measure_skips_only_what_does_not_fit():
 
     def broken():
         raise RuntimeError("device-side assert triggered")
-    with pytest.raises(RuntimeError, match="device-side"):
-        bench.measure(broken, (), {"impl": "x"}, None)
+    row = bench.measure(broken, (), {"impl": "x"}, None)                        # ours: a bug, not a skip
+    assert row["error"] == "RuntimeError: device-side assert triggered" and "skipped" not in row
     row = bench.measure(broken, (), {"impl": "hf-dynamic"}, None, peer=True)   # the peer's row says so
     assert row["skipped"] == "peer error: RuntimeError: device-side assert triggered"
+
+
+def test_the_step_time_leaves_out_the_warm_up_steps():
+    """Stamps after prefill and after each decode step: the first two decode steps (Triton specializing,
+    a CUDA graph recording) are left out where at least two steps follow them."""
+    assert bench.steady([0.0, 5.0, 9.0, 10.0, 11.5, 12.0], 4) == {
+        "steady_step_s": 1.0, "warm_steps": 2, "steady_tokens_per_s": 4.0}
+    assert bench.steady([0.0, 5.0, 9.0, 10.0], 1) == {
+        "steady_step_s": round(10 / 3, 5), "warm_steps": 0, "steady_tokens_per_s": round(3 / 10, 2)}
+    assert bench.steady([0.0], 1) == {}
+    row = bench.measure(lambda: {"decode_s": 12.0, "decode_steps": 5, "tokens_per_s": 1.67,
+                                 "h2d_bytes_per_step": 100, **bench.steady([0, 5, 9, 10, 11.5, 12], 4)},
+                        (), {"impl": "x", "batch": 4}, 200.0)
+    assert row["step_s"] == 1.0 and row["tokens_per_s"] == 4.0 and row["step_over_floor"] == 2.0
+
+
+def test_a_bug_in_one_row_fails_the_run_after_the_other_rows(tmp_path, monkeypatch, capsys):
+    """A one-shot GPU run keeps every row it can measure; the bug still fails it, with its traceback."""
+    plain = bench.run_ours
+
+    def broken(model, ids, pol, new, cuda):
+        if pol.name == "offload":
+            raise RuntimeError("an illegal memory access was encountered")
+        return plain(model, ids, pol, new, cuda)
+    monkeypatch.setattr(bench, "run_ours", broken)
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--new-tokens", "3",
+                    "--shapes", "2x40", "--policies", "offload,full", "--out", str(out)])
+    assert str(e.value.code).startswith("error: 1 of 2 rows failed")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["offload", "full"]
+    assert rows[0]["error"] == "RuntimeError: an illegal memory access was encountered"
+    assert rows[1]["tokens_per_s"] > 0 and "error" not in rows[1]
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_a_peer_that_cannot_be_made_is_each_peer_rows_error():

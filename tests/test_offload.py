@@ -277,6 +277,57 @@ def test_host_tensor_is_pinned_at_its_size():
     assert torch.equal(t.to("cuda", non_blocking=True).cpu(), x)
 
 
+class FakeCudart:   # the two calls of torch.cuda.cudart() that host_tensor and unpin make, logged
+    def __init__(self):
+        self.calls = []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.calls.append(("register", ptr))
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append(("unregister", ptr))
+        return 0
+
+
+def test_pinned_memory_is_unregistered_when_freed_even_while_a_graph_records(monkeypatch):
+    """Freed, a block is unregistered after a sync that a test forbidding syncs does not trip; freed while
+    a CUDA graph records (no sync allowed), it stays registered until the next block is pinned."""
+    fake, modes, capturing = FakeCudart(), [], [False]
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 2)               # "error"
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: fake.calls.append(("sync", modes[-1])))
+    t = offload.host_tensor((1024,), torch.float16, pin=True)
+    ptr = t.data_ptr()
+    del t
+    assert fake.calls == [("register", ptr), ("sync", 0), ("unregister", ptr)] and modes == [0, 2]
+    fake.calls.clear()
+    capturing[0] = True
+    t = offload.host_tensor((1024,), torch.float16, pin=True)
+    ptr = t.data_ptr()
+    del t
+    capturing[0] = False
+    assert fake.calls == [("register", ptr)] and offload.LATE == [ptr]
+    t = offload.host_tensor((8,), torch.float16, pin=True)
+    assert fake.calls[1:] == [("sync", 0), ("unregister", ptr), ("register", t.data_ptr())]
+    assert not offload.LATE
+    del t                                                          # while the fakes stand
+
+
+def test_the_host_memory_to_plan_with_can_be_given(monkeypatch):
+    """A virtual machine that grows its memory as it is used reports too little: INFINIGEN_HOST_GIB."""
+    monkeypatch.setenv("INFINIGEN_HOST_GIB", "2")
+    assert offload.host_available() == 2 * 2**30
+    with pytest.raises(OffloadError, match=r"needs 2\.00 GiB but only 2\.00 GiB"):
+        offload.preflight(2 * 2**30, 0, CPU)
+    offload.preflight(2**30, 0, CPU)
+    monkeypatch.setenv("INFINIGEN_HOST_GIB", "lots")
+    with pytest.raises(ValueError, match="INFINIGEN_HOST_GIB='lots' is not a number of GiB"):
+        offload.host_available()
+
+
 # --- The bounded pool
 def check_consistent(pool, L, B):
     for layer in range(L):
