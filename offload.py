@@ -72,6 +72,8 @@ def host_tensor(shape, dtype, pin):
         cudart = torch.cuda.cudart()
         err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 3)   # portable | mapped
         if int(err) != 0:
+            with contextlib.suppress(RuntimeError):     # the failed call left its error for the next launch
+                torch.zeros(1, device="cuda").add_(1)  # check to find (another row's): found here instead
             raise OffloadError(f"cannot pin {gib(t.numel() * t.element_size())} of host memory "
                                f"(cudaHostRegister error {int(err)})")
         weakref.finalize(t, unpin, t.data_ptr())

@@ -316,6 +316,22 @@ def test_pinned_memory_is_unregistered_when_freed_even_while_a_graph_records(mon
     del t                                                          # while the fakes stand
 
 
+def test_a_failed_pin_is_one_line_and_leaves_no_error_behind(monkeypatch):
+    """cudaHostRegister's error stays in CUDA's last-error slot, where torch's check after the next kernel
+    launch would find it and blame that kernel: host_tensor launches one itself and drops what it finds."""
+    fake, launched = FakeCudart(), []
+    fake.cudaHostRegister = lambda ptr, size, flags: 2                      # cudaErrorMemoryAllocation
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+
+    def zeros(*shape, device=None):
+        launched.append(device)
+        raise RuntimeError("CUDA error: out of memory")                    # the error found, and dropped
+    monkeypatch.setattr(torch, "zeros", zeros)
+    with pytest.raises(OffloadError, match=r"cannot pin 2\.00 MiB of host .* \(cudaHostRegister error 2\)"):
+        offload.host_tensor((2**20,), torch.float16, pin=True)
+    assert launched == ["cuda"]
+
+
 def test_the_host_memory_to_plan_with_can_be_given(monkeypatch):
     """A virtual machine that grows its memory as it is used reports too little: INFINIGEN_HOST_GIB."""
     monkeypatch.setenv("INFINIGEN_HOST_GIB", "2")
