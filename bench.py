@@ -329,9 +329,10 @@ def peer_preflight(cfg, B, ctx, offloading, dev):
     preflight(kv if offloading else 0, (2 * layer if offloading else kv) + act, dev, what="transformers KV")
 
 
-def rows_file(dev, name=None):
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") if name else dev.type
-    return os.path.join(ROOT, "results", f"bench-{slug}.json")
+def results_file(kind, device):
+    """results/<kind>-<device>.json, the device's name in letters, digits and dashes (nvidia-h200, cpu)."""
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+    return os.path.join(ROOT, "results", f"{kind}-{slug}.json")
 
 
 def save_row(path, run, row):
@@ -373,9 +374,8 @@ def measure(fn, args, row, bw, peer=False):
         say(f"    {'skipped' if 'skipped' in s else 'ERROR'}: {s.get('skipped') or s['error']}")
         return row
     h2d = s.get("h2d_bytes_per_step")
-    step = s["decode_s"] / s["decode_steps"] if s["decode_steps"] else None
-    if s.get("steady_step_s"):                                # the warm-up steps left out
-        step, row["tokens_per_s"] = s["steady_step_s"], s["steady_tokens_per_s"]
+    step = s.get("steady_step_s") or (s["decode_s"] / s["decode_steps"] if s["decode_steps"] else None)
+    row["tokens_per_s"] = s.get("steady_tokens_per_s", row["tokens_per_s"])     # the warm-up steps left out
     floor = h2d / bw if h2d and bw else None
     row.update(step_s=round(step, 5) if step else None, pcie_floor_s=round(floor, 5) if floor else None,
                step_over_floor=round(step / floor, 2) if step and floor else None)
@@ -441,7 +441,7 @@ def suite_gpu(a):
         if name not in SHAPES:
             raise ValueError(f"unknown model {name!r} (choose from {', '.join(SHAPES)})")
     shapes = {name: parse_shapes(a.shapes or ROWS[name]) for name in models}
-    path = a.out or rows_file(dev, info["device"] if cuda else None)
+    path = a.out or results_file("bench", info["device"])
     say("measuring pinned host->device bandwidth (1 GiB) ..." if cuda else "on a CPU: no PCIe link, no floor")
     bw = pinned_h2d_bandwidth(dev)
     if bw:
@@ -511,8 +511,7 @@ def suite_gather(a):
     bw = pinned_h2d_bandwidth(dev)
     info["pinned_h2d_bytes_per_s"] = round(bw) if bw else None
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    slug = "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-")
-    path = a.out or os.path.join(ROOT, "results", f"gather-{slug}.json")
+    path = a.out or results_file("gather", info["device"])
     for d in (32, 64, 128):
         for gather in gathers:
             store = KVStore(1, B, S, Hkv, d, dev, dtype, gather=gather)
@@ -573,8 +572,7 @@ def suite_timeline(a):
            "note": "CUDA: copy-stream and compute-stream events, so overlap is real concurrency" if cuda else
            "CPU: host clock; a copy inside the previous layer's span ran serially within it, "
            "not concurrently"}
-    slug = "".join(c if c.isalnum() else "-" for c in out["device"].lower()).strip("-")
-    path = a.out or os.path.join(ROOT, "results", f"timeline-{slug}.json")
+    path = a.out or results_file("timeline", out["device"])
     for pol in ("offload", "infinigen"):
         say(f"timeline: {pol}, batch {B}, context {ctx} ...")
         cache = I.make_cache(model, I.Policy(pol, gather=a.gather), B, ctx + 8)

@@ -90,8 +90,10 @@ def unpin(ptr):  # before the memory goes back: nothing queued may still read it
             return
         mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode(0)   # a wanted sync, also inside a test that forbids them
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode(mode)
+        try:
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
         torch.cuda.cudart().cudaHostUnregister(ptr)
     except RuntimeError:                     # CUDA already shut down at exit
         pass
