@@ -300,14 +300,19 @@ def free_memory():
 
 def parse_policy(spec):
     """'infinigen:0.1' -> ('infinigen', 0.1); 'hf-dynamic' -> ('hf-dynamic', None)."""
-    name, _, budget = spec.partition(":")
+    name, colon, budget = spec.partition(":")
     if name not in I.POLICIES + ("hf-dynamic", "hf-offloaded"):
         raise ValueError(f"unknown policy {name!r} in --policies")
+    sparse = name not in ("full", "offload") and not name.startswith("hf")
+    if colon and not sparse:
+        raise ValueError(f"{name} keeps every token, it takes no budget: {spec!r} in --policies")
     try:
-        return name, float(budget) if budget else (0.2 if name not in ("full", "offload") and
-                                                   not name.startswith("hf") else None)
+        b = float(budget) if colon else (0.2 if sparse else None)
     except ValueError:
         raise ValueError(f"bad budget in --policies: {spec!r}") from None
+    if sparse:
+        I.Policy(name, budget=b)                                           # its own check, one line
+    return name, b
 
 
 def parse_shapes(spec):
@@ -335,12 +340,22 @@ def results_file(kind, device):
     return os.path.join(ROOT, "results", f"{kind}-{slug}.json")
 
 
-def save_row(path, run, row):
-    """Add (or replace) one row in the results file, written whole each time."""
+def load_rows(path):
+    """The gpu suite's results file so far (a new one where there is none); checked before any row runs."""
     try:
         data = json.load(open(path)) if os.path.exists(path) else {"suite": "gpu", "runs": [], "rows": []}
-    except ValueError as e:
-        raise ValueError(f"{path} is not readable JSON ({e}): move it away or give --out") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not readable JSON ({str(e)[:80]}): move it away or give --out") from None
+    ok = isinstance(data, dict) and data.get("suite") == "gpu"
+    if not (ok and isinstance(data.get("runs"), list) and isinstance(data.get("rows"), list)
+            and all(isinstance(r, dict) for r in data["runs"] + data["rows"])):
+        raise ValueError(f"{path} is not a results file of the gpu suite: move it away or give --out")
+    return data
+
+
+def save_row(path, run, row):
+    """Add (or replace) one row in the results file, written whole each time."""
+    data = load_rows(path)
     if not data["runs"] or data["runs"][-1] != run:
         data["runs"] = [r for r in data["runs"] if r["date"] != run["date"]] + [run]
     key = lambda r: (r["model"], r["impl"], r.get("budget"), r["batch"], r["context"], r.get("gather"),
@@ -436,12 +451,18 @@ def suite_gpu(a):
                          "dtype": str(dtype)[6:]}
     new = a.new_tokens or 16
     pols = [parse_policy(p) for p in a.policies.split(",")]
-    models = a.models.split(",")
+    models = (a.models or "smollm2,7b").split(",")
     for name in models:
         if name not in SHAPES:
             raise ValueError(f"unknown model {name!r} (choose from {', '.join(SHAPES)})")
     shapes = {name: parse_shapes(a.shapes or ROWS[name]) for name in models}
-    path = a.out or results_file("bench", info["device"])
+    for name in models:
+        for B, ctx in shapes[name]:
+            if not new < ctx <= SHAPES[name]["max_position_embeddings"]:
+                raise ValueError(f"--shapes {B}x{ctx}: {name}'s context must hold a prompt and --new-tokens "
+                                 f"{new}: from {new + 1} to {SHAPES[name]['max_position_embeddings']} tokens")
+    path = a.out or results_file("bench" if info["device"] != "cpu" else "bench-gpu-suite", info["device"])
+    load_rows(path)                                    # a file it cannot add to fails now, not after a row
     say("measuring pinned host->device bandwidth (1 GiB) ..." if cuda else "on a CPU: no PCIe link, no floor")
     bw = pinned_h2d_bandwidth(dev)
     if bw:
@@ -452,7 +473,8 @@ def suite_gpu(a):
         model, make_twin, real = models_for(name, dev, dtype)
         cfg, label = model.cfg, name if real or name != "smollm2" else "smollm2-random"
         for pol, budget in [p for p in pols if not p[0].startswith("hf")]:
-            p = I.Policy(pol, **({"budget": budget} if budget else {}), gather=a.gather, graphs=a.graphs)
+            p = I.Policy(pol, **({"budget": budget} if budget is not None else {}), gather=a.gather,
+                         graphs=a.graphs)
             say(f"{label}: warming up {pol} ...")
             ours(model, [list(range(64))], p, 4)
             for B, ctx in shapes[name]:
@@ -562,7 +584,9 @@ def suite_timeline(a):
     from offload import mark
     cuda = torch.cuda.is_available() and a.device != "cpu"
     dev, dtype = (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
-    name = a.models.split(",")[0]
+    name = a.models or "smollm2"
+    if name not in SHAPES:
+        raise ValueError(f"--models: the timeline traces one model, one of {', '.join(SHAPES)}; got {name!r}")
     model, _, real = models_for(name, dev, dtype)
     B, ctx = parse_shapes(a.shapes or ("1x1024" if not cuda else ROWS[name].split(",")[0]))[0]
     ids = torch.randint(0, model.cfg.vocab_size, (B, ctx), generator=torch.Generator().manual_seed(0)).to(dev)
@@ -666,7 +690,8 @@ def main(argv=None):
                    "/usr/share/common-licenses)")
     p.add_argument("--prompt-tokens", type=cli.positive_int, default=512, help="cpu: prompt length in tokens")
     p.add_argument("--new-tokens", type=cli.positive_int, default=None, help="default: 128 (cpu), 16 (gpu)")
-    p.add_argument("--models", default="smollm2,7b", help=f"gpu, timeline: from {', '.join(SHAPES)}")
+    p.add_argument("--models", help=f"gpu (default smollm2,7b), timeline (one; default smollm2): from "
+                                    f"{', '.join(SHAPES)}")
     p.add_argument("--shapes", help="gpu, timeline: BATCHxCONTEXT,... (context = prompt + new tokens); "
                    f"default per model: {ROWS}")
     p.add_argument("--policies", default=POLICIES,

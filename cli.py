@@ -204,12 +204,14 @@ def device_of(name):
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def main(argv=None):
+def main(argv=None, script=False):
+    """The command line; `script`: this process ends with it (python infinigen.py), so after a Ctrl-C
+    further ones stay ignored through the exit instead of breaking into the interpreter's shutdown."""
     args = parse_args(build_parser(), argv)
     run = Run(args)             # Ctrl-C as Python's default has it (not ignored, main thread): ours
     ours = threading.current_thread() is threading.main_thread() and \
         signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    before = signal.signal(signal.SIGINT, run.sigint) if ours else None
+    before, stop = signal.signal(signal.SIGINT, run.sigint) if ours else None, False
     try:
         run.go()
     except BrokenPipeError:                          # the reader went away (`| head`): stop quietly
@@ -220,9 +222,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         if ours:
             signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C does not cut the last words
+            stop = script
         run.interrupted()
     finally:
-        if ours:
+        if ours and not stop:
             signal.signal(signal.SIGINT, before)
 
 

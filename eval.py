@@ -48,12 +48,14 @@ def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
     Windows run one at a time: on a CPU, batch 1 is the fast shape for the vocabulary projection."""
     W, N = windows.shape
     prefix = prefix or N // 2
-    rows, frac, t0, dev = [], [], time.time(), next(model.parameters()).device
+    rows, frac, missed, t0, dev = [], [], [0, 0], time.time(), next(model.parameters()).device
     for w in range(W):
         win = windows[w:w + 1].to(dev)
         ref = full_logprobs(model, win, prefix)[0]                     # position t's logits predict token t+1
         cache = I.make_cache(model, pol, 1, N)
         I.prefill(model, cache, win[:, :prefix], torch.ones(1, prefix, dtype=torch.bool))
+        pool = cache.store.pool if hasattr(cache, "store") else None
+        before = (pool.misses, pool.requests) if pool else (0, 0)           # count the decode steps only
         for t in range(prefix, N - 1):
             lp = I.decode_one(model, cache, win[:, t])[0].float().log_softmax(-1)   # predicts token t+1
             r, tgt = ref[t - prefix], win[0, t + 1]
@@ -64,9 +66,15 @@ def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
                       f"({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
         frac.append(I.stats_of(model, cache, 0, 1, 1, 1).get("fetched_fraction_per_layer",
                                                              [1.0] * model.cfg.n_layers))
+        if pool:
+            missed = [missed[0] + pool.misses - before[0], missed[1] + pool.requests - before[1]]
     if progress:
         print(file=sys.stderr)
     nll, nll_full, agree, kl = torch.stack(rows).cpu().view(W, N - 1 - prefix, 4).unbind(-1)   # each (W, n)
+    finite = torch.isfinite(torch.stack([nll, nll_full, kl])).all()
+    if not (finite and max(nll.mean(), nll_full.mean()) < 700):
+        raise ValueError("the model's log-probabilities are not finite (or its perplexity passes e^700): "
+                         "are its weights broken?")
     frac = torch.tensor(frac).mean(0).tolist()                                            # per layer
     dense = pol.dense_layers if pol.name not in ("full", "offload") else model.cfg.n_layers
     chunks = [{"start": prefix + 1 + c, "ppl": math.exp(nll[:, c:c + chunk].mean()),
@@ -75,7 +83,8 @@ def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
     return {"ppl": math.exp(nll.mean()), "ppl_full": math.exp(nll_full.mean()), "top1": agree.mean().item(),
             "kl": kl.mean().item(), "fetched_fraction": sum(frac) / len(frac),
             "sparse_fraction": sum(frac[dense:]) / (len(frac) - dense) if dense < len(frac) else 1.0,
-            "fetched_per_layer": [round(f, 4) for f in frac], "positions": int(nll.numel()), "chunks": chunks}
+            "fetched_per_layer": [round(f, 4) for f in frac], "positions": int(nll.numel()), "chunks": chunks,
+            **({"pool_miss_rate": missed[0] / missed[1]} if missed[1] else {})}   # rows asked but evicted
 
 
 def windows_of(tok, path, n, count, seed=0):
@@ -83,6 +92,8 @@ def windows_of(tok, path, n, count, seed=0):
     ids = tok.tok.encode(cli.read_text(path, "text file")).ids
     if len(ids) < n:
         raise ValueError(f"{path} has {len(ids)} tokens, fewer than one window of {n}")
+    if count > len(ids) - n + 1:
+        raise ValueError(f"--windows {count}: {path} has {len(ids) - n + 1} different windows of {n} tokens")
     starts = [round(i * (len(ids) - n) / max(count - 1, 1)) for i in range(count)]
     return torch.tensor([ids[s:s + n] for s in starts])
 
@@ -184,7 +195,8 @@ def report():
         for r in (parts[part] or {}).get("rows", []):
             p = r["policy"]
             knobs = [f"α={p['alpha']}", f"r={p['partial_ratio']}"] if p["name"] == "infinigen" else []
-            knobs += [f"pool 80% {p['eviction']}"] if p.get("capacity") else []
+            miss = f" ({r['pool_miss_rate']:.2%} of rows missed)" if "pool_miss_rate" in r else ""
+            knobs += [f"pool 80% {p['eviction']}{miss}"] if p.get("capacity") else []
             knobs = ", ".join(knobs + ["layers: " + p.get("layer_budget", "uniform")])
             rows.append(f"| {part} | {label(p)} | {p['budget']} | {knobs} | {r['kl']:.4f} | "
                         f"{r['top1']:.3f} | {r['ppl']:.2f} / {r['ppl_full']:.2f} | "
@@ -293,9 +305,9 @@ def run(args):
     if args.study or not args.passkey:
         if not args.text:
             raise ValueError("--text FILE is required (or --passkey)")
-        if args.decode >= args.context or args.context > model.cfg.max_seq_len:
-            raise ValueError(f"--decode {args.decode} must be smaller than --context {args.context}, "
-                             f"and --context at most the model's {model.cfg.max_seq_len}")
+        if not 2 <= args.decode < args.context <= model.cfg.max_seq_len:
+            raise ValueError(f"--decode {args.decode} must be at least 2 and smaller than --context "
+                             f"{args.context}, and --context at most the model's {model.cfg.max_seq_len}")
     if args.study:
         study(model, tok, args)
         return report()
@@ -347,12 +359,16 @@ def main(argv=None):
         cli.interrupted(": results files already written stay whole")
     if res is None:
         return
-    if args.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            if k != "chunks":
-                print(f"{k:>18}: {v:.4f}" if isinstance(v, float) else f"{k:>18}: {v}")
+    try:
+        if args.json:
+            print(json.dumps(res), flush=True)
+        else:
+            for k, v in res.items():
+                if k != "chunks":
+                    print(f"{k:>18}: {v:.4f}" if isinstance(v, float) else f"{k:>18}: {v}", flush=True)
+    except OSError as e:                                   # a closed pipe, a full disk
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # nothing left to flush at exit
+        cli.fail(e)
 
 
 if __name__ == "__main__":

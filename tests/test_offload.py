@@ -385,11 +385,13 @@ class SequentialPool(Pool):
             res = self.owner[layer, b]                                  # (P,) tokens resident
             if self.policy == "fifo":
                 victim = int(res.min())
-            elif self.policy == "lru":
-                victim = int(res[self.last_use[layer, b, res].argmin()])
-            else:  # counter: among the older half of the residents, the least often fetched
+            elif self.policy == "lru":      # ties: the oldest token
+                use = self.last_use[layer, b, res]
+                victim = int(res[use == use.min()].min())
+            else:  # counter: among the older half of the residents, the least often fetched (then oldest)
                 old = res[res <= res.median()]
-                victim = int(old[self.fetches[layer, b, old].argmin()])
+                n = self.fetches[layer, b, old]
+                victim = int(old[n == n.min()].min())
             p = int((res == victim).nonzero()[0])
             self.where[layer, b, victim] = -1
         self.owner[layer, b, p], self.where[layer, b, t] = t, p
@@ -487,12 +489,14 @@ def test_pool_capacity_and_eviction(c):
                 if policy == "fifo":
                     assert v == min(before), f"fifo evicted {v}, oldest is {min(before)}"
                 elif policy == "lru":
-                    assert last[layer][b][v] == min(last[layer][b][r] for r in before), f"lru evicted {v}"
+                    low = min(last[layer][b][r] for r in before)
+                    assert v == min(r for r in before if last[layer][b][r] == low), f"lru evicted {v}"
                 else:
                     srt = sorted(before)
                     older = [r for r in srt if r <= srt[(len(srt) - 1) // 2]]
                     assert v in older, f"counter evicted {v}, not in the older half {older}"
-                    assert fetches[layer][b][v] == min(fetches[layer][b][r] for r in older)
+                    low = min(fetches[layer][b][r] for r in older)
+                    assert v == min(r for r in older if fetches[layer][b][r] == low), f"counter evicted {v}"
             resident[layer][b] = after
         else:
             idx, ok = to_index(arg)
@@ -563,6 +567,20 @@ def test_pool_victims(policy, touches, victim):
     assert int((pool.where[0, 0] >= 0).sum()) == 4
     assert pool.misses == 0 and pool.requests == sum(map(len, touches))
     assert int(one_head_touch(pool, [victim])[0, 0, 0]) == -1 and pool.misses == 1
+
+
+@pytest.mark.parametrize("policy", ["lru", "counter"])
+def test_pool_ties_evict_the_oldest_token(policy):
+    """A layer that fetches every resident token each step stamps them all alike. The tie goes to the
+    oldest token, not to the lowest slot, which after one eviction holds the newest token: lowest-slot
+    LRU evicted the token admitted one step before, every step, and lost the recent window."""
+    pool = Pool(1, 1, 16, 4, policy)
+    for t in range(10):
+        admit_one(pool, 0, 0, t)
+        resident = pool.owner[0, 0][pool.owner[0, 0] >= 0].tolist()
+        one_head_touch(pool, resident)                  # a dense step: every resident token fetched
+    kept = sorted(pool.owner[0, 0].tolist())
+    assert kept == {"lru": [6, 7, 8, 9], "counter": [0, 7, 8, 9]}[policy], f"{policy} kept {kept}"
 
 
 def test_pool_lru_over_several_kv_heads():

@@ -418,6 +418,20 @@ def test_offload_recall_is_not_zero(llama):
     assert all(abs(r - 1.0) <= 1e-6 for r in stats["recall_per_layer"]), stats["recall_per_layer"]
 
 
+@pytest.mark.parametrize("name", ["offload", "streaming", "h2o", "infinigen", "oracle"])
+def test_a_one_token_prompt_is_a_prefill_not_a_decode_step(llama, name):
+    """One prompt token goes through the model as T = 1, like a decode step, but has no past to select
+    from: it must not count as a step (bytes per step, recall) nor trip the selection of a tiny past
+    (streaming's sinks outnumbered the slots)."""
+    pol = Policy(name, measure_recall=True, **({} if name == "offload" else {"budget": 0.5}))
+    ids, stats = IG.generate(llama.m, [llama.prompts[0][:1]], pol, 3, stop_ids=())
+    cfg = llama.m.cfg
+    row = 2 * cfg.n_kv_heads * cfg.head_dim * 4                           # one token's K and V, one layer
+    assert len(ids[0]) == 3 and all(0 < r <= 1 + 1e-6 for r in stats["recall_per_layer"])
+    if name == "offload":                        # steps with 1 and 2 past tokens: 1.5 tokens per layer
+        assert stats["h2d_bytes_per_step"] == cfg.n_layers * row * 3 // 2, stats["h2d_bytes_per_step"]
+
+
 def test_infinigen_without_dense_layers_is_refused():
     with pytest.raises(ValueError, match="dense-layers"):
         Policy("infinigen", budget=1.0, alpha=math.inf, dense_layers=0)
