@@ -710,7 +710,7 @@ def main(argv=None):
             cli.read_text(a.text, "--text")
         suites = {"cpu": suite_cpu, "gpu": suite_gpu, "timeline": suite_timeline, "gather": suite_gather}
         suites[a.suite](a)
-    except (ValueError, OffloadError, M.ModelError, OSError, ImportError, RowsFailed) as e:   # OSError: files
+    except (*cli.KNOWN, RowsFailed) as e:                  # OSError: files
         cli.fail(e)
     except KeyboardInterrupt:
         cli.interrupted(": the results files written so far are whole")

@@ -16,7 +16,8 @@ import skew as SK
 from infinigen import GATHERS, PAPER, POLICIES, Policy, calibrate, generate
 from offload import OffloadError
 
-KNOWN = (M.ModelError, OffloadError, ValueError, OSError, ImportError)   # what a user's input can cause
+KNOWN = (M.ModelError, OffloadError, ValueError, OSError, ImportError,   # what a user's input can cause
+         RecursionError)                                                   # JSON nested past Python's limit
 MAX_TEXT = 256 * 2**20                                                  # bytes of one text file
 
 
@@ -288,8 +289,8 @@ class Run:
         if not st:
             return
         print(f"[{args.policy}] prefill {st['prefill_s']:.2f}s, decode {st['decode_steps']} steps in "
-              f"{st['decode_s']:.2f}s ({st['tokens_per_s']} tok/s), KV {st['kv_bytes'] / 2**20:.1f} MiB",
-              file=sys.stderr)
+              f"{st['decode_s']:.2f}s ({st['tokens_per_s'] or '-'} tok/s), "
+              f"KV {st['kv_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
         if "fetched_fraction_per_layer" in st:
             f = st["fetched_fraction_per_layer"]
             print(f"  fetched {sum(f) / len(f):.3f} of the KV per layer on average, "

@@ -23,7 +23,6 @@ import torch
 import cli
 import infinigen as I
 import model as M
-from offload import OffloadError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {k: getattr(I.Policy(), k) for k in I.PAPER}      # the engine's defaults of what --paper sets
@@ -173,9 +172,16 @@ def load_part(name):
         return None
     try:
         with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{path} is not readable JSON: {e}") from None
+            data = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not readable JSON: {str(e)[:80]}") from None
+    need = {"accuracy"} if name == "passkey" else {"kl", "top1", "ppl", "ppl_full", "fetched_fraction",
+                                                   "sparse_fraction"}
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not (isinstance(rows, list) and all(isinstance(r, dict) and isinstance(r.get("policy"), dict)
+                                           and need <= set(r) for r in rows)):
+        raise ValueError(f"{path} is not a results file of eval.py (rows with policy and {', '.join(need)})")
+    return data
 
 
 def label(p):
@@ -353,7 +359,7 @@ def main(argv=None):
     args = cli.parse_args(build_parser(), argv)
     try:
         res = run(args)
-    except (M.ModelError, ValueError, OSError, OffloadError, ImportError) as e:
+    except cli.KNOWN as e:
         cli.fail(e)
     except KeyboardInterrupt:
         cli.interrupted(": results files already written stay whole")

@@ -33,9 +33,12 @@ def host_available():
     over = os.environ.get("INFINIGEN_HOST_GIB")
     if over:
         try:
-            return float(over) * 2**30
+            gib = float(over)
         except ValueError:
-            raise ValueError(f"INFINIGEN_HOST_GIB={over!r} is not a number of GiB") from None
+            gib = -1.0
+        if not 0 < gib < float("inf"):                                            # nan fails too
+            raise ValueError(f"INFINIGEN_HOST_GIB={over!r} is not a positive number of GiB")
+        return gib * 2**30
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)

@@ -440,6 +440,27 @@ def test_fuzzed_flags_never_traceback(files, data):
     check_outcome(code, out, err, argv)
 
 
+def test_json_nested_past_the_recursion_limit(files, tmp_path):
+    """A config.json of 100,000 '[': Python's JSON reader gives up with RecursionError, not ValueError."""
+    shutil.copytree(files["tiny"], tmp_path / "deep")
+    (tmp_path / "deep" / "config.json").write_text("[" * 100_000)
+    import eval as E
+    for main, more in ((cli.main, ["--prompt", "hi"]), (E.main, ["--text", files["good"]])):
+        code, _, err = call(main, ["--model", str(tmp_path / "deep"), *more])
+        one_error(code, err)
+
+
+def test_report_refuses_a_malformed_results_file(tmp_path, monkeypatch):
+    import eval as E
+    monkeypatch.setattr(E, "HERE", str(tmp_path))
+    (tmp_path / "results").mkdir()
+    for bad in ('{"rows": [{}]}', '{"rows": 5}', '"x"', '{"rows": [{"policy": {}, "kl": 1}]}', "[" * 100_000):
+        (tmp_path / "results" / "eval-policies.json").write_text(bad)
+        code, _, err = call(E.main, ["--report"])
+        one_error(code, err)
+        assert "eval-policies.json" in code, code
+
+
 def test_python_311_argparse_double_dash():
     """--flag=-- parses to [] on Python 3.11 (a list where a number or a string belongs)."""
     for argv in (["--budget=--"], ["--prompt=--"], ["--model=--"]):

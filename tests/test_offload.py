@@ -339,9 +339,12 @@ def test_the_host_memory_to_plan_with_can_be_given(monkeypatch):
     with pytest.raises(OffloadError, match=r"needs 2\.00 GiB but only 2\.00 GiB"):
         offload.preflight(2 * 2**30, 0, CPU)
     offload.preflight(2**30, 0, CPU)
-    monkeypatch.setenv("INFINIGEN_HOST_GIB", "lots")
-    with pytest.raises(ValueError, match="INFINIGEN_HOST_GIB='lots' is not a number of GiB"):
-        offload.host_available()
+    for bad in ("lots", "nan", "inf", "0", "-1", " "):
+        monkeypatch.setenv("INFINIGEN_HOST_GIB", bad)
+        with pytest.raises(ValueError, match=f"INFINIGEN_HOST_GIB={bad!r} is not a positive number of GiB"):
+            offload.host_available()
+    monkeypatch.setenv("INFINIGEN_HOST_GIB", "1.5e1")
+    assert offload.host_available() == 15 * 2**30
 
 
 # --- The bounded pool
