@@ -47,14 +47,15 @@ def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
     Windows run one at a time: on a CPU, batch 1 is the fast shape for the vocabulary projection."""
     W, N = windows.shape
     prefix = prefix or N // 2
-    rows, frac, missed, t0, dev = [], [], [0, 0], time.time(), next(model.parameters()).device
+    rows, frac, missed, asked, t0, dev = [], [], 0, 0, time.time(), next(model.parameters()).device
     for w in range(W):
         win = windows[w:w + 1].to(dev)
         ref = full_logprobs(model, win, prefix)[0]                     # position t's logits predict token t+1
         cache = I.make_cache(model, pol, 1, N)
         I.prefill(model, cache, win[:, :prefix], torch.ones(1, prefix, dtype=torch.bool))
         pool = cache.store.pool if hasattr(cache, "store") else None
-        before = (pool.misses, pool.requests) if pool else (0, 0)           # count the decode steps only
+        if pool:                                                     # count the decode steps only
+            missed, asked = missed - pool.misses, asked - pool.requests
         for t in range(prefix, N - 1):
             lp = I.decode_one(model, cache, win[:, t])[0].float().log_softmax(-1)   # predicts token t+1
             r, tgt = ref[t - prefix], win[0, t + 1]
@@ -66,7 +67,7 @@ def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
         frac.append(I.stats_of(model, cache, 0, 1, 1, 1).get("fetched_fraction_per_layer",
                                                              [1.0] * model.cfg.n_layers))
         if pool:
-            missed = [missed[0] + pool.misses - before[0], missed[1] + pool.requests - before[1]]
+            missed, asked = missed + pool.misses, asked + pool.requests
     if progress:
         print(file=sys.stderr)
     nll, nll_full, agree, kl = torch.stack(rows).cpu().view(W, N - 1 - prefix, 4).unbind(-1)   # each (W, n)
@@ -83,7 +84,7 @@ def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
             "kl": kl.mean().item(), "fetched_fraction": sum(frac) / len(frac),
             "sparse_fraction": sum(frac[dense:]) / (len(frac) - dense) if dense < len(frac) else 1.0,
             "fetched_per_layer": [round(f, 4) for f in frac], "positions": int(nll.numel()), "chunks": chunks,
-            **({"pool_miss_rate": missed[0] / missed[1]} if missed[1] else {})}   # rows asked but evicted
+            **({"pool_miss_rate": missed / asked} if asked else {})}   # rows asked for but evicted
 
 
 def windows_of(tok, path, n, count, seed=0):

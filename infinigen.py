@@ -134,7 +134,7 @@ class OffloadCache(M.Cache):
 
     def enter(self, T, valid_new=None):
         super().enter(T, valid_new)
-        self.store.ledger.decoding = T == 1 and self.t0 > 0                 # a one-token prompt is no step
+        self.store.ledger.decoding = self.decoding = T == 1 and self.t0 > 0   # a one-token prompt: no step
 
     def begin(self, T, valid_new=None):
         pos = super().begin(T, valid_new)
@@ -194,7 +194,7 @@ class OffloadCache(M.Cache):
         kd, vd = kb[:n + T].permute(1, 2, 0, 3), vb[:n + T].permute(1, 2, 0, 3)     # (B, Hkv, n+T, d)
         if ok is None:                                      # dense: rows are slots 0..t0+T
             mask, slots = self.mask[..., :n + T], None
-            self.fetched[layer] += 1.0 if T == 1 and self.t0 else 0.0
+            self.fetched[layer] += 1.0 if self.decoding else 0.0
         else:                                               # by index: a mask per KV head
             ok = ok.to(self.dev, non_blocking=True)                                    # pinned on CUDA
             new = self.new_mask.expand(-1, ok.shape[1], -1, -1)                         # (B, Hkv, T, T)
@@ -209,14 +209,14 @@ class OffloadCache(M.Cache):
         if ahead:
             self.issue(layer + 1, nxt)                      # its copy overlaps this layer's attention and MLP
         self.observe(layer, q, kd, mask, slots)
-        if self.pol.measure_recall and T == 1 and self.t0 and self.sparse(layer):
+        if self.pol.measure_recall and self.decoding and self.sparse(layer):
             self.recall[layer] += self.recall_of(layer, q, k, slots, mask)
         valid = self.valid[:, self.t0:self.t0 + T].cpu() if self.store.pool else None
         self.store.append(layer, self.t0, k, v, valid, self.at)
         return out
 
     def leave(self):
-        if self.T == 1 and self.t0:
+        if self.decoding:
             self.decode_steps += 1
         elif self.pol.layer_budget == "prompt" and self.need.any():    # a prefill chunk measured the need
             self.set_shares(SK.layer_shares(self.need, self.pol.dense_layers))

@@ -170,11 +170,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         print(prepare(args.folder))
-    except (OSError, ImportError, ValueError) as e:          # FileNotFoundError is an OSError
-        sys.exit("error: " + " ".join(str(e).splitlines()))
+    except cli.KNOWN as e:                                   # FileNotFoundError is an OSError
+        cli.fail(e)
     except KeyboardInterrupt:
-        print("interrupted: nothing prepared", file=sys.stderr)
-        sys.exit(130)
+        cli.interrupted(": nothing prepared")
 
 
 if __name__ == "__main__":
