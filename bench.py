@@ -368,17 +368,24 @@ class RowsFailed(Exception):
     """Rows of ours that ended in an error (a bug, not a lack of memory): the run fails, after the rest."""
 
 
+def out_of_memory(e):
+    """torch's OutOfMemoryError, or the RuntimeError of torch's CPU allocator when host memory runs out
+    (matched by its message: any other RuntimeError, a device-side error included, is not)."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
 def measure(fn, args, row, bw, peer=False):
-    """Run one row. Out of memory (or refused by a preflight) is that row's result; so is any error of
-    the transformers peer (its row says so). Any other error of ours is a bug: its traceback is printed,
-    its row says `error`, the other rows still run, and the run fails at the end (RowsFailed)."""
+    """Run one row. Out of memory (device or host) or refused by a preflight is that row's result; so is
+    any error of the transformers peer (its row says so). Any other error of ours is a bug: its traceback
+    is printed, its row says `error`, the other rows still run, and the run fails at the end (RowsFailed)."""
     line = lambda e: f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
     try:
         s = fn(*args)
-    except (torch.OutOfMemoryError, OffloadError) as e:
-        s = {"skipped": line(e)}
     except Exception as e:
-        if peer:
+        if isinstance(e, OffloadError) or out_of_memory(e):
+            s = {"skipped": line(e)}
+        elif peer:
             s = {"skipped": "peer error: " + line(e)}
         else:
             traceback.print_exc()

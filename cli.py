@@ -198,6 +198,16 @@ def budget_of(b):  # a token count past any context means all of it (and stays a
     return min(b, 2**31) if math.isfinite(b) else b
 
 
+def tokens(tok, text, context, chat=True, head=16):
+    """The prompt's token ids. A text far past the context (a book) is refused from its beginning, not
+    after tokenizing it all: when its first `head` characters per token of context already need more tokens
+    than the context holds (16 of slack for a word cut in two), the whole needs more too."""
+    if len(text) > head * context and len(tok.encode(text[:head * context], chat=False)) > context + 16:
+        raise ValueError(f"the prompt's first {head * context} characters alone exceed the model's context "
+                         f"of {context} tokens ({len(text)} characters in all)")
+    return tok.encode(text, chat=chat)
+
+
 def device_of(name):
     """auto | cpu | cuda -> a torch device; cuda where there is none is an error."""
     if name == "cuda" and not torch.cuda.is_available():
@@ -220,6 +230,12 @@ def main(argv=None, script=False):
         sys.exit(1)
     except (*KNOWN, torch.OutOfMemoryError) as e:
         fail(e)
+    except RuntimeError as e:               # host memory ran out, NaN logits sampled (CPU); else a bug
+        if "DefaultCPUAllocator: can't allocate memory" in str(e):
+            fail(f"out of host memory: {e} (fewer prompts or tokens, or a smaller model)")
+        if not str(e).startswith(("probability tensor contains", "invalid multinomial distribution")):
+            raise
+        fail(f"cannot sample ({e}): the model's logits are not finite (broken weights, or --dtype overflows)")
     except KeyboardInterrupt:
         if ours:
             signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C does not cut the last words
@@ -245,15 +261,15 @@ class Run:
                      measure_recall=args.measure_recall, layer_budget=args.layer_budget, gather=args.gather,
                      graphs=args.graphs)
         check(args)
-        prompts = [read_text(args.prompt_file, "prompt file")] if args.prompt_file else [
+        prompts = [read_text(args.prompt_file, "prompt file")] if args.prompt_file is not None else [
             p.encode("utf-8", "surrogateescape").decode("utf-8", "replace")          # bytes argv held
             for p in args.prompt or ["Explain in two sentences why the sky is blue."]]
-        calib = read_text(args.calib, "calibration file") if args.calib else None
+        calib = read_text(args.calib, "calibration file") if args.calib is not None else None
         model, tok = M.load_with_tokenizer(args.model, dev, dtype)
-        ids = [tok.encode(p, chat=not args.no_chat) for p in prompts]
+        ids = [tokens(tok, p, model.cfg.max_seq_len, chat=not args.no_chat) for p in prompts]
         partial = None
         if calib is not None and pol.name == "infinigen":
-            cal = tok.encode(calib, chat=False)[:min(1024, model.cfg.max_seq_len)]
+            cal = tok.encode(calib[:2**20], chat=False)[:min(1024, model.cfg.max_seq_len)]   # 1 MiB is plenty
             if not cal:
                 raise ValueError(f"calibration file {args.calib} holds no tokens")
             partial = calibrate(model, torch.tensor([cal]), pol)

@@ -89,7 +89,7 @@ def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
 
 def windows_of(tok, path, n, count, seed=0):
     """`count` windows of n tokens from the text, evenly spaced (deterministic)."""
-    ids = tok.tok.encode(cli.read_text(path, "text file")).ids
+    ids = tok.encode(cli.read_text(path, "text file"), chat=False)
     if len(ids) < n:
         raise ValueError(f"{path} has {len(ids)} tokens, fewer than one window of {n}")
     if count > len(ids) - n + 1:
@@ -102,24 +102,40 @@ def windows_of(tok, path, n, count, seed=0):
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
+ANSWER = 8                                                          # tokens generated for the answer
+
+
 def passkey_prompt(tok, context, depth, key):
     """A key hidden at `depth` (0..1) of `context` tokens of filler, then the question."""
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
     question = "What is the pass key? The pass key is"
-    n_fill = context - len(tok.encode(needle + question, chat=False)) - 16      # room for the answer
+    n_fill = max(context - len(tok.encode(needle + question, chat=False)) - 16, 0)      # room for the answer
     fill = tok.encode(FILLER * (context // 10), chat=False)[:n_fill]
     cut = int(len(fill) * depth)
     text = tok.decode(fill[:cut]) + needle + tok.decode(fill[cut:]) + question
     return tok.encode(text, chat=False)
 
 
-def passkey(model, tok, pol, contexts, depths=(0.1, 0.5, 0.9), seed=0):
+def passkey_trials(tok, contexts, depths=(0.1, 0.5, 0.9), seed=0):
+    """context -> [(key, prompt ids)] per depth, all made before any is run: a ValueError for a context
+    too short to hold the prompt and the answer (this model's tokenizer decides how long the prompt is)."""
     rng, out = random.Random(seed), {}
     for n in contexts:
+        keys = [rng.randint(10000, 99999) for _ in depths]
+        out[n] = [(key, passkey_prompt(tok, n, dp, key)) for dp, key in zip(depths, keys)]
+        longest = max(len(ids) for _, ids in out[n])
+        if longest + ANSWER > n:
+            raise ValueError(f"--contexts {n} is too short for the passkey prompt: it takes {longest} tokens "
+                             f"of this model's tokenizer, and the answer {ANSWER} more")
+    return out
+
+
+def passkey(model, tok, pol, contexts, depths=(0.1, 0.5, 0.9), seed=0):
+    out = {}
+    for n, trials in passkey_trials(tok, contexts, depths, seed).items():
         hits = 0
-        for dp in depths:
-            key = rng.randint(10000, 99999)
-            ids, _ = I.generate(model, [passkey_prompt(tok, n, dp, key)], pol, max_new=8)
+        for key, prompt in trials:
+            ids, _ = I.generate(model, [prompt], pol, max_new=ANSWER)
             hits += str(key) in tok.decode(ids[0])
         out[str(n)] = hits / len(depths)
         print(f"  passkey {pol.name} {n} tokens: {out[str(n)]:.2f}", file=sys.stderr)
@@ -127,8 +143,13 @@ def passkey(model, tok, pol, contexts, depths=(0.1, 0.5, 0.9), seed=0):
 
 
 # --- The study (make eval)
+def wants_passkey(args):
+    return args.passkey or (args.study and (not args.only or "passkey" in args.only.split(",")))
+
+
 def study(model, tok, args):
-    """Every comparison of `make eval`; one JSON per part in results/, plots, and the README table."""
+    """Every comparison of `make eval`, one JSON per part in results/: {"results": the files written}.
+    (report() then makes the plots and the README table.)"""
     base = dict(budget=0.1, alpha=args.alpha, partial_ratio=args.partial_ratio, skew=args.skew,
                 layer_budget=args.layer_budget)
     other = "uniform" if args.layer_budget == "prompt" else "prompt"       # the layers part: the other rule
@@ -149,6 +170,7 @@ def study(model, tok, args):
     meta = {"text": os.path.basename(args.text), "context": args.context, "windows": args.windows,
             "decode": args.decode, "command": "python eval.py " + " ".join(sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d")}
+    written = []
     for part, pols in parts.items():
         if args.only and part not in args.only.split(","):
             continue
@@ -158,13 +180,15 @@ def study(model, tok, args):
             rows.append(dict(policy={k: (str(v) if v == math.inf else v) for k, v in kw.items()}, **r))
             print(f"  {part}: {kw} -> kl {r['kl']:.4f} top1 {r['top1']:.3f} "
                   f"sparse {r['sparse_fraction']:.3f}", file=sys.stderr)
-            save(f"eval-{part}.json", dict(meta, rows=rows))
-    if not args.only or "passkey" in args.only.split(","):
+            path = save(f"eval-{part}.json", dict(meta, rows=rows))      # after each row: a Ctrl-C keeps it
+        written.append(path)
+    if wants_passkey(args):
         ctx = args.contexts
         rows = [dict(policy={k: (str(v) if v == math.inf else v) for k, v in kw.items()},
                      accuracy=passkey(model, tok, I.Policy(**kw), ctx))
                 for kw in (dict(name="full"), dict(base, name="infinigen"), dict(base, name="h2o"))]
-        save("eval-passkey.json", dict(meta, rows=rows))
+        written.append(save("eval-passkey.json", dict(meta, rows=rows)))
+    return {"results": written}
 
 
 def load_part(name):
@@ -192,9 +216,10 @@ def label(p):
 
 
 def report():
-    """The README's accuracy table and the plots, from results/eval-*.json."""
+    """The README's accuracy table and the plots, from results/eval-*.json. Returns what it wrote:
+    {"parts": the results parts read, "readme": README.md or None (no rows), "plots": the images}."""
     parts = {p: load_part(p) for p in ("policies", "alpha", "ratio", "pool", "layers", "paper", "passkey")}
-    rows, runs = [], {}
+    rows, runs, readme = [], {}, None
     for part, res in parts.items():                     # which run made which parts
         if res:
             runs.setdefault((res.get("command"), res.get("date")), []).append(part)
@@ -233,16 +258,17 @@ def report():
             raise ValueError(f"{readme} has no <!-- eval:begin --> ... <!-- eval:end --> markers")
         with cli.whole(readme) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(text[:a] + "<!-- eval:begin -->\n" + table + "\n" + text[b:])
-    plots()
+    return {"parts": [p for p, res in parts.items() if res], "readme": readme, "plots": plots()}
 
 
 def plots():
+    """The figures of results/ (none without the policies part); returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     pol = load_part("policies")
     if not pol:
-        return
+        return []
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     for name in ("infinigen", "h2o", "oracle"):
         pts = sorted((r["policy"]["budget"], r["kl"]) for r in pol["rows"]
@@ -275,10 +301,13 @@ def plots():
     fig.tight_layout()
     with cli.whole(os.path.join(HERE, "results", "eval-sweeps.png")) as tmp:
         fig.savefig(tmp, dpi=90)
+    return [os.path.join(HERE, "results", f"eval-{name}.png") for name in ("policies", "sweeps")]
 
 
-def save(name, obj):  # whole or not at all
-    cli.write_json(os.path.join(HERE, "results", name), obj)
+def save(name, obj):  # whole or not at all; returns the path
+    path = os.path.join(HERE, "results", name)
+    cli.write_json(path, obj)
+    return path
 
 
 # --- Command line
@@ -291,24 +320,30 @@ def policy_from(args, **over):
 
 
 def contexts_of(spec, limit):
-    try:
-        ctx = [int(c) for c in spec.split(",")]
-    except ValueError:
-        ctx = [0]
-    if min(ctx) < 64 or max(ctx) > limit:
-        raise ValueError(f"--contexts wants token counts from 64 to the model's {limit}, got {spec[:80]!r}")
+    """--contexts: a comma list of different positive token counts, none past the model's context."""
+    items = [c.strip() for c in spec.split(",")]
+    bad = next((c for c in items if not (c.isdecimal() and len(c) < 20 and int(c) > 0)), None)
+    if bad is not None:
+        raise ValueError(f"--contexts wants a comma list of positive token counts, got {bad[:40]!r} "
+                         f"in {spec[:80]!r}")
+    ctx = [int(c) for c in items]
+    if len(set(ctx)) < len(ctx):
+        raise ValueError(f"--contexts names a context twice: {spec[:80]!r}")
+    if max(ctx) > limit:
+        raise ValueError(f"--contexts {max(ctx)} is past the model's context of {limit} tokens")
     return ctx
 
 
 def run(args):
-    """What main asks for: the results (a dict), or None when they went to results/ and the README."""
+    """What main asks for, a dict: the results, or for --study and --report the files written."""
     if args.report:
         return report()
     pol = policy_from(args)
     dev = cli.device_of(args.device)
     model, tok = M.load_with_tokenizer(args.model, dev, torch.float32)
-    if args.study or args.passkey:
+    if wants_passkey(args):
         args.contexts = contexts_of(args.contexts, model.cfg.max_seq_len)
+        passkey_trials(tok, args.contexts)                # a context too short fails now, before any work
     if args.study or not args.passkey:
         if not args.text:
             raise ValueError("--text FILE is required (or --passkey)")
@@ -316,8 +351,7 @@ def run(args):
             raise ValueError(f"--decode {args.decode} must be at least 2 and smaller than --context "
                              f"{args.context}, and --context at most the model's {model.cfg.max_seq_len}")
     if args.study:
-        study(model, tok, args)
-        return report()
+        return study(model, tok, args) | report()
     if args.passkey:
         return {"passkey": passkey(model, tok, pol, args.contexts)}
     win = windows_of(tok, args.text, args.context, args.windows)
@@ -351,7 +385,10 @@ def build_parser():
     a("--only", default="",
       help="with --study: comma list of parts (policies,alpha,ratio,pool,layers,paper,passkey)")
     cli.add_paper(p)
-    a("--json", action="store_true")
+    a("--json", action="store_true",
+      help="print one JSON object on stdout: the measures (--text), the accuracy per context (--passkey), "
+           "or what was written (--report: parts, the results read; readme, the README rewritten or null; "
+           "plots, the images; --study: those and results, the results files it wrote)")
     a("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs (float32 on both)")
     return p
 
@@ -364,8 +401,6 @@ def main(argv=None):
         cli.fail(e)
     except KeyboardInterrupt:
         cli.interrupted(": results files already written stay whole")
-    if res is None:
-        return
     try:
         if args.json:
             print(json.dumps(res), flush=True)

@@ -8,7 +8,7 @@ attention output back, so every policy of the engine runs this one model.
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -41,6 +41,15 @@ class Need(dict):  # config.json's fields: a missing one is named, not a KeyErro
 
 
 # --- Config
+HF_KEYS = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",  # for messages
+               n_kv_heads="num_key_value_heads", embed_dim="word_embed_proj_dim", attn_bias="attention_bias",
+               ffn_dim="intermediate_size (ffn_dim)", pre_norm="do_layer_norm_before",
+               max_seq_len="max_position_embeddings", tie_embeddings="tie_word_embeddings")
+VARIANT = dict(llama=dict(hidden_act="silu"), opt=dict(activation_function="relu", enable_bias=True,
+               layer_norm_elementwise_affine=True, _remove_final_layer_norm=False))  # what we implement
+LLAMA3 = dict(factor=None, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
 @dataclass
 class Config:
     arch: str                      # "llama" or "opt"
@@ -63,25 +72,24 @@ class Config:
     bos_id: int | None = None
     eos_ids: tuple = ()
 
-    def __post_init__(self):
+    def __post_init__(self):  # every field checked against its type: config.json is user input
         num = lambda v: type(v) in (int, float) and 0 < v < math.inf                    # noqa: E731
-        for k, name in dict(vocab_size="vocab_size", dim="hidden_size", n_layers="num_hidden_layers",
-                            n_heads="num_attention_heads", n_kv_heads="num_key_value_heads",
-                            ffn_dim="intermediate_size (ffn_dim)", max_seq_len="max_position_embeddings",
-                            head_dim="head_dim", embed_dim="word_embed_proj_dim").items():
-            v, least = getattr(self, k), 0 if k in ("head_dim", "embed_dim") else 1       # 0: the default
-            if type(v) is not int or v < least:
-                raise ModelError(f"config: {name} must be a positive integer, got {v!r}")
-        if bad := next((k for k in ("norm_eps", "rope_theta") if not num(getattr(self, k))), None):
-            raise ModelError(f"config: {bad} must be a positive number, got {getattr(self, bad)!r}")
-        if not all(type(e) is int for e in self.eos_ids):
-            raise ModelError(f"config: eos_token_id must be integers, got {self.eos_ids!r}")
+        for f in fields(self):
+            v, name, least = getattr(self, f.name), HF_KEYS.get(f.name, f.name), int(f.default != 0)
+            if f.type is int and (type(v) is not int or not least <= v < 2**31):
+                raise ModelError(f"config: {name} must be a positive integer below 2**31, got {v!r}")
+            if (f.type is float and not num(v)) or (f.type is bool and type(v) is not bool):
+                want = "a positive number" if f.type is float else "true or false"
+                raise ModelError(f"config: {name} must be {want}, got {v!r}")
+        if not all(type(e) is int for e in self.eos_ids) or type(self.bos_id) not in (int, type(None)):
+            raise ModelError(f"config: bos/eos_token_id must be integers: {self.bos_id!r}, {self.eos_ids!r}")
         if self.dim % self.n_heads and not self.head_dim:                    # (an explicit head_dim may)
             raise ModelError(f"num_attention_heads={self.n_heads} does not divide hidden_size={self.dim}")
-        if self.rope_scaling and not num(self.rope_scaling.get("factor")):
-            raise ModelError(f"rope_scaling llama3 needs a positive factor, got {self.rope_scaling}")
-        self.head_dim = self.head_dim or self.dim // self.n_heads
-        self.embed_dim = self.embed_dim or self.dim
+        if (s := self.rope_scaling) and (not all(num(s.get(k)) for k in LLAMA3)
+                                         or s["high_freq_factor"] <= s["low_freq_factor"]):
+            raise ModelError(f"rope_scaling llama3 needs positive numbers {', '.join(LLAMA3)} "
+                             f"(high_freq_factor > low_freq_factor), got {s}")
+        self.head_dim, self.embed_dim = self.head_dim or self.dim // self.n_heads, self.embed_dim or self.dim
         if self.arch not in ("llama", "opt"):
             raise ModelError(f"unsupported architecture {self.arch!r} (supported: llama, opt)")
         if self.n_heads % self.n_kv_heads:
@@ -100,6 +108,8 @@ class Config:
         hf, mt = Need(hf), hf.get("model_type")
         if mt not in ("llama", "opt"):
             raise ModelError(f"unsupported model_type {mt!r} (supported: llama, opt)")
+        if bad := next((k for k, want in VARIANT[mt].items() if hf.get(k, want) != want), None):
+            raise ModelError(f"unsupported {mt} variant: {bad} {hf[bad]!r} (only {VARIANT[mt][bad]!r})")
         eos = hf.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         common = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
@@ -107,8 +117,6 @@ class Config:
                       tie_embeddings=hf.get("tie_word_embeddings", mt == "opt"),
                       bos_id=hf.get("bos_token_id"), eos_ids=eos)
         if mt == "llama":
-            if hf.get("hidden_act", "silu") != "silu":
-                raise ModelError(f"unsupported hidden_act {hf['hidden_act']!r} for llama (only silu)")
             rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
             if not isinstance(rope, dict):
                 raise ModelError(f"config: rope_scaling must be an object, got {rope!r}")
@@ -119,17 +127,9 @@ class Config:
             return cls(arch="llama", n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                        ffn_dim=hf["intermediate_size"], head_dim=hf.get("head_dim") or 0,
                        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
-                       rope_scaling=rope if kind == "llama3" else {},
+                       rope_scaling={**LLAMA3, **rope} if kind == "llama3" else {},
                        attn_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
                        **common)
-        if hf.get("activation_function", "relu") != "relu":                       # opt
-            raise ModelError(f"unsupported activation_function {hf['activation_function']!r} "
-                             "for opt (only relu)")
-        if not hf.get("enable_bias", True) or not hf.get("layer_norm_elementwise_affine", True):
-            raise ModelError("unsupported OPT variant: "
-                             "enable_bias=False or layer_norm_elementwise_affine=False")
-        if hf.get("_remove_final_layer_norm", False):
-            raise ModelError("unsupported OPT variant: _remove_final_layer_norm=True")
         return cls(arch="opt", n_kv_heads=hf["num_attention_heads"], ffn_dim=hf["ffn_dim"], norm_eps=1e-5,
                    attn_bias=True, mlp_bias=True, embed_dim=hf.get("word_embed_proj_dim") or 0,
                    pre_norm=hf.get("do_layer_norm_before", True), **common)
@@ -139,10 +139,8 @@ class Config:
 def rope_inv_freq(cfg: Config):  # (d/2,)
     d = cfg.head_dim
     inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    s = cfg.rope_scaling
-    if s:  # llama3: stretch low frequencies by `factor`, keep high ones, blend in between
-        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-        old = s.get("original_max_position_embeddings", 8192)
+    if s := cfg.rope_scaling:  # llama3: stretch low frequencies by `factor`, keep high ones, blend in between
+        factor, lo, hi, old = (s[k] for k in LLAMA3)     # factor, low/high_freq_factor, original context
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > old / lo, inv / factor, inv)
         smooth = (old / wavelen - lo) / (hi - lo)
@@ -181,11 +179,9 @@ def attention(q, k, v, mask):
 
 
 def attention_probs(q, k, mask):
-    """The softmax weights themselves (for H2O, recall and the layer budget): (B, H, Tq, Tk), float32.
-    mask (B, 1|Hkv|H, Tq, Tk)."""
+    """Softmax weights (for H2O, recall, layer budgets) (B, H, Tq, Tk) float32; mask (B, 1|Hkv|H, Tq, Tk)."""
     B, H, Tq, d = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    G = H // Hkv
+    Hkv, Tk, G = k.shape[1], k.shape[2], H // k.shape[1]
     s = q.float().reshape(B, Hkv, G * Tq, d) @ k.float().transpose(-1, -2) / math.sqrt(d)
     s = s.view(B, Hkv, G, Tq, Tk)
     m = mask.view(B, Hkv, G, Tq, Tk) if mask.shape[1] == H else mask[:, :, None]
@@ -388,10 +384,12 @@ class Tok:
 
     def encode(self, text, chat=True):
         if chat and self.chat:  # ChatML
-            sys_msg = (f"<|im_start|>system\n{self.chat['system']}<|im_end|>\n"
-                       if self.chat.get("system") else "")
-            text = f"{sys_msg}<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-        return self.tok.encode(text).ids
+            sys_msg = self.chat.get("system") and f"<|im_start|>system\n{self.chat['system']}<|im_end|>\n"
+            text = f"{sys_msg or ''}<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+        try:
+            return self.tok.encode(text).ids
+        except Exception as e:                          # a bare Exception (WordLevel without unk ...)
+            raise ModelError(f"tokenizer.json cannot encode the text: {e}") from None
 
     def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -417,8 +415,7 @@ HF_NAMES = [  # (Hugging Face name, ours); {i} is the layer index
 
 
 def map_name(name):  # a Hugging Face tensor name -> ours, or None when we do not use it
-    parts = name.split(".")
-    i = next((p for p in parts if p.isdigit()), None)
+    i = next((p for p in name.split(".") if p.isdigit()), None)
     for hf, ours in HF_NAMES:
         if i is not None and hf.format(i=i) == name:
             return ours.format(i=i)
@@ -454,14 +451,17 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
     if os.path.exists(index):
         files = read_json(index).get("weight_map")
         files = sorted({str(f) for f in files.values()}) if isinstance(files, dict) else [""]
-        if absent := [f for f in files if not os.path.isfile(os.path.join(folder, f))]:
-            raise ModelError(f"{index} names a shard that is not in the folder: {absent[0]}")
     else:
         files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
     if not files:
         raise ModelError(f"no .safetensors weights in {folder}")
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    if absent := [f for f in files if not os.path.isfile(os.path.join(folder, f))]:   # a FIFO would hang
+        raise ModelError(f"weights file {absent[0]!r} is not in {folder} (or not a regular file)")
+    try:
+        with torch.device("meta"):
+            model = Transformer(cfg)
+    except RuntimeError as e:                              # sizes whose product overflows a tensor
+        raise ModelError(f"config.json describes tensors too large to build: {e}") from None
     params, loaded = dict(model.named_parameters()), {}
     for fname in files:
         try:

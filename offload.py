@@ -53,6 +53,7 @@ def gib(n):  # bytes, as people read them
 
 def preflight(host_bytes, device_bytes, device, what="KV"):
     """Refuse, naming the sizes, when host or device memory cannot hold what is about to be allocated."""
+    host_bytes += device_bytes if device.type == "cpu" else 0          # a CPU's device memory is host memory
     avail = host_available()
     if avail is not None and host_bytes > 0.9 * avail:
         raise OffloadError(f"CPU {what} store needs {gib(host_bytes)} but only {gib(avail)} "
@@ -127,6 +128,9 @@ def device_kernel(name, cuda=False):
     if not gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import kernel
+    if not gpu and not kernel.triton.knobs.runtime.interpret:
+        raise OffloadError("without a GPU the gather kernel runs under Triton's interpreter, which "
+                           f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']!r} switches off (set it to 1)")
     fn = getattr(kernel, name)
     if cuda or not gpu:
         return fn

@@ -82,15 +82,29 @@ def json_writer(obj):
     return write
 
 
+def text_writer(text):
+    def write(path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return write
+
+
 def write_folder(out_dir, writers):
     """writers: file name -> a function that writes the file at the path it is given. A Ctrl-C (or an
-    error) removes this run's temporary files; a killed run's stay behind (*.tmp<pid>), never prepared."""
+    error) removes this run's temporary files; a killed run's stay behind (*.tmp<pid>), never prepared.
+    A write that fails (a full disk: OSError, or safetensors' SafetensorError) is an OSError naming it."""
+    from safetensors import SafetensorError
     os.makedirs(out_dir, exist_ok=True)
     tmp = {name: os.path.join(out_dir, f"{name}.tmp{os.getpid()}") for name in writers}
     try:
         for name in sorted(writers, key=FILES.index):
-            writers[name](tmp[name])
-            os.replace(tmp[name], os.path.join(out_dir, name))
+            try:
+                writers[name](tmp[name])
+                os.replace(tmp[name], os.path.join(out_dir, name))
+            except (OSError, SafetensorError) as e:                    # a full disk, a folder gone
+                why = e.strerror if isinstance(e, OSError) and e.strerror else e
+                path = os.path.join(out_dir, name)
+                raise OSError(f"cannot write {path}: {why}; nothing prepared") from None
     finally:
         for path in tmp.values():
             if os.path.exists(path):
@@ -156,7 +170,8 @@ def prepare(out_dir=DEFAULT_DIR, src=None, quiet=False):
     tokenizer = build_tokenizer(
         tokens, field(r, "tokenizer.ggml.token_type"), field(r, "tokenizer.ggml.merges"))
     chat = {"format": "chatml", "system": SYSTEM, "stop": ["<|im_end|>"]}
-    write_folder(out_dir, {"tokenizer.json": tokenizer.save, "config.json": json_writer(config),
+    write_folder(out_dir, {"tokenizer.json": text_writer(tokenizer.to_str(pretty=True)),   # errors: OSError
+                           "config.json": json_writer(config),
                            "chat.json": json_writer(chat),
                            "model.safetensors": lambda path: save_file(state, path)})
     say(f"  wrote {out_dir}")

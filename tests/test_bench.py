@@ -75,6 +75,19 @@ def test_measure_skips_only_what_does_not_fit():
     assert row["skipped"] == "peer error: RuntimeError: device-side assert triggered"
 
 
+def test_measure_skips_a_host_out_of_memory():
+    """On a CPU, running out of host memory is the allocator's RuntimeError, not torch.OutOfMemoryError:
+    still that row's result, matched by its message only (other RuntimeErrors stay bugs, above)."""
+    def host_oom():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 140737488355328 bytes. Error code 12")
+    row = bench.measure(host_oom, (), {"impl": "x"}, None)
+    assert "DefaultCPUAllocator: can't allocate memory" in row["skipped"] and "error" not in row
+    with pytest.raises(RuntimeError) as real:             # the real one, as this torch words it
+        torch.empty(2**62, dtype=torch.uint8)
+    assert bench.out_of_memory(real.value), real.value
+
+
 def test_the_step_time_leaves_out_the_warm_up_steps():
     """Stamps after prefill and after each decode step: the first two decode steps (Triton specializing,
     a CUDA graph recording) are left out where at least two steps follow them."""

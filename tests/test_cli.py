@@ -21,9 +21,9 @@ CLI = [sys.executable, os.path.join(ROOT, "infinigen.py")]
 CUDA = torch.cuda.is_available()
 
 
-def run_cli(args):
+def run_cli(args, env=()):
     return subprocess.run(CLI + list(args), cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))     # many at once: one thread each
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **dict(env)))      # many at once: 1 each
 
 
 # --- Fixtures: the tiny model folders, then every run at once
@@ -31,7 +31,7 @@ def run_cli(args):
 def tiny(tmp_path_factory):
     """Folders: llama (random, 64-token context, a word-level tokenizer), noweights (config.json
     only), gpt2 (unsupported model_type, a dummy safetensors file); long.txt (well over 64 tokens)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,6 +52,9 @@ def tiny(tmp_path_factory):
                                                            "n_embd": 8, "n_layer": 1, "n_head": 1}))
     save_file({"wte.weight": torch.zeros(10, 8)}, str(root / "gpt2" / "model.safetensors"))
     (root / "long.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    shutil.copytree(llama, root / "nan")
+    nan = {k: torch.full_like(t, float("nan")) for k, t in load_file(llama / "model.safetensors").items()}
+    save_file(nan, str(root / "nan" / "model.safetensors"), metadata={"format": "pt"})
     return root
 
 
@@ -74,9 +77,17 @@ def error_cases(tiny):
         "top-p 0": (["--top-p", "0", "--prompt", "hi"], "--top-p"),
         "negative alpha": (["--policy", "infinigen", "--alpha", "-1", "--prompt", "hi"], "alpha"),
         "negative capacity": (["--cpu-kv-capacity", "-1", "--prompt", "hi"], "capacity"),
+        "prompt file named ''": (["--prompt-file", ""], "prompt file not found"),
+        "calibration file named ''": (["--model", str(tiny / "llama"), "--policy", "infinigen", "--calib", "",
+                                       "--prompt", "hi"], "calibration file not found"),
+        "sampling NaN logits": (["--model", str(tiny / "nan"), "--temperature", "1", "--prompt", "hi",
+                                 "--max-new-tokens", "2"], "logits are not finite"),
     }
     if not CUDA:
         cases["cuda unavailable"] = (["--device", "cuda", "--prompt", "hi"], "CUDA")
+        cases["kernel without its interpreter"] = (
+            ["--model", str(tiny / "llama"), "--policy", "offload", "--gather", "device", "--prompt", "hi",
+             "--max-new-tokens", "2", "--env", "TRITON_INTERPRET=0"], "TRITON_INTERPRET='0'")
     return cases
 
 
@@ -92,8 +103,10 @@ SUCCESS = {
 def runs(tiny):
     jobs = {name: args for name, (args, _) in error_cases(tiny).items()}
     jobs |= SUCCESS if default_model_available() else {}          # these run the built-in default model
+    cut = lambda args: args.index("--env") if "--env" in args else len(args)     # noqa: E731 (our flag)
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        futures = {name: pool.submit(run_cli, args) for name, args in jobs.items()}
+        futures = {name: pool.submit(run_cli, a[:cut(a)], [e.split("=", 1) for e in a[cut(a) + 1:]])
+                   for name, a in jobs.items()}
         return {name: f.result() for name, f in futures.items()}
 
 
@@ -101,12 +114,13 @@ def runs(tiny):
 ERROR_NAMES = ["missing model folder", "no safetensors", "unsupported model_type",
                "prompt longer than context", "max-new-tokens 0", "temperature abc", "policy nope", "budget 0",
                "missing prompt file", "prompt file is a folder", "empty prompt", "budget nan", "top-p 0",
-               "negative alpha", "negative capacity", "cuda unavailable"]
+               "negative alpha", "negative capacity", "cuda unavailable", "prompt file named ''",
+               "calibration file named ''", "sampling NaN logits", "kernel without its interpreter"]
 
 
 @pytest.mark.parametrize("name", ERROR_NAMES)
 def test_error_is_one_line(name, runs, tiny):
-    if name == "cuda unavailable" and CUDA:
+    if name in ("cuda unavailable", "kernel without its interpreter") and CUDA:
         pytest.skip("CUDA is available here")
     r, word = runs[name], error_cases(tiny)[name][1]
     lines = r.stderr.strip().splitlines()
@@ -187,3 +201,23 @@ def test_paper_preset_sets_the_authors_choices_and_explicit_flags_win():
     assert (pol.name, pol.skew, pol.partial_ratio, pol.alpha, pol.budget, pol.layer_budget) == \
         ("infinigen", "svd", 0.2, 4.0, 0.1, "uniform")
     assert "--skew svd --partial-ratio 0.2 --alpha 4.0 --budget 0.2 --layer-budget uniform" in cli.PAPER_FLAGS
+
+
+# --- A book as a prompt
+def test_a_book_is_refused_from_its_beginning():
+    """Far past the context, the prompt's head alone is tokenized before the error; a text whose head holds
+    too few tokens (whitespace a word-level tokenizer drops) is tokenized whole and may fit."""
+    import cli
+
+    class Tok:
+        seen = []
+
+        def encode(self, text, chat=True):
+            self.seen.append(len(text))
+            return text.split()
+    tok = Tok()
+    with pytest.raises(ValueError, match="first 1024 characters alone exceed the model's context of 64"):
+        cli.tokens(tok, "word " * 10**6, 64)
+    assert tok.seen == [1024]
+    assert cli.tokens(tok, " " * 5000 + "a b", 64) == ["a", "b"] and tok.seen[1:] == [1024, 5003]
+    assert cli.tokens(tok, "a b", 64) == ["a", "b"] and tok.seen[3:] == [3]

@@ -73,14 +73,15 @@ def bad_folders(root, good):
         "config lacks vocab_size": (None, "config.json lacks 'vocab_size'"),
         "heads do not divide the width": (None, "num_attention_heads=3 does not divide hidden_size=16"),
         "head dim disagrees with weights": (None, "in the file, (4, 16) expected (does config.json match"),
-        "zero layers": (None, "num_hidden_layers must be a positive integer, got 0"),
-        "negative size": (None, "intermediate_size (ffn_dim) must be a positive integer, got -5"),
-        "size as a string": (None, "vocab_size must be a positive integer, got '17'"),
+        "zero layers": (None, "num_hidden_layers must be a positive integer below 2**31, got 0"),
+        "negative size": (None, "intermediate_size (ffn_dim) must be a positive integer below 2**31, got -5"),
+        "size as a string": (None, "vocab_size must be a positive integer below 2**31, got '17'"),
+        "sizes whose product overflows": (None, "config.json describes tensors too large to build"),
         "weights renamed": (None, "weights missing"),
         "weights of another shape": (None, "expected (does config.json match them?)"),
         "safetensors header not JSON": (None, "is not a valid safetensors file"),
         "safetensors truncated": (None, "is not a valid safetensors file"),
-        "shard missing": (None, "names a shard that is not in the folder: model-00002-of-00002"),
+        "shard missing": (None, "weights file 'model-00002-of-00002.safetensors' is not in"),
         "no tokenizer.json": (None, "no tokenizer.json"),
         "tokenizer.json not a tokenizer": (None, "is not a tokenizer"),
         "tokenizer larger than the vocabulary": (None, "past the model's vocab_size 17"),
@@ -98,6 +99,8 @@ def bad_folders(root, good):
     edit_config(d["zero layers"], num_hidden_layers=0)
     edit_config(d["negative size"], intermediate_size=-5)
     edit_config(d["size as a string"], vocab_size="17")
+    edit_config(d["sizes whose product overflows"], hidden_size=2**31 - 2, intermediate_size=2**31 - 1,
+                num_attention_heads=1, num_key_value_heads=1, head_dim=None)
     save_file({"foo." + k: t for k, t in load_file(weights).items()},
               os.path.join(d["weights renamed"], "model.safetensors"))
     edit_config(d["weights of another shape"], intermediate_size=48)
@@ -161,7 +164,8 @@ def one_error(code, err=""):
 BAD = ["missing folder", "a file, not a folder", "no config.json", "config.json not JSON",
        "config.json a list", "config lacks vocab_size", "heads do not divide the width",
        "head dim disagrees with weights",
-       "zero layers", "negative size", "size as a string", "weights renamed", "weights of another shape",
+       "zero layers", "negative size", "size as a string", "sizes whose product overflows", "weights renamed",
+       "weights of another shape",
        "safetensors header not JSON", "safetensors truncated", "shard missing", "no tokenizer.json",
        "tokenizer.json not a tokenizer", "tokenizer larger than the vocabulary"]
 
@@ -183,6 +187,12 @@ def test_config_checks():
                         ({"rms_norm_eps": "x"}, "norm_eps"), ({"rope_theta": float("nan")}, "rope_theta"),
                         ({"eos_token_id": "</s>"}, "eos_token_id"), ({"rope_scaling": "big"}, "rope_scaling"),
                         ({"rope_scaling": {"rope_type": "llama3"}}, "factor"),
+                        ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": "1"}},
+                         "low_freq_factor"), ({"hidden_size": 2**62}, r"below 2\*\*31, got 46116860184"),
+                        ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "high_freq_factor": 1}},
+                         "high_freq_factor > low_freq_factor"), ({"bos_token_id": 1.5}, "bos/eos_token_id"),
+                        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+                        ({"attention_bias": "no"}, "attention_bias must be true or false"),
                         ({"num_attention_heads": 3}, "does not divide")]:
         hf = {k: v for k, v in {**base, **bad}.items() if v is not None}
         with pytest.raises(M.ModelError, match=phrase):
@@ -333,6 +343,29 @@ def test_a_killed_run_leaves_nothing_prepared(tmp_path):
     assert prepare.prepared(str(out))
 
 
+@pytest.mark.parametrize("error", ["OSError", "SafetensorError"])
+def test_a_full_disk_during_prepare_is_one_line_and_nothing_prepared(tmp_path, monkeypatch, error):
+    """The disk fills while model.safetensors is written (safetensors says so with its own error type):
+    one error line naming the file, no temporary file left, nothing prepared; the next run finishes it."""
+    from safetensors import SafetensorError
+    full = {"OSError": OSError(28, "No space left on device"),
+            "SafetensorError": SafetensorError("Error while serializing: I/O error: No space left on device")}
+    out = str(tmp_path / "m")
+
+    def half(path):
+        with open(path, "w") as f:
+            f.write("{")
+        raise full[error]
+    ws = dict(writers(), **{"model.safetensors": half})
+    monkeypatch.setattr(prepare, "prepare", lambda folder: prepare.write_folder(folder, ws))
+    code, _, err = call(prepare.main, [out])
+    one_error(code, err)
+    assert "model.safetensors" in code and "No space left on device" in code, code
+    assert not prepared_or_loadable(out) and leftovers(out) == []
+    prepare.write_folder(out, writers())
+    assert prepare.prepared(out) and leftovers(out) == []
+
+
 def test_results_files_are_whole_or_untouched(tmp_path, monkeypatch):
     import bench
     import eval as E
@@ -459,6 +492,66 @@ def test_report_refuses_a_malformed_results_file(tmp_path, monkeypatch):
         code, _, err = call(E.main, ["--report"])
         one_error(code, err)
         assert "eval-policies.json" in code, code
+
+
+def study_folder(tmp_path, monkeypatch):
+    """eval.py's HERE in tmp_path: the README (with its markers) and results/ copied, no images."""
+    import eval as E
+    shutil.copy(os.path.join(ROOT, "README.md"), tmp_path / "README.md")
+    shutil.copytree(os.path.join(ROOT, "results"), tmp_path / "results",
+                    ignore=shutil.ignore_patterns("*.png"))
+    monkeypatch.setattr(E, "HERE", str(tmp_path))
+    return E
+
+
+def test_eval_report_json_says_what_it_wrote(tmp_path, monkeypatch):
+    E = study_folder(tmp_path, monkeypatch)
+    code, out, err = call(E.main, ["--report", "--json"])
+    assert code == 0, (code, err)
+    res = json.loads(out)
+    assert res["readme"] == str(tmp_path / "README.md") and "policies" in res["parts"]
+    assert res["plots"] and all(os.path.isfile(p) for p in res["plots"])
+
+
+def test_eval_study_json_says_what_it_wrote(files, tmp_path, monkeypatch):
+    E = study_folder(tmp_path, monkeypatch)
+    for name in os.listdir(tmp_path / "results"):
+        os.remove(tmp_path / "results" / name)                     # only what this study writes
+    argv = ["--model", files["tiny"], "--study", "--only", "pool", "--text", files["good"], "--context", "32",
+            "--decode", "8", "--json"]
+    code, out, err = call(E.main, argv)
+    assert code == 0, (code, err)
+    pool = str(tmp_path / "results" / "eval-pool.json")
+    assert json.loads(out) == {"results": [pool], "parts": ["pool"], "readme": str(tmp_path / "README.md"),
+                               "plots": []}
+    assert os.path.isfile(pool)
+
+
+@pytest.mark.parametrize("spec,phrase", [
+    ("", "positive token counts"), ("x", "positive token counts"), ("0", "positive token counts"),
+    ("-64", "positive token counts"), ("64,,128", "positive token counts"), ("1e2", "positive token counts"),
+    ("9" * 5000, "positive token counts"), ("64,64", "twice"), ("64,129", "past the model's context of 128")])
+def test_eval_contexts_refused(spec, phrase):
+    import eval as E
+    with pytest.raises(ValueError, match=phrase):
+        E.contexts_of(spec, 128)
+    assert E.contexts_of(" 64, 128", 128) == [64, 128]
+
+
+@pytest.mark.parametrize("mode", ["passkey", "study"])
+def test_eval_passkey_context_too_short_fails_before_any_work(files, monkeypatch, mode):
+    """The tiny model's passkey prompt takes more than 64 tokens: one line, before any decoding."""
+    import eval as E
+
+    def work(*a, **kw):
+        raise AssertionError("work started")
+    monkeypatch.setattr(E.I, "generate", work)
+    monkeypatch.setattr(E, "compare", work)
+    more = ["--passkey"] if mode == "passkey" else ["--study", "--text", files["good"], "--context", "32",
+                                                     "--decode", "8"]
+    code, _, err = call(E.main, ["--model", files["tiny"], *more, "--contexts", "64"])
+    one_error(code, err)
+    assert "--contexts 64 is too short for the passkey prompt" in code, code
 
 
 def test_python_311_argparse_double_dash():

@@ -303,6 +303,18 @@ def test_tokenizer_special_tokens(tokenizers_pair):
     assert ours.token_to_id("<|im_end|>") == 2 and ours.token_to_id("<|im_start|>") == 1
 
 
+def test_tokenizer_that_cannot_encode_is_a_model_error(tmp_path):
+    """`tokenizers` raises a bare Exception for a word a WordLevel vocabulary without unk lacks."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    t = Tokenizer(models.WordLevel({"a": 0, "b": 1}))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(str(tmp_path / "tokenizer.json"))
+    tok = model.Tok(str(tmp_path))
+    assert tok.encode("a b a", chat=False) == [0, 1, 0]
+    with pytest.raises(ModelError, match="tokenizer.json cannot encode the text: .*Missing"):
+        tok.encode("a c", chat=False)
+
+
 # --- 4. Config errors
 LLAMA = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
              num_attention_heads=4, num_key_value_heads=2)
@@ -434,6 +446,15 @@ def test_load_no_safetensors(tmp_path, tiny):
         json.dump(tiny[0], f)
     torch.save(tiny[1].state_dict(), os.path.join(d, "pytorch_model.bin"))
     with pytest.raises(ModelError, match=r"no \.safetensors weights in"):
+        model.load(d)
+
+
+def test_load_weights_not_a_regular_file(tmp_path, tiny):
+    """A FIFO named model.safetensors would block safe_open forever: it is refused first."""
+    d = write_folder(str(tmp_path / "m"), tiny[0], tiny[2])
+    os.remove(os.path.join(d, "model.safetensors"))
+    os.mkfifo(os.path.join(d, "model.safetensors"))
+    with pytest.raises(ModelError, match="weights file 'model.safetensors' is not in .* not a regular file"):
         model.load(d)
 
 

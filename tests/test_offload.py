@@ -627,12 +627,27 @@ def test_preflight_refuses_absurd_host_memory():
     offload.preflight(2**20, 0, CPU)   # a MiB is fine
 
 
+def test_preflight_on_a_cpu_counts_the_device_bytes_as_host_bytes(monkeypatch):
+    """On a CPU the "device" buffers (and the full policy's whole cache) are host memory too."""
+    monkeypatch.setenv("INFINIGEN_HOST_GIB", "1")
+    offload.preflight(2**28, 2**28, CPU)
+    with pytest.raises(OffloadError, match=r"needs 1\.00 GiB but only 1\.00 GiB"):
+        offload.preflight(2**29, 2**29, CPU)
+    import infinigen as I
+    import model as M
+    m = M.Transformer(M.Config("llama", vocab_size=10, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=8,
+                               max_seq_len=2**10))
+    with pytest.raises(OffloadError, match=r"needs 128\.00 GiB"):       # K, V x L 2 x B 2^20 x S 2^10 x d 8
+        I.make_cache(m, I.Policy("full"), 2**20, 2**10)
+
+
 def test_store_preflights_before_allocating():
     if offload.host_available() is None:
         pytest.skip("no /proc/meminfo on this machine")
     L, B, S, Hkv, d = 10_000, 1_000, 10_000, 32, 128                     # ~1.6e15 bytes at fp16
     row = 2 * d * 2                                                      # a token's K and V of one head
-    need = L * S * B * Hkv * row + 2 * S * B * Hkv * (row + 8)           # store, staging rows and positions
+    rows, staging = S * B * Hkv, 2 * S * B * Hkv * (row + 8)          # staging: rows and positions, twice
+    need = L * rows * row + staging + (2 * rows * row + staging)       # store; on a CPU the device's too
     with pytest.raises(OffloadError, match=f"needs {need / 2**30:.2f} GiB"):
         KVStore(L, B, S, Hkv, d, CPU, torch.float16)
 
