@@ -68,9 +68,8 @@ def env_info():
 write_json = cli.write_json  # whole or not at all: a temporary file, then a rename
 
 
-def write(name, data):
+def write(path, data):
     data["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    path = os.path.join(ROOT, "results", name)
     write_json(path, data)
     say(f"wrote {path}")
 
@@ -206,9 +205,9 @@ def suite_cpu(a):
                  "h2d_bytes_per_step", "tokens_agree_with_transformers"])
     print("\npeak resident memory (child process)")
     table([{"command": k, **v} for k, v in rss.items()], ["command", "peak_rss_mib", "exit"])
-    write("bench-cpu.json", {**info, "suite": "cpu", "model": folder, "text": text, "batch": 1,
-                             "prompt_tokens": n_prompt, "new_tokens": new, "dtype": "float32",
-                             "results": res, "peak_rss": rss})
+    path = a.out or os.path.join(ROOT, "results", "bench-cpu.json")
+    write(path, {**info, "suite": "cpu", "model": folder, "text": text, "batch": 1, "prompt_tokens": n_prompt,
+                 "new_tokens": new, "dtype": "float32", "results": res, "peak_rss": rss})
 
 
 # --- Models for speed
@@ -240,11 +239,14 @@ def real_default(device, dtype):
 
 
 def random_model(name, device, dtype):
-    """Ours with random weights of a named shape (N(0, 0.02), norms 1), and a maker of transformers' twin."""
+    """Ours with random weights of a named shape (N(0, 0.02), norms 1), and a maker of transformers' twin.
+    Each is refused first (OffloadError) where memory cannot hold its weights."""
     hf = {"model_type": "llama", "hidden_act": "silu", **SHAPES[name]}
     cfg = M.Config.from_hf(hf)
     with torch.device("meta"):
         model = M.Transformer(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    preflight(0, params * dtype.itemsize, device, what=f"{name}-shaped weights")
     model = model.to_empty(device=device).to(dtype)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -254,6 +256,7 @@ def random_model(name, device, dtype):
 
     def twin():
         from transformers import LlamaConfig, LlamaForCausalLM
+        preflight(0, params * 4, device, what=f"transformers' {name}-shaped weights")      # made in float32
         torch.manual_seed(0)
         with torch.device(device):
             return LlamaForCausalLM(LlamaConfig(**SHAPES[name])).to(dtype).eval()
@@ -261,10 +264,18 @@ def random_model(name, device, dtype):
 
 
 def models_for(name, device, dtype):
-    """(our model, a maker of the transformers model, whether the weights are the real ones)."""
-    if name == "smollm2" and (real := real_default(device, dtype)):
-        return (*real, True)
-    return (*random_model(name, device, dtype), False)
+    """(our model, a maker of the transformers model, whether the weights are the real ones). A model that
+    does not fit (refused by the preflight, or out of memory while it is made) is an OffloadError."""
+    try:
+        if name == "smollm2" and (real := real_default(device, dtype)):
+            return (*real, True)
+        return (*random_model(name, device, dtype), False)
+    except Exception as e:
+        if not cli.out_of_memory(e):
+            raise
+        why = one_line(e)
+    free_memory()                                 # out of the except block, whose traceback held the tensors
+    raise OffloadError(f"{name}: {why}")
 
 
 # --- GPU suite
@@ -325,6 +336,31 @@ def parse_shapes(spec):
     return shapes
 
 
+def shapes_for(name, spec, new):
+    """--shapes for a model: each context (prompt + new tokens) holds a prompt and `new` decoded tokens
+    within the model's context (the same check for every suite)."""
+    top = SHAPES[name]["max_position_embeddings"]
+    shapes = parse_shapes(spec)
+    for B, ctx in shapes:
+        if not new < ctx <= top:
+            raise ValueError(f"--shapes {B}x{ctx}: {name}'s context must hold a prompt and {new} new tokens: "
+                             f"from {new + 1} to {top} tokens")
+    return shapes
+
+
+def one_shape(shapes, suite):
+    if len(shapes) > 1:
+        raise ValueError(f"--shapes: the {suite} suite runs one shape, got {len(shapes)}")
+    return shapes[0]
+
+
+def device_of(a):
+    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+    return dev
+
+
 def peer_preflight(cfg, B, ctx, offloading, dev):
     """transformers keeps the whole KV on the device (DynamicCache) or in host memory (offloaded), with no
     check of its own: a host store larger than memory gets the process killed, so refuse it first."""
@@ -368,28 +404,24 @@ class RowsFailed(Exception):
     """Rows of ours that ended in an error (a bug, not a lack of memory): the run fails, after the rest."""
 
 
-def out_of_memory(e):
-    """torch's OutOfMemoryError, or the RuntimeError of torch's CPU allocator when host memory runs out
-    (matched by its message: any other RuntimeError, a device-side error included, is not)."""
-    return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+def one_line(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
 
 def measure(fn, args, row, bw, peer=False):
     """Run one row. Out of memory (device or host) or refused by a preflight is that row's result; so is
     any error of the transformers peer (its row says so). Any other error of ours is a bug: its traceback
     is printed, its row says `error`, the other rows still run, and the run fails at the end (RowsFailed)."""
-    line = lambda e: f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
     try:
         s = fn(*args)
     except Exception as e:
-        if isinstance(e, OffloadError) or out_of_memory(e):
-            s = {"skipped": line(e)}
+        if isinstance(e, OffloadError) or cli.out_of_memory(e):
+            s = {"skipped": one_line(e)}
         elif peer:
-            s = {"skipped": "peer error: " + line(e)}
+            s = {"skipped": "peer error: " + one_line(e)}
         else:
             traceback.print_exc()
-            s = {"error": line(e)}
+            s = {"error": one_line(e)}
     free_memory()
     row.update({k: None for k in ROW_KEYS} | s)
     if "skipped" in s or "error" in s:
@@ -449,9 +481,7 @@ def prompts_for(cfg, B, ctx, new):
 
 
 def suite_gpu(a):
-    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+    dev = device_of(a)
     cuda = dev.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
     info = env_info() | {"device": torch.cuda.get_device_name(dev) if cuda else "cpu",
@@ -462,12 +492,7 @@ def suite_gpu(a):
     for name in models:
         if name not in SHAPES:
             raise ValueError(f"unknown model {name!r} (choose from {', '.join(SHAPES)})")
-    shapes = {name: parse_shapes(a.shapes or ROWS[name]) for name in models}
-    for name in models:
-        for B, ctx in shapes[name]:
-            if not new < ctx <= SHAPES[name]["max_position_embeddings"]:
-                raise ValueError(f"--shapes {B}x{ctx}: {name}'s context must hold a prompt and --new-tokens "
-                                 f"{new}: from {new + 1} to {SHAPES[name]['max_position_embeddings']} tokens")
+    shapes = {name: shapes_for(name, a.shapes or ROWS[name], new) for name in models}
     path = a.out or results_file("bench" if info["device"] != "cpu" else "bench-gpu-suite", info["device"])
     load_rows(path)                                    # a file it cannot add to fails now, not after a row
     say("measuring pinned host->device bandwidth (1 GiB) ..." if cuda else "on a CPU: no PCIe link, no floor")
@@ -477,7 +502,17 @@ def suite_gpu(a):
     run = info | {"pinned_h2d_bytes_per_s": round(bw) if bw else None, "new_tokens": new}
     rows = []
     for name in models:
-        model, make_twin, real = models_for(name, dev, dtype)
+        try:
+            model, make_twin, real = models_for(name, dev, dtype)
+        except OffloadError as e:                       # the model does not fit: each of its rows says so
+            say(f"{name}: skipped: {e}")
+            for pol, budget in pols:
+                for B, ctx in shapes[name]:
+                    row = {"model": name, "impl": pol, "budget": budget, "batch": B, "context": ctx,
+                           "run": run["date"]}
+                    rows.append(row | {k: None for k in ROW_KEYS} | {"skipped": one_line(e)})
+                    save_row(path, run, rows[-1])
+            continue
         cfg, label = model.cfg, name if real or name != "smollm2" else "smollm2-random"
         for pol, budget in [p for p in pols if not p[0].startswith("hf")]:
             p = I.Policy(pol, **({"budget": budget} if budget is not None else {}), gather=a.gather,
@@ -531,10 +566,10 @@ def suite_gather(a):
     """Bring 5-20% of a layer's rows from a pinned store to the device with the engine's two gathers
     (KVStore.fetch, host and device) and report GB/s of useful bytes, per row width (K and V together:
     128, 256, 512 bytes at float16); and which attention kernel decode's shapes get."""
-    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = device_of(a)
     cuda, dtype = dev.type == "cuda", torch.float16
-    B, S = parse_shapes(a.shapes or "8x4096")[0]
-    Hkv, gathers = 32, ["host", "device"] if cuda or a.gather == "device" else ["host"]
+    B, S = one_shape(parse_shapes(a.shapes or "8x4096"), "gather")
+    Hkv, gathers = 32, [a.gather] if a.gather != "auto" else ["host", "device"] if cuda else ["host"]
     info = env_info() | {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "batch": B,
                          "slots": S, "kv_heads": Hkv, "rows": [], "sdpa": {}}
     bw = pinned_h2d_bandwidth(dev)
@@ -585,20 +620,27 @@ def suite_gather(a):
 
 
 # --- Timeline
+TRACED = 6                                 # decode steps after the prompt: 2 to warm up, 3 timed, 1 traced
+
+
 def suite_timeline(a):
     """Traced decode steps of `offload` and `infinigen`: when each layer computed (compute stream) and
     when each layer's K, V copy ran (copy stream, or the host on a CPU); the copy wait of each step."""
     from offload import mark
-    cuda = torch.cuda.is_available() and a.device != "cpu"
-    dev, dtype = (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
+    dev = device_of(a)
+    cuda = dev.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
     name = a.models or "smollm2"
     if name not in SHAPES:
         raise ValueError(f"--models: the timeline traces one model, one of {', '.join(SHAPES)}; got {name!r}")
+    B, ctx = one_shape(shapes_for(name, a.shapes or ("1x1024" if not cuda else ROWS[name].split(",")[0]),
+                                  TRACED), "timeline")
     model, _, real = models_for(name, dev, dtype)
-    B, ctx = parse_shapes(a.shapes or ("1x1024" if not cuda else ROWS[name].split(",")[0]))[0]
-    ids = torch.randint(0, model.cfg.vocab_size, (B, ctx), generator=torch.Generator().manual_seed(0)).to(dev)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.cfg.vocab_size, (B, ctx - TRACED), generator=gen).to(dev)
     out = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "model": name, "real_weights": real,
-           "batch": B, "context": ctx, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "batch": B, "context": ctx, "prompt": ctx - TRACED,
+           "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "command": " ".join(["python"] + sys.argv), "runs": {},
            "note": "CUDA: copy-stream and compute-stream events, so overlap is real concurrency" if cuda else
            "CPU: host clock; a copy inside the previous layer's span ran serially within it, "
@@ -606,7 +648,7 @@ def suite_timeline(a):
     path = a.out or results_file("timeline", out["device"])
     for pol in ("offload", "infinigen"):
         say(f"timeline: {pol}, batch {B}, context {ctx} ...")
-        cache = I.make_cache(model, I.Policy(pol, gather=a.gather), B, ctx + 8)
+        cache = I.make_cache(model, I.Policy(pol, gather=a.gather), B, ctx)
         cache.store.timing = cuda
         I.prefill(model, cache, ids, torch.ones(ids.shape, dtype=torch.bool))
         tok = ids[:, -1]
@@ -689,32 +731,60 @@ def plot_timeline(out, path):
 
 
 # --- Command line
+USES = {"cpu": ("text", "prompt_tokens", "new_tokens", "out"),      # the flags each suite reads
+        "gpu": ("new_tokens", "models", "shapes", "policies", "gather", "graphs", "device", "out"),
+        "timeline": ("models", "shapes", "gather", "device", "out"),
+        "gather": ("shapes", "gather", "device", "out")}
+DEFAULTS = {"prompt_tokens": 512, "policies": POLICIES, "gather": "auto", "graphs": True}
+
+
+def check_flags(a):
+    """Refuse a flag the suite does not read (never ignored; `--device cpu` goes with the cpu suite) and
+    --new-tokens 1 (no decode step to time); then fill in the defaults."""
+    for k, v in vars(a).items():
+        if v is None or k == "suite" or k in USES[a.suite] or (a.suite, k, v) == ("cpu", "device", "cpu"):
+            continue
+        flag = "--no-graphs" if k == "graphs" else "--" + k.replace("_", "-")
+        users = ", ".join(s for s, ks in USES.items() if k in ks)
+        raise ValueError(f"{flag} is not used by the {a.suite} suite (only by {users})")
+    if a.new_tokens == 1:
+        raise ValueError("--new-tokens 1 leaves no decode step to time: give at least 2")
+    for k, v in DEFAULTS.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+
+
 def main(argv=None):
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=["cpu", "gpu", "timeline", "gather"],
                    default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--text", help="cpu: the prompt's source text (default: GPL-3 in "
                    "/usr/share/common-licenses)")
-    p.add_argument("--prompt-tokens", type=cli.positive_int, default=512, help="cpu: prompt length in tokens")
-    p.add_argument("--new-tokens", type=cli.positive_int, default=None, help="default: 128 (cpu), 16 (gpu)")
+    p.add_argument("--prompt-tokens", type=cli.positive_int,
+                   help="cpu: prompt length in tokens (default 512)")
+    p.add_argument("--new-tokens", type=cli.positive_int,
+                   help="cpu, gpu: at least 2; default 128 (cpu), 16 (gpu)")
     p.add_argument("--models", help=f"gpu (default smollm2,7b), timeline (one; default smollm2): from "
                                     f"{', '.join(SHAPES)}")
-    p.add_argument("--shapes", help="gpu, timeline: BATCHxCONTEXT,... (context = prompt + new tokens); "
-                   f"default per model: {ROWS}")
-    p.add_argument("--policies", default=POLICIES,
-                   help="gpu: POLICY[:BUDGET],... and hf-dynamic, hf-offloaded")
-    p.add_argument("--gather", choices=I.GATHERS, default="auto",
-                   help="gpu, timeline: how sparse rows are gathered")
-    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+    p.add_argument("--shapes", help="gpu, timeline (one), gather (one): BATCHxCONTEXT,... (context = "
+                   f"prompt + new tokens; the timeline decodes {TRACED}); default per model: {ROWS}")
+    p.add_argument("--policies",
+                   help=f"gpu: POLICY[:BUDGET],... and hf-dynamic, hf-offloaded (default {POLICIES})")
+    p.add_argument("--gather", choices=I.GATHERS,
+                   help="gpu, timeline: how sparse rows are gathered (default auto); gather: the gather "
+                        "measured (auto: both on CUDA, host on a CPU)")
+    p.add_argument("--no-graphs", dest="graphs", action="store_const", const=False,
                    help="gpu: decode steps op by op, their copy waits timed (default: CUDA graphs where "
                         "they can be)")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="gpu, timeline: default cuda when present")
-    p.add_argument("--out", help="gpu, timeline: the results file (default results/bench-<device>.json, "
-                   "results/timeline-<device>.json and .png)")
+    p.add_argument("--device", choices=["cuda", "cpu"],
+                   help="gpu, timeline, gather: default cuda when present")
+    p.add_argument("--out", help="the results file (default results/bench-cpu.json, bench-<device>.json, "
+                   "timeline-<device>.json and .png, gather-<device>.json)")
     a = p.parse_args(argv)
     try:
         if a.text:                                       # before the first measurement, not after
             cli.read_text(a.text, "--text")
+        check_flags(a)
         suites = {"cpu": suite_cpu, "gpu": suite_gpu, "timeline": suite_timeline, "gather": suite_gather}
         suites[a.suite](a)
     except (*cli.KNOWN, RowsFailed) as e:                  # OSError: files

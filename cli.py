@@ -46,6 +46,13 @@ class Parser(argparse.ArgumentParser):
         return ns
 
 
+def out_of_memory(e):
+    """Whether e says memory ran out: torch's OutOfMemoryError, Python's MemoryError, or the RuntimeError
+    of torch's CPU allocator or of a failed mmap (matched by message: any other RuntimeError is a bug)."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("DefaultCPUAllocator: can't allocate memory", "Cannot allocate memory"))
+
+
 def positive_int(s):
     if not s.isdecimal() or int(s) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s[:40]!r}")
@@ -168,7 +175,7 @@ def build_parser():
     a("--recent", type=float, default=d.recent, help="h2o/streaming: share of the budget for recent tokens")
     a("--cpu-kv-capacity", type=float, default=0,
       help="CPU pool: tokens per sequence (>1) or fraction of context")
-    a("--eviction", choices=["fifo", "lru", "counter"], default=d.eviction)
+    a("--eviction", choices=["fifo", "lru", "counter"], default=None, help=f"default: {d.eviction}")
     a("--layer-budget", choices=["uniform", "prompt"], default=d.layer_budget,
       help="prompt: share the budget among sparse layers by the need measured at prefill")
     a("--measure-recall", action="store_true", help="also compute full attention to report captured mass")
@@ -184,8 +191,14 @@ def build_parser():
     return p
 
 
-def check(args):
-    """The numbers Policy does not check itself."""
+def check(args, pol):
+    """The numbers and combinations Policy does not check itself: a flag is never silently ignored."""
+    if args.prompt_file is not None and args.prompt:
+        raise ValueError("--prompt and --prompt-file both given: choose one")
+    if args.calib is not None and pol.name != "infinigen":
+        raise ValueError(f"--calib calibrates InfiniGen's skew: it needs --policy infinigen, not {pol.name}")
+    if args.eviction and not pol.capacity:
+        raise ValueError("--eviction chooses what a bounded CPU pool evicts: it needs --cpu-kv-capacity")
     if not (args.temperature == 0 or 1e-4 <= args.temperature < math.inf):
         raise ValueError(f"--temperature must be 0 (greedy) or finite and >= 1e-4, got {args.temperature}")
     if not 0 < args.top_p <= 1:
@@ -230,9 +243,9 @@ def main(argv=None, script=False):
         sys.exit(1)
     except (*KNOWN, torch.OutOfMemoryError) as e:
         fail(e)
-    except RuntimeError as e:               # host memory ran out, NaN logits sampled (CPU); else a bug
-        if "DefaultCPUAllocator: can't allocate memory" in str(e):
-            fail(f"out of host memory: {e} (fewer prompts or tokens, or a smaller model)")
+    except (RuntimeError, MemoryError) as e:         # host memory ran out, NaN logits sampled; else a bug
+        if out_of_memory(e):
+            fail(f"out of host memory: {e or 'MemoryError'} (fewer prompts or tokens, or a smaller model)")
         if not str(e).startswith(("probability tensor contains", "invalid multinomial distribution")):
             raise
         fail(f"cannot sample ({e}): the model's logits are not finite (broken weights, or --dtype overflows)")
@@ -257,10 +270,11 @@ class Run:
         dev = device_of(args.device)
         dtype = getattr(torch, args.dtype or ("float16" if dev.type == "cuda" else "float32"))
         pol = Policy(args.policy, budget_of(args.budget), args.alpha, args.partial_ratio, args.skew,
-                     args.dense_layers, args.recent, capacity=args.cpu_kv_capacity, eviction=args.eviction,
+                     args.dense_layers, args.recent, capacity=args.cpu_kv_capacity,
+                     eviction=args.eviction or Policy().eviction,
                      measure_recall=args.measure_recall, layer_budget=args.layer_budget, gather=args.gather,
                      graphs=args.graphs)
-        check(args)
+        check(args, pol)
         prompts = [read_text(args.prompt_file, "prompt file")] if args.prompt_file is not None else [
             p.encode("utf-8", "surrogateescape").decode("utf-8", "replace")          # bytes argv held
             for p in args.prompt or ["Explain in two sentences why the sky is blue."]]

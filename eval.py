@@ -143,6 +143,20 @@ def passkey(model, tok, pol, contexts, depths=(0.1, 0.5, 0.9), seed=0):
 
 
 # --- The study (make eval)
+PARTS = ("policies", "alpha", "ratio", "pool", "layers", "paper", "passkey")
+
+
+def check_only(args):
+    """--only: with --study, parts of it by name (an unknown one is refused, not skipped)."""
+    if args.only is None:
+        return
+    if not args.study:
+        raise ValueError("--only chooses parts of --study: give --study too")
+    unknown = [p for p in args.only.split(",") if p not in PARTS]
+    if unknown:
+        raise ValueError(f"--only: unknown part {unknown[0]!r} (choose from {', '.join(PARTS)})")
+
+
 def wants_passkey(args):
     return args.passkey or (args.study and (not args.only or "passkey" in args.only.split(",")))
 
@@ -336,6 +350,7 @@ def contexts_of(spec, limit):
 
 def run(args):
     """What main asks for, a dict: the results, or for --study and --report the files written."""
+    check_only(args)
     if args.report:
         return report()
     pol = policy_from(args)
@@ -382,8 +397,7 @@ def build_parser():
     a("--study", action="store_true", help="run the whole study of `make eval` into results/")
     a("--report", action="store_true",
       help="only rebuild the README table and plots from results/eval-*.json")
-    a("--only", default="",
-      help="with --study: comma list of parts (policies,alpha,ratio,pool,layers,paper,passkey)")
+    a("--only", help=f"with --study: comma list of parts ({','.join(PARTS)})")
     cli.add_paper(p)
     a("--json", action="store_true",
       help="print one JSON object on stdout: the measures (--text), the accuracy per context (--passkey), "

@@ -55,8 +55,10 @@ class Policy:
              f"CPU KV capacity {self.capacity} must be finite and >= 0 (0: unbounded)"),
             (self.dense_layers >= (self.name == "infinigen"), "--dense-layers must be >= 0, and >= 1 for "
              "infinigen: it speculates layer i+1 from layer i, so layer 0 is dense"),
-            (not self.capacity or (self.name != "oracle" and not self.measure_recall),
-             "oracle and --measure-recall read every key: they need an unbounded CPU store"),
+            (not self.capacity or self.name not in ("full", "oracle") and not self.measure_recall,
+             "no CPU pool (--cpu-kv-capacity) for full (no CPU store), oracle, --measure-recall (all keys)"),
+            (self.name != "full" or not self.measure_recall, "--measure-recall compares a sparse policy's "
+             "tokens with full attention: not for --policy full"),
             (self.layer_budget in ("uniform", "prompt"),
              f"unknown layer budget {self.layer_budget!r} (uniform or prompt)"),
             (self.skew in SK.MODES, f"unknown skew mode {self.skew!r} (choose from {', '.join(SK.MODES)})"),
@@ -106,13 +108,12 @@ class OffloadCache(M.Cache):
         res = (self.first, batch, cfg.n_kv_heads, slots, cfg.head_dim)          # (first, B, Hkv, S, d)
         elt = torch.tensor([], dtype=dtype).element_size()
         extra = 2 * math.prod(res) * elt + self.device_bytes(batch, slots, elt)
-        cap = pol.capacity if pol.capacity > 1 else round(pol.capacity * slots)
+        cap = pol.capacity if pol.capacity > 1 else max(round(pol.capacity * slots), pol.capacity > 0)  # >= 1
         n_off = cfg.n_layers - self.first
         pool = Pool(n_off, batch, slots, int(cap), pol.eviction) if 0 < cap < slots else None
         self.store = KVStore(cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim, device, dtype, pool,
                              pol.gather, self.first, extra)
-        self.rk = torch.zeros(res, device=device, dtype=dtype)                 # resident layers' K, V
-        self.rv = torch.zeros(res, device=device, dtype=dtype)
+        self.rk, self.rv = (torch.zeros(res, device=device, dtype=dtype) for _ in "kv")  # resident K, V
         self.fetched = torch.zeros(cfg.n_layers, device=device)          # sum over steps of fraction fetched
         self.recall = torch.zeros(cfg.n_layers, dtype=torch.float64)
         self.decode_steps, self.handles, self.idx = 0, {}, {}
@@ -297,8 +298,7 @@ class Streaming(OffloadCache):
 
     def select(self, layer, q, x, rope):
         rank = self.allowed.long().cumsum(-1)                                     # 1.. for real tokens
-        k = self.counts[layer]
-        recent = rank > (self.length - (k - self.pol.sinks).clamp(min=0))[:, None, None]
+        recent = rank > (self.length - (self.counts[layer] - self.pol.sinks).clamp(min=0))[:, None, None]
         sel = ((rank <= self.pol.sinks) | recent) & self.allowed
         return sel.expand(-1, self.cfg.n_kv_heads, -1)
 
@@ -380,9 +380,8 @@ def prefill(model, cache, tokens, valid, chunk=1024, progress=False):
     for s in range(0, T, chunk):
         logits = model(tokens[:, s:s + chunk], cache, valid[:, s:s + chunk], last=True)
         if progress and T > chunk:
-            print(f"\r  prefill {min(s + chunk, T)}/{T} tokens", end="", file=sys.stderr, flush=True)
-    if progress and T > chunk:
-        print(file=sys.stderr)
+            print(f"\r  prefill {min(s + chunk, T)}/{T} tokens", end="" if s + chunk < T else "\n",
+                  file=sys.stderr, flush=True)
     return logits[:, -1]
 
 
@@ -463,8 +462,7 @@ def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, s
     if T + max_new > model.cfg.max_seq_len:
         raise ValueError(f"prompt of {T} tokens + {max_new} new tokens exceeds the model's context "
                          f"of {model.cfg.max_seq_len}")
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    valid = torch.zeros(B, T, dtype=torch.bool)
+    tokens, valid = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.bool)
     for b, p in enumerate(prompts):
         tokens[b, T - len(p):], valid[b, T - len(p):] = torch.tensor(p), True
     cache = make_cache(model, pol, B, T + max_new, partial)
@@ -475,6 +473,8 @@ def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, s
     sync(dev); t = time.perf_counter()
     logits = prefill(model, cache, tokens.to(dev), valid, progress=progress)   # valid stays on the host
     sync(dev); t_prefill = time.perf_counter() - t
+    if not bool(torch.isfinite(logits).all()):                  # greedy would pick token 0 and go on
+        raise ValueError("the model's logits are not finite (NaN, inf): broken weights, or --dtype overflows")
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
     out, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
     t = time.perf_counter()

@@ -69,7 +69,6 @@ class Config:
     mlp_bias: bool = False
     embed_dim: int = 0             # OPT word_embed_proj_dim (0 = dim)
     pre_norm: bool = True          # OPT do_layer_norm_before
-    bos_id: int | None = None
     eos_ids: tuple = ()
 
     def __post_init__(self):  # every field checked against its type: config.json is user input
@@ -81,8 +80,8 @@ class Config:
             if (f.type is float and not num(v)) or (f.type is bool and type(v) is not bool):
                 want = "a positive number" if f.type is float else "true or false"
                 raise ModelError(f"config: {name} must be {want}, got {v!r}")
-        if not all(type(e) is int for e in self.eos_ids) or type(self.bos_id) not in (int, type(None)):
-            raise ModelError(f"config: bos/eos_token_id must be integers: {self.bos_id!r}, {self.eos_ids!r}")
+        if not all(type(e) is int for e in self.eos_ids):
+            raise ModelError(f"config: eos_token_id must be integers, got {self.eos_ids!r}")
         if self.dim % self.n_heads and not self.head_dim:                    # (an explicit head_dim may)
             raise ModelError(f"num_attention_heads={self.n_heads} does not divide hidden_size={self.dim}")
         if (s := self.rope_scaling) and (not all(num(s.get(k)) for k in LLAMA3)
@@ -115,7 +114,7 @@ class Config:
         common = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                       n_heads=hf["num_attention_heads"], max_seq_len=hf.get("max_position_embeddings", 2048),
                       tie_embeddings=hf.get("tie_word_embeddings", mt == "opt"),
-                      bos_id=hf.get("bos_token_id"), eos_ids=eos)
+                      eos_ids=eos)
         if mt == "llama":
             rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
             if not isinstance(rope, dict):
@@ -250,8 +249,7 @@ class DenseCache(Cache):
     def __init__(self, cfg: Config, batch, slots, device, dtype):
         super().__init__(batch, slots, device)
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)   # (L, B, Hkv, S, d)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
 
     def attend(self, layer, q, k, v, x, rope):
         self.k[layer].index_copy_(2, self.at, k)
@@ -279,8 +277,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, H, Hkv, d = cfg, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, H * d, bias=cfg.attn_bias)
-        self.wk = nn.Linear(cfg.dim, Hkv * d, bias=cfg.attn_bias)
-        self.wv = nn.Linear(cfg.dim, Hkv * d, bias=cfg.attn_bias)
+        self.wk, self.wv = (nn.Linear(cfg.dim, Hkv * d, bias=cfg.attn_bias) for _ in "kv")
         self.wo = nn.Linear(H * d, cfg.dim, bias=cfg.attn_bias)
 
     def heads(self, y, h):  # (B, T, h*d) -> (B, h, T, d)
@@ -379,8 +376,10 @@ class Tok:
         except Exception as e:                                # `tokenizers` raises a bare Exception
             raise ModelError(f"{path} is not a tokenizer: {e}") from None
         self.chat = read_json(chat) if os.path.exists(chat) else None
-        self.stop_ids = [self.tok.token_to_id(s) for s in (self.chat or {}).get("stop", [])
-                         if self.tok.token_to_id(s) is not None]
+        stop, system = (self.chat or {}).get("stop", []), (self.chat or {}).get("system") or ""
+        if not (isinstance(stop, list) and all(isinstance(s, str) for s in [*stop, system])):
+            raise ModelError(f"{chat}: \"stop\" must be a list of strings and \"system\" a string")
+        self.stop_ids = [self.tok.token_to_id(s) for s in stop if self.tok.token_to_id(s) is not None]
 
     def encode(self, text, chat=True):
         if chat and self.chat:  # ChatML
@@ -438,7 +437,7 @@ def resolve(path_or_id):
             "config.json", "*.safetensors", "*.safetensors.index.json",
             "tokenizer.json", "tokenizer_config.json", "chat.json"])
     except Exception as e:  # offline, unknown repo, gated ...
-        raise ModelError(f"cannot fetch {path_or_id!r} from the hub: "
+        raise ModelError(f"no folder {path_or_id} here, and cannot fetch it from the hub: "
                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
 
@@ -475,7 +474,7 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
                     loaded[ours] = t.to(device=device, dtype=dtype)
         except (SafetensorError, OSError) as e:   # header not JSON, data shorter than the header says ...
             raise ModelError(f"{os.path.join(folder, fname)} is not a valid safetensors file: {e}") from None
-    if cfg.tie_embeddings or "lm_head.weight" not in loaded:
+    if cfg.tie_embeddings:                                  # (untied and absent: missing, below)
         loaded["lm_head.weight"] = loaded.get("embed.weight")
     if missing := [n for n in params if loaded.get(n) is None]:
         raise ModelError(f"{len(missing)} weights missing from {folder}, e.g. {missing[0]} "

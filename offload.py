@@ -125,8 +125,8 @@ def device_kernel(name, cuda=False):
     under Triton's interpreter (CI). Triton takes one mode per process, so on a machine with a GPU, CPU
     tensors (cuda False) go through the compiled kernel on device copies, the result back in the last."""
     gpu = torch.cuda.is_available()
-    if not gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not gpu and not os.environ.get("TRITON_INTERPRET"):                             # unset or empty
+        os.environ["TRITON_INTERPRET"] = "1"
     import kernel
     if not gpu and not kernel.triton.knobs.runtime.interpret:
         raise OffloadError("without a GPU the gather kernel runs under Triton's interpreter, which "

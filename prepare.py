@@ -13,7 +13,8 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DIR = os.environ.get("INFINIGEN_MODEL_DIR", os.path.join(HERE, ".models", "SmolLM2-135M-Instruct"))
+DEFAULT_DIR = (os.environ.get("INFINIGEN_MODEL_DIR")                      # set but empty: unset
+               or os.path.join(HERE, ".models", "SmolLM2-135M-Instruct"))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -111,6 +112,16 @@ def write_folder(out_dir, writers):
                 os.remove(path)
 
 
+def check_writable(out_dir):
+    """Make and remove a file in out_dir (named as a temporary file of ours, which a later run ignores)."""
+    probe = os.path.join(out_dir, f"{FILES[0]}.tmp{os.getpid()}")
+    try:
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"cannot write into {out_dir}: {e.strerror or e}; nothing prepared") from None
+
+
 def prepare(out_dir=DEFAULT_DIR, src=None, quiet=False):
     """Convert the GGUF into `out_dir` (skipped when already there). Returns out_dir."""
     if prepared(out_dir):
@@ -123,6 +134,7 @@ def prepare(out_dir=DEFAULT_DIR, src=None, quiet=False):
             raise ValueError(f"{out_dir} holds files this did not write ({', '.join(other[:3])}): not "
                              "writing over them; give a new or empty folder")
     os.makedirs(out_dir, exist_ok=True)          # a folder that cannot be made fails now, not after the work
+    check_writable(out_dir)                      # and so does one that cannot be written into
     from gguf import GGUFReader
     from gguf.quants import dequantize
     from safetensors.torch import save_file

@@ -85,7 +85,7 @@ def test_measure_skips_a_host_out_of_memory():
     assert "DefaultCPUAllocator: can't allocate memory" in row["skipped"] and "error" not in row
     with pytest.raises(RuntimeError) as real:             # the real one, as this torch words it
         torch.empty(2**62, dtype=torch.uint8)
-    assert bench.out_of_memory(real.value), real.value
+    assert bench.cli.out_of_memory(real.value), real.value
 
 
 def test_the_step_time_leaves_out_the_warm_up_steps():
@@ -190,6 +190,7 @@ def suite_json(tmp_path, suite, *args):
 def test_timeline_on_a_cpu(tmp_path):
     pytest.importorskip("matplotlib")
     data = suite_json(tmp_path, "timeline", "--models", "tiny")
+    assert data["context"] == 64 and data["prompt"] == 64 - bench.TRACED        # --shapes as the gpu suite's
     assert (tmp_path / "timeline.png").exists()
     for pol in ("offload", "infinigen"):
         run = data["runs"][pol]
@@ -201,9 +202,87 @@ def test_timeline_on_a_cpu(tmp_path):
 
 
 def test_gather_suite_on_a_cpu(tmp_path):
+    """--gather names the gather measured (auto: both on CUDA, the host's on a CPU)."""
     pytest.importorskip("triton")
     data = suite_json(tmp_path, "gather", "--gather", "device")
-    assert {(x["row_bytes"], x["gather"]) for x in data["rows"]} == {(b, g) for b in (128, 256, 512)
-                                                                     for g in ("host", "device")}
+    assert {(x["row_bytes"], x["gather"]) for x in data["rows"]} == {(b, "device") for b in (128, 256, 512)}
     assert all(x["useful_gb_per_s"] >= 0 for x in data["rows"])
     assert set(data["sdpa"]) == {"7b", "smollm2"}
+    host = tmp_path / "host.json"
+    bench.main(["--suite", "gather", "--device", "cpu", "--shapes", "1x64", "--out", str(host)])
+    assert {x["gather"] for x in json.loads(host.read_text())["rows"]} == {"host"}
+
+
+# --- A model that does not fit; flags a suite does not use
+GPU_TINY = ["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--shapes", "2x40", "--new-tokens", "3",
+            "--policies", "full,hf-dynamic"]
+
+
+def test_a_model_that_does_not_fit_is_its_rows_result(tmp_path, monkeypatch):
+    """Its weights are checked against memory before it is built (the 7B shape is 25 GiB in float32):
+    each of its rows says why, as a row that does not fit does, and the run goes on."""
+    monkeypatch.setenv("INFINIGEN_HOST_GIB", "0.0001")                     # 100 KiB: not even tiny fits
+    out = tmp_path / "bench.json"
+    bench.main([*GPU_TINY, "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["full", "hf-dynamic"]
+    for r in rows:
+        assert r["skipped"].startswith("OffloadError: CPU tiny-shaped weights store needs"), r
+        assert r["tokens_per_s"] is None and "error" not in r
+
+
+def test_running_out_of_memory_while_a_model_is_made(tmp_path, monkeypatch):
+    """The host allocator's RuntimeError (or a MemoryError) while a model is made: the gpu suite's rows of
+    that model are skipped; the timeline, which has no other model, is one error line."""
+    def host_oom(*a):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(bench, "random_model", host_oom)
+    out = tmp_path / "bench.json"
+    bench.main([*GPU_TINY, "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all("DefaultCPUAllocator" in r["skipped"] for r in rows)
+    monkeypatch.setattr(bench, "random_model", lambda *a: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--suite", "timeline", "--device", "cpu", "--models", "tiny", "--out", str(out)])
+    assert e.value.code == "error: tiny: MemoryError: "
+
+
+TIMELINE = ["--suite", "timeline", "--device", "cpu", "--models", "tiny"]
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--suite", "cpu", "--models", "tiny"], "--models is not used by the cpu suite (only by gpu, timeline)"),
+    (["--suite", "cpu", "--shapes", "1x64"], "--shapes is not used by the cpu suite"),
+    (["--suite", "cpu", "--policies", "full"], "--policies is not used by the cpu suite"),
+    (["--suite", "cpu", "--device", "cuda"], "--device is not used by the cpu suite"),
+    (["--suite", "timeline", "--new-tokens", "8"], "--new-tokens is not used by the timeline suite"),
+    (["--suite", "gather", "--no-graphs"], "--no-graphs is not used by the gather suite (only by gpu)"),
+    (["--suite", "gather", "--prompt-tokens", "9"], "--prompt-tokens is not used by the gather suite"),
+    (GPU_TINY + ["--new-tokens", "1"], "no decode step to time"),
+    (["--suite", "cpu", "--new-tokens", "1"], "no decode step to time"),
+    (TIMELINE + ["--shapes", "1x2000"], "from 7 to 1024 tokens"),                  # the gpu suite's check
+    (TIMELINE + ["--shapes", "1x64,2x64"], "one shape, got 2"),
+    (["--suite", "gather", "--device", "cpu", "--shapes", "1x64,2x64"], "one shape, got 2"),
+])
+def test_a_flag_a_suite_would_ignore_is_refused(tmp_path, args, phrase):
+    with pytest.raises(SystemExit) as e:
+        bench.main([*args, "--out", str(tmp_path / "x.json")])
+    assert e.value.code.startswith("error: ") and phrase in e.value.code, e.value.code
+    assert not os.listdir(tmp_path)
+
+
+def test_the_cpu_suite_writes_its_out(tmp_path, monkeypatch):
+    """--out of the cpu suite is the results file (it wrote results/bench-cpu.json whatever --out said);
+    run here on a tiny model standing in for the default one (no child processes)."""
+    from transformers import AutoModelForCausalLM
+    folder = helpers.tiny_llama(tmp_path / "tiny", 64)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog . " * 4)
+    monkeypatch.setattr(bench, "peak_rss", lambda args: (1.0, 0))
+    monkeypatch.setattr(bench.prepare, "prepare", lambda *a, **kw: folder)
+    monkeypatch.setattr(bench, "load_hf_default", lambda *a: AutoModelForCausalLM.from_pretrained(folder))
+    out = tmp_path / "cpu.json"
+    bench.main(["--suite", "cpu", "--device", "cpu", "--text", str(text), "--prompt-tokens", "20",
+                "--new-tokens", "3", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["suite"] == "cpu" and data["new_tokens"] == 3 and data["results"]["full"]["decode_steps"] == 2

@@ -82,6 +82,15 @@ def error_cases(tiny):
                                        "--prompt", "hi"], "calibration file not found"),
         "sampling NaN logits": (["--model", str(tiny / "nan"), "--temperature", "1", "--prompt", "hi",
                                  "--max-new-tokens", "2"], "logits are not finite"),
+        "greedy on NaN logits": (["--model", str(tiny / "nan"), "--prompt", "hi", "--max-new-tokens", "2"],
+                                 "logits are not finite"),
+        "prompt and prompt file": (["--prompt", "hi", "--prompt-file", str(tiny / "long.txt")], "choose one"),
+        "calibration for h2o": (["--policy", "h2o", "--calib", str(tiny / "long.txt"), "--prompt", "hi"],
+                                "--calib calibrates InfiniGen's skew"),
+        "eviction without a pool": (["--policy", "h2o", "--eviction", "lru", "--prompt", "hi"],
+                                    "it needs --cpu-kv-capacity"),
+        "a pool for full": (["--cpu-kv-capacity", "0.5", "--prompt", "hi"], "no CPU pool"),
+        "recall of full": (["--measure-recall", "--prompt", "hi"], "not for --policy full"),
     }
     if not CUDA:
         cases["cuda unavailable"] = (["--device", "cuda", "--prompt", "hi"], "CUDA")
@@ -115,7 +124,9 @@ ERROR_NAMES = ["missing model folder", "no safetensors", "unsupported model_type
                "prompt longer than context", "max-new-tokens 0", "temperature abc", "policy nope", "budget 0",
                "missing prompt file", "prompt file is a folder", "empty prompt", "budget nan", "top-p 0",
                "negative alpha", "negative capacity", "cuda unavailable", "prompt file named ''",
-               "calibration file named ''", "sampling NaN logits", "kernel without its interpreter"]
+               "calibration file named ''", "sampling NaN logits", "kernel without its interpreter",
+               "greedy on NaN logits", "prompt and prompt file", "calibration for h2o",
+               "eviction without a pool", "a pool for full", "recall of full"]
 
 
 @pytest.mark.parametrize("name", ERROR_NAMES)
@@ -221,3 +232,25 @@ def test_a_book_is_refused_from_its_beginning():
     assert tok.seen == [1024]
     assert cli.tokens(tok, " " * 5000 + "a b", 64) == ["a", "b"] and tok.seen[1:] == [1024, 5003]
     assert cli.tokens(tok, "a b", 64) == ["a", "b"] and tok.seen[3:] == [3]
+
+
+# --- Out of memory
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    """Host memory running out while loading or generating: torch's allocator, a failed mmap, or Python's
+    MemoryError, all one line; any other RuntimeError stays a bug (a traceback)."""
+    import cli
+    import model as M
+    def raising(e):
+        def load(*a, **kw):
+            raise e
+        monkeypatch.setattr(M, "load_with_tokenizer", load)
+    for e in (MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to"),
+              RuntimeError("unable to mmap 540 bytes from file <x>: Cannot allocate memory (12)")):
+        raising(e)
+        with pytest.raises(SystemExit) as ex:
+            cli.main(["--prompt", "hi"])
+        assert str(ex.value.code).startswith("error: out of host memory: "), ex.value.code
+        assert len(str(ex.value.code).splitlines()) == 1
+    raising(RuntimeError("CUDA error: device-side assert triggered"))
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        cli.main(["--prompt", "hi"])

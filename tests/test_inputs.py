@@ -190,7 +190,7 @@ def test_config_checks():
                         ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": "1"}},
                          "low_freq_factor"), ({"hidden_size": 2**62}, r"below 2\*\*31, got 46116860184"),
                         ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "high_freq_factor": 1}},
-                         "high_freq_factor > low_freq_factor"), ({"bos_token_id": 1.5}, "bos/eos_token_id"),
+                         "high_freq_factor > low_freq_factor"), ({"eos_token_id": [1.5]}, "eos_token_id"),
                         ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
                         ({"attention_bias": "no"}, "attention_bias must be true or false"),
                         ({"num_attention_heads": 3}, "does not divide")]:
@@ -525,6 +525,46 @@ def test_eval_study_json_says_what_it_wrote(files, tmp_path, monkeypatch):
     assert json.loads(out) == {"results": [pool], "parts": ["pool"], "readme": str(tmp_path / "README.md"),
                                "plots": []}
     assert os.path.isfile(pool)
+
+
+@pytest.mark.parametrize("more,phrase", [
+    (["--study", "--only", "polices"], "--only: unknown part 'polices' (choose from policies, alpha, "),
+    (["--study", "--only", "pool,"], "unknown part ''"),
+    (["--only", "pool"], "--only chooses parts of --study: give --study too"),
+    (["--report", "--only", "pool"], "give --study too")])
+def test_eval_only_refuses_what_it_would_skip(files, tmp_path, monkeypatch, more, phrase):
+    """An unknown part ran nothing and still rewrote the README; --only without --study was ignored."""
+    E = study_folder(tmp_path, monkeypatch)
+    before = (tmp_path / "README.md").read_text()
+    argv = ["--model", files["tiny"], "--text", files["good"], "--context", "32", "--decode", "8", *more]
+    code, _, err = call(E.main, argv)
+    one_error(code, err)
+    assert phrase in code, code
+    assert (tmp_path / "README.md").read_text() == before
+
+
+def test_prepare_checks_the_folder_is_writable_before_converting(tmp_path, monkeypatch):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.geteuid() == 0:                  # root writes into it anyway: refuse as a read-only disk would
+        def refuse(path, *a, **kw):
+            raise PermissionError(13, "Permission denied", path)
+        monkeypatch.setattr(prepare, "open", refuse, raising=False)
+    monkeypatch.setattr(prepare, "gguf_path", lambda: (_ for _ in ()).throw(AssertionError("converting")))
+    try:
+        code, _, err = call(prepare.main, [str(out)])
+    finally:
+        out.chmod(0o755)
+    one_error(code, err)
+    assert code == f"error: cannot write into {out}: Permission denied; nothing prepared", code
+    assert os.listdir(out) == []
+
+
+def test_an_empty_model_dir_variable_means_unset():
+    r = subprocess.run([PY, "-c", "import prepare; print(prepare.DEFAULT_DIR)"], cwd=ROOT, text=True,
+                       capture_output=True, env=dict(ENV, INFINIGEN_MODEL_DIR=""), timeout=120)
+    assert r.stdout.strip() == os.path.join(ROOT, ".models", "SmolLM2-135M-Instruct"), r.stderr
 
 
 @pytest.mark.parametrize("spec,phrase", [

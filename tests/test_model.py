@@ -427,9 +427,16 @@ def test_load_roundtrip(tmp_path, tiny, shards):
     assert set(dict(loaded.named_parameters())) == set(dict(m.named_parameters()))
 
 
-def test_load_missing_folder(tmp_path):
+def test_load_missing_folder(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="model folder not found"):
         model.load(str(tmp_path / "no-such-model"))
+    import huggingface_hub
+
+    def offline(*a, **kw):
+        raise OSError("offline")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ModelError, match="no folder m/tiny here, and cannot fetch it from the hub: OSError"):
+        model.load("m/tiny")                      # a relative path typed in the wrong folder looks like an id
 
 
 def test_load_no_config(tmp_path, tiny):
@@ -456,6 +463,29 @@ def test_load_weights_not_a_regular_file(tmp_path, tiny):
     os.mkfifo(os.path.join(d, "model.safetensors"))
     with pytest.raises(ModelError, match="weights file 'model.safetensors' is not in .* not a regular file"):
         model.load(d)
+
+
+def test_load_untied_without_lm_head(tmp_path, tiny):
+    """tie_word_embeddings false and no lm_head.weight: a missing weight, not the embeddings silently."""
+    hf_cfg, m, state = tiny
+    state = {k: t for k, t in state.items() if k != "lm_head.weight"}
+    with pytest.raises(ModelError, match="1 weights missing .* e.g. lm_head.weight"):
+        model.load(write_folder(str(tmp_path / "m"), hf_cfg, state))
+    tied = model.load(write_folder(str(tmp_path / "t"), dict(hf_cfg, tie_word_embeddings=True), state))[0]
+    assert tied.lm_head.weight.data_ptr() == tied.embed.weight.data_ptr()
+
+
+@pytest.mark.parametrize("chat", [{"stop": 5}, {"stop": None}, {"stop": [3]}, {"stop": {"a": 1}},
+                                  {"stop": "<|im_end|>"}, {"system": {"a": 1}}, {"system": 3}])
+def test_chat_json_of_the_wrong_shape(tmp_path, chat):
+    from tokenizers import Tokenizer, models
+    tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "chat.json").write_text(json.dumps(chat))
+    with pytest.raises(ModelError, match='"stop" must be a list of strings and "system" a string'):
+        model.Tok(str(tmp_path))
+    (tmp_path / "chat.json").write_text(json.dumps({"system": "Be brief.", "stop": ["a", "zzz"]}))
+    assert model.Tok(str(tmp_path)).stop_ids == [0]
 
 
 def test_load_wrong_shape(tmp_path, tiny):

@@ -391,10 +391,21 @@ def test_pool_under_a_prefill_in_chunks(llama, eviction):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_pool_refuses_oracle_and_recall():
-    for kw in (dict(name="oracle"), dict(name="infinigen", measure_recall=True)):
-        with pytest.raises(ValueError, match="unbounded CPU store"):
+def test_pool_refuses_full_oracle_and_recall():
+    for kw in (dict(name="full"), dict(name="oracle"), dict(name="infinigen", measure_recall=True)):
+        with pytest.raises(ValueError, match=r"no CPU pool \(--cpu-kv-capacity\) for full"):
             Policy(capacity=0.5, **kw)
+    with pytest.raises(ValueError, match="--measure-recall compares a sparse policy's tokens with full"):
+        Policy("full", measure_recall=True)
+
+
+def test_a_small_pool_fraction_keeps_a_pool():
+    """A fraction of the slots that rounds to no token still bounds the store (0 would mean unbounded)."""
+    m = model.Transformer(model.Config("llama", vocab_size=10, dim=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                                       ffn_dim=8, max_seq_len=64))
+    for cap, want in ((0.01, 1), (0.5, 24), (3, 3)):
+        assert IG.make_cache(m, Policy("offload", capacity=cap), 1, 49).store.pool.cap == want
+    assert IG.make_cache(m, Policy("offload"), 1, 49).store.pool is None
 
 
 @pytest.mark.parametrize("eviction", ["fifo", "lru", "counter"])
