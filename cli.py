@@ -197,14 +197,19 @@ def check(args, pol):
         raise ValueError("--prompt and --prompt-file both given: choose one")
     if args.calib is not None and pol.name != "infinigen":
         raise ValueError(f"--calib calibrates InfiniGen's skew: it needs --policy infinigen, not {pol.name}")
-    if args.eviction and not pol.capacity:
-        raise ValueError("--eviction chooses what a bounded CPU pool evicts: it needs --cpu-kv-capacity")
     if not (args.temperature == 0 or 1e-4 <= args.temperature < math.inf):
         raise ValueError(f"--temperature must be 0 (greedy) or finite and >= 1e-4, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not -2**63 <= args.seed < 2**64:
         raise ValueError(f"--seed must fit in 64 bits, got {args.seed}")
+
+
+def eviction_of(args):
+    """--eviction (None: Policy's default), refused without a bounded pool to evict from."""
+    if args.eviction and not args.cpu_kv_capacity:
+        raise ValueError("--eviction chooses what a bounded CPU pool evicts: it needs --cpu-kv-capacity")
+    return args.eviction or Policy().eviction
 
 
 def budget_of(b):  # a token count past any context means all of it (and stays a 64-bit integer)
@@ -271,9 +276,8 @@ class Run:
         dtype = getattr(torch, args.dtype or ("float16" if dev.type == "cuda" else "float32"))
         pol = Policy(args.policy, budget_of(args.budget), args.alpha, args.partial_ratio, args.skew,
                      args.dense_layers, args.recent, capacity=args.cpu_kv_capacity,
-                     eviction=args.eviction or Policy().eviction,
-                     measure_recall=args.measure_recall, layer_budget=args.layer_budget, gather=args.gather,
-                     graphs=args.graphs)
+                     eviction=eviction_of(args), measure_recall=args.measure_recall,
+                     layer_budget=args.layer_budget, gather=args.gather, graphs=args.graphs)
         check(args, pol)
         prompts = [read_text(args.prompt_file, "prompt file")] if args.prompt_file is not None else [
             p.encode("utf-8", "surrogateescape").decode("utf-8", "replace")          # bytes argv held

@@ -328,7 +328,7 @@ def save(name, obj):  # whole or not at all; returns the path
 def policy_from(args, **over):
     kw = dict(name=args.policy, budget=cli.budget_of(args.budget), alpha=args.alpha,
               partial_ratio=args.partial_ratio, skew=args.skew, dense_layers=args.dense_layers,
-              capacity=args.cpu_kv_capacity, eviction=args.eviction, layer_budget=args.layer_budget)
+              capacity=args.cpu_kv_capacity, eviction=cli.eviction_of(args), layer_budget=args.layer_budget)
     kw.update(over)
     return I.Policy(**kw)
 
@@ -389,7 +389,7 @@ def build_parser():
     a("--skew", choices=I.SK.MODES, default=d.skew)
     a("--dense-layers", type=int, default=d.dense_layers)
     a("--cpu-kv-capacity", type=float, default=0)
-    a("--eviction", choices=["fifo", "lru", "counter"], default=d.eviction)
+    a("--eviction", choices=["fifo", "lru", "counter"], default=None, help=f"default: {d.eviction}")
     a("--layer-budget", choices=["uniform", "prompt"], default=d.layer_budget)
     a("--passkey", action="store_true", help="run passkey retrieval instead")
     a("--contexts", default="1024,2048,4096,8192", help="passkey contexts")

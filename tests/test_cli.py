@@ -254,3 +254,14 @@ def test_out_of_memory_is_one_line(monkeypatch, capsys):
     raising(RuntimeError("CUDA error: device-side assert triggered"))
     with pytest.raises(RuntimeError, match="device-side assert"):
         cli.main(["--prompt", "hi"])
+
+
+def test_eviction_needs_a_pool_in_eval_too():
+    import cli
+    import eval as E
+    from infinigen import Policy
+    parse = lambda *argv: cli.parse_args(E.build_parser(), list(argv))        # noqa: E731
+    with pytest.raises(ValueError, match="it needs --cpu-kv-capacity"):
+        E.policy_from(parse("--eviction", "lru"))
+    assert E.policy_from(parse("--eviction", "lru", "--cpu-kv-capacity", "0.5")).eviction == "lru"
+    assert E.policy_from(parse()).eviction == Policy().eviction
