@@ -147,7 +147,12 @@ PARTS = ("policies", "alpha", "ratio", "pool", "layers", "paper", "passkey")
 
 
 def check_only(args):
-    """--only: with --study, parts of it by name (an unknown one is refused, not skipped)."""
+    """--only: with --study, parts of it by name (an unknown one is refused, not skipped). And what
+    --study does not read (each part sets its own policy, budget, dense layers and pool) is refused."""
+    unread = [f for f in ("policy", "budget", "dense_layers", "cpu_kv_capacity", "eviction")
+              if getattr(args, f) != build_parser().get_default(f)]
+    if args.study and unread:
+        raise ValueError(f"--{unread[0].replace('_', '-')} is not read by --study: each part sets its own")
     if args.only is None:
         return
     if not args.study:

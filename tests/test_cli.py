@@ -265,3 +265,16 @@ def test_eviction_needs_a_pool_in_eval_too():
         E.policy_from(parse("--eviction", "lru"))
     assert E.policy_from(parse("--eviction", "lru", "--cpu-kv-capacity", "0.5")).eviction == "lru"
     assert E.policy_from(parse()).eviction == Policy().eviction
+
+
+def test_study_refuses_what_it_does_not_read():
+    """eval.py --study sets each part's policies itself: --budget and the like are refused, not ignored."""
+    import cli
+    import eval as E
+    for flags in (["--budget", "0.3"], ["--policy", "h2o"], ["--dense-layers", "3"],
+                  ["--cpu-kv-capacity", "0.5", "--eviction", "lru"], ["--eviction", "lru"]):
+        with pytest.raises(ValueError, match=f"{flags[0]} is not read by --study"):
+            E.check_only(cli.parse_args(E.build_parser(), ["--study", *flags]))
+    for flags in ([], ["--paper"], ["--alpha", "2"], ["--only", "pool"]):
+        E.check_only(cli.parse_args(E.build_parser(), ["--study", *flags]))
+    E.check_only(cli.parse_args(E.build_parser(), ["--budget", "0.3"]))               # a single run reads it
