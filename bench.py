@@ -354,13 +354,6 @@ def one_shape(shapes, suite):
     return shapes[0]
 
 
-def device_of(a):
-    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
-    return dev
-
-
 def peer_preflight(cfg, B, ctx, offloading, dev):
     """transformers keeps the whole KV on the device (DynamicCache) or in host memory (offloaded), with no
     check of its own: a host store larger than memory gets the process killed, so refuse it first."""
@@ -481,7 +474,7 @@ def prompts_for(cfg, B, ctx, new):
 
 
 def suite_gpu(a):
-    dev = device_of(a)
+    dev = cli.device_of(a.device or "auto")
     cuda = dev.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
     info = env_info() | {"device": torch.cuda.get_device_name(dev) if cuda else "cpu",
@@ -505,12 +498,14 @@ def suite_gpu(a):
         try:
             model, make_twin, real = models_for(name, dev, dtype)
         except OffloadError as e:                       # the model does not fit: each of its rows says so
-            say(f"{name}: skipped: {e}")
+            def refused(e=e):
+                raise e
             for pol, budget in pols:
                 for B, ctx in shapes[name]:
+                    say(f"  {name} {pol} {budget or ''} batch {B} context {ctx} ...")
                     row = {"model": name, "impl": pol, "budget": budget, "batch": B, "context": ctx,
                            "run": run["date"]}
-                    rows.append(row | {k: None for k in ROW_KEYS} | {"skipped": one_line(e)})
+                    rows.append(measure(refused, (), row, bw))
                     save_row(path, run, rows[-1])
             continue
         cfg, label = model.cfg, name if real or name != "smollm2" else "smollm2-random"
@@ -566,7 +561,7 @@ def suite_gather(a):
     """Bring 5-20% of a layer's rows from a pinned store to the device with the engine's two gathers
     (KVStore.fetch, host and device) and report GB/s of useful bytes, per row width (K and V together:
     128, 256, 512 bytes at float16); and which attention kernel decode's shapes get."""
-    dev = device_of(a)
+    dev = cli.device_of(a.device or "auto")
     cuda, dtype = dev.type == "cuda", torch.float16
     B, S = one_shape(parse_shapes(a.shapes or "8x4096"), "gather")
     Hkv, gathers = 32, [a.gather] if a.gather != "auto" else ["host", "device"] if cuda else ["host"]
@@ -627,7 +622,7 @@ def suite_timeline(a):
     """Traced decode steps of `offload` and `infinigen`: when each layer computed (compute stream) and
     when each layer's K, V copy ran (copy stream, or the host on a CPU); the copy wait of each step."""
     from offload import mark
-    dev = device_of(a)
+    dev = cli.device_of(a.device or "auto")
     cuda = dev.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
     name = a.models or "smollm2"

@@ -286,7 +286,7 @@ class Run:
         model, tok = M.load_with_tokenizer(args.model, dev, dtype)
         ids = [tokens(tok, p, model.cfg.max_seq_len, chat=not args.no_chat) for p in prompts]
         partial = None
-        if calib is not None and pol.name == "infinigen":
+        if calib is not None:                                       # (check: only with infinigen)
             cal = tok.encode(calib[:2**20], chat=False)[:min(1024, model.cfg.max_seq_len)]   # 1 MiB is plenty
             if not cal:
                 raise ValueError(f"calibration file {args.calib} holds no tokens")

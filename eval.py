@@ -130,14 +130,15 @@ def passkey_trials(tok, contexts, depths=(0.1, 0.5, 0.9), seed=0):
     return out
 
 
-def passkey(model, tok, pol, contexts, depths=(0.1, 0.5, 0.9), seed=0):
+def passkey(model, tok, pol, contexts, trials=None):
+    """Accuracy per context; `trials`: passkey_trials(tok, contexts), when already made."""
     out = {}
-    for n, trials in passkey_trials(tok, contexts, depths, seed).items():
+    for n, tries in (trials or passkey_trials(tok, contexts)).items():
         hits = 0
-        for key, prompt in trials:
+        for key, prompt in tries:
             ids, _ = I.generate(model, [prompt], pol, max_new=ANSWER)
             hits += str(key) in tok.decode(ids[0])
-        out[str(n)] = hits / len(depths)
+        out[str(n)] = hits / len(tries)
         print(f"  passkey {pol.name} {n} tokens: {out[str(n)]:.2f}", file=sys.stderr)
     return out
 
@@ -149,8 +150,9 @@ PARTS = ("policies", "alpha", "ratio", "pool", "layers", "paper", "passkey")
 def check_only(args):
     """--only: with --study, parts of it by name (an unknown one is refused, not skipped). And what
     --study does not read (each part sets its own policy, budget, dense layers and pool) is refused."""
+    p = build_parser()
     unread = [f for f in ("policy", "budget", "dense_layers", "cpu_kv_capacity", "eviction")
-              if getattr(args, f) != build_parser().get_default(f)]
+              if getattr(args, f) != p.get_default(f)]
     if args.study and unread:
         raise ValueError(f"--{unread[0].replace('_', '-')} is not read by --study: each part sets its own")
     if args.only is None:
@@ -202,9 +204,8 @@ def study(model, tok, args):
             path = save(f"eval-{part}.json", dict(meta, rows=rows))      # after each row: a Ctrl-C keeps it
         written.append(path)
     if wants_passkey(args):
-        ctx = args.contexts
         rows = [dict(policy={k: (str(v) if v == math.inf else v) for k, v in kw.items()},
-                     accuracy=passkey(model, tok, I.Policy(**kw), ctx))
+                     accuracy=passkey(model, tok, I.Policy(**kw), args.contexts, args.trials))
                 for kw in (dict(name="full"), dict(base, name="infinigen"), dict(base, name="h2o"))]
         written.append(save("eval-passkey.json", dict(meta, rows=rows)))
     return {"results": written}
@@ -237,7 +238,7 @@ def label(p):
 def report():
     """The README's accuracy table and the plots, from results/eval-*.json. Returns what it wrote:
     {"parts": the results parts read, "readme": README.md or None (no rows), "plots": the images}."""
-    parts = {p: load_part(p) for p in ("policies", "alpha", "ratio", "pool", "layers", "paper", "passkey")}
+    parts = {p: load_part(p) for p in PARTS}
     rows, runs, readme = [], {}, None
     for part, res in parts.items():                     # which run made which parts
         if res:
@@ -363,7 +364,7 @@ def run(args):
     model, tok = M.load_with_tokenizer(args.model, dev, torch.float32)
     if wants_passkey(args):
         args.contexts = contexts_of(args.contexts, model.cfg.max_seq_len)
-        passkey_trials(tok, args.contexts)                # a context too short fails now, before any work
+        args.trials = passkey_trials(tok, args.contexts)     # a context too short fails now, before any work
     if args.study or not args.passkey:
         if not args.text:
             raise ValueError("--text FILE is required (or --passkey)")
@@ -373,7 +374,7 @@ def run(args):
     if args.study:
         return study(model, tok, args) | report()
     if args.passkey:
-        return {"passkey": passkey(model, tok, pol, args.contexts)}
+        return {"passkey": passkey(model, tok, pol, args.contexts, args.trials)}
     win = windows_of(tok, args.text, args.context, args.windows)
     return compare(model, win, pol, args.context - args.decode)
 

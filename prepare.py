@@ -76,18 +76,15 @@ def prepared(out_dir):
     return all(os.path.isfile(os.path.join(out_dir, name)) for name in FILES)
 
 
-def json_writer(obj):
-    def write(path):
-        with open(path, "w") as f:
-            json.dump(obj, f, indent=1)
-    return write
-
-
 def text_writer(text):
     def write(path):
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
     return write
+
+
+def json_writer(obj):
+    return text_writer(json.dumps(obj, indent=1))
 
 
 def write_folder(out_dir, writers):
