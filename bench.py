@@ -26,11 +26,14 @@ import gc
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
 import traceback
 
+if __name__ == "__main__":  # a Ctrl-C while torch imports: no traceback, status 130
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 import torch
 
 import cli
@@ -789,4 +792,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     main()

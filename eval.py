@@ -15,9 +15,12 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 
+if __name__ == "__main__":  # a Ctrl-C while torch imports: no traceback, status 130
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 import torch
 
 import cli
@@ -434,4 +437,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     main()

@@ -10,10 +10,14 @@ object handed to the one model in model.py:
 Shapes: B batch, T new tokens, S slots, H heads, Hkv KV heads, G = H // Hkv, d head dim, n fetched.
 """
 import math
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
 
+if __name__ == "__main__":  # a Ctrl-C while torch imports: no traceback, status 130 (cli.main takes over)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 import torch
 
 import model as M
@@ -161,17 +165,11 @@ class OffloadCache(M.Cache):
         self.idx[layer] = idx
         if self.store.gather == "host":                                          # pinned, async on CUDA
             idx, ok = idx.to("cpu", non_blocking=True), ok.to("cpu", non_blocking=True)
-        ev = torch.cuda.Event() if self.store.cuda else None
-        if ev:
-            ev.record()
-        return idx, ok, ev
+        return idx, ok, torch.cuda.current_stream(self.dev).record_event() if self.store.cuda else None
 
     def issue(self, layer, plan):
         """Start copying what `plan` chose for `layer`."""
-        if plan is None:
-            self.handles[layer] = self.store.fetch(layer, self.t0)
-            return
-        idx, ok, ev = plan
+        idx, ok, ev = plan or (None, None, None)                         # None: the whole past
         if ev is not None and self.store.gather == "host":
             ev.synchronize()                                # the indices only, not the queued attention
         self.handles[layer] = self.store.fetch(layer, self.t0, idx, ok, after=ev)
@@ -365,7 +363,7 @@ def sample(logits, temperature, top_p, gen):
     """logits (B, V) -> next tokens (B,): greedy at temperature 0, else nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = (logits.float() / temperature).softmax(-1)
+    probs = (logits.float() / temperature).nan_to_num().softmax(-1)   # NaN: a device assert on CUDA
     sp, si = probs.sort(-1, descending=True)
     sp[(sp.cumsum(-1) - sp) > top_p] = 0                           # keep the smallest set above top_p
     choice = torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=gen)
@@ -473,18 +471,19 @@ def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, s
     sync(dev); t = time.perf_counter()
     logits = prefill(model, cache, tokens.to(dev), valid, progress=progress)   # valid stays on the host
     sync(dev); t_prefill = time.perf_counter() - t
-    if not bool(torch.isfinite(logits).all()):                  # greedy would pick token 0 and go on
-        raise ValueError("the model's logits are not finite (NaN, inf): broken weights, or --dtype overflows")
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
     out, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
     t = time.perf_counter()
     for i in range(max_new):
         nxt = sample(logits, temperature, top_p, gen)
-        out.append(nxt)
         done |= torch.isin(nxt, stop)
+        finished, finite = torch.stack([done.all(), logits.isfinite().all()]).tolist()    # one sync a step
+        if not finite:                                              # greedy would pick token 0 and go on
+            raise ValueError("the logits are not finite (NaN, inf): broken weights, or --dtype overflows")
+        out.append(nxt)
         if on_token:
             on_token(nxt)
-        if bool(done.all()) or i == max_new - 1:
+        if finished or i == max_new - 1:
             break
         logits = step(nxt)
     sync(dev); t_decode = time.perf_counter() - t
@@ -496,4 +495,5 @@ def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, s
 
 if __name__ == "__main__":   # the command line lives in cli.py: `python infinigen.py --help`
     import cli
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cli.main(script=True)

@@ -8,8 +8,11 @@ loads like any other safetensors checkpoint.
 import importlib.util
 import json
 import os
+import signal
 import sys
 
+if __name__ == "__main__":  # a Ctrl-C while torch imports: no traceback, status 130
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -201,4 +204,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import cli  # noqa: F401  (imported here, under the quiet Ctrl-C, not in main)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     main()

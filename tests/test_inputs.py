@@ -762,10 +762,10 @@ def test_streamed_text_equals_the_decoded_text(runs):
 
 
 # --- Ctrl-C as a user gives it: a real SIGINT to a real process
-def interrupt_after(cmd, ready, stream="stdout", timeout=120):
+def interrupt_after(cmd, ready, stream="stdout", timeout=120, env=ENV):
     """Start cmd, wait until `ready` bytes appear on the stream, send SIGINT, return the finished run."""
     # SIGINT as a terminal leaves it, even where this process ignores it (a background `make test &`)
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, t0 = b"", time.time()
     src = p.stdout if stream == "stdout" else p.stderr
@@ -775,6 +775,18 @@ def interrupt_after(cmd, ready, stream="stdout", timeout=120):
     out, err = p.communicate(timeout=timeout)
     return p.returncode, (seen + out if stream == "stdout" else out).decode(), \
         (seen + err if stream == "stderr" else err).decode()
+
+
+@pytest.mark.parametrize("name", ["infinigen.py", "eval.py", "bench.py", "prepare.py"])
+def test_sigint_while_torch_imports_exits_130_quietly(tmp_path, name):
+    """The first second or two of every script is torch's import: a Ctrl-C there is no traceback either.
+    A stand-in torch that says so and waits holds the script inside that import."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "import sys, time\nprint('importing torch', file=sys.stderr, flush=True)\ntime.sleep(120)\n")
+    code, out, err = interrupt_after(script(name, "--help"), b"importing torch", stream="stderr",
+                                     env=dict(ENV, PYTHONPATH=str(tmp_path)))
+    assert code == 130 and err == "importing torch\n" and out == "", (code, err)
 
 
 def test_sigint_during_generation_exits_130_with_the_text(files):

@@ -419,6 +419,32 @@ def test_pool_holding_everything_never_misses(llama, eviction, capacity):
 
 
 # --- Known problems
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logits_that_turn_non_finite_mid_decode_stop_the_run(llama, monkeypatch, temperature):
+    """An overflow after prefill: greedy picked token 0 of NaN logits and went on; sampling them was
+    torch's multinomial error on the CPU and a device assert on CUDA. The step's one sync checks them."""
+    real, calls, seen = IG.decode_one, [], []
+
+    def decode_one(m, cache, tok):
+        calls.append(tok)
+        logits = real(m, cache, tok)
+        return logits if len(calls) < 2 else torch.full_like(logits, float("nan"))
+    monkeypatch.setattr(IG, "decode_one", decode_one)
+    with pytest.raises(ValueError, match="logits are not finite"):
+        IG.generate(llama.m, llama.prompts[:1], Policy("full"), 8, temperature, on_token=seen.append)
+    assert len(calls) == 2 and len(seen) == 2                         # the tokens of finite logits only
+
+
+def test_sampling_infinite_logits_is_well_defined():
+    """inf - inf is NaN in the softmax (a tiny temperature or float16 logits can reach inf): the largest
+    logits win, the others cannot be sampled."""
+    logits = torch.tensor([[math.inf, 0.0, -math.inf, math.inf], [1.0, -math.inf, 0.0, 5.0]])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        a, b = IG.sample(logits, 1.0, 1.0, gen).tolist()
+        assert a in (0, 3) and b != 1
+
+
 def test_svd_skew_short_prompt(llama):
     ids, _ = IG.generate(llama.m, [llama.prompts[0][:4]], Policy("infinigen", skew="svd"), 4)
     assert len(ids[0]) == 4

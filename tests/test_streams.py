@@ -40,9 +40,12 @@ class Stream:
         self.sim.wait(self, ev)
 
     def wait_stream(self, other):
-        ev = Event()
-        ev.record(other)
-        self.wait_event(ev)
+        self.wait_event(other.record_event())
+
+    def record_event(self, ev=None):   # as torch.cuda.Stream.record_event
+        ev = ev or Event()
+        ev.record(self)
+        return ev
 
     def __repr__(self):
         return self.name
