@@ -62,10 +62,10 @@ def positive_int(s):
 PAPER_FLAGS = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in dict(policy="infinigen", **PAPER).items())
 
 
-def add_paper(p):
+def add_paper(p, calibrated_on="the prompt unless --calib"):
     p.add_argument("--paper", action="store_true",
-                   help=f"the authors' settings: {PAPER_FLAGS} (the skew calibrated on the prompt unless "
-                        "--calib); a flag given next to --paper wins")
+                   help=f"the authors' settings: {PAPER_FLAGS} (the skew calibrated on {calibrated_on}); a "
+                        "flag given next to --paper wins")
 
 
 def parse_args(p, argv=None):

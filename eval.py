@@ -407,7 +407,7 @@ def build_parser():
     a("--report", action="store_true",
       help="only rebuild the README table and plots from results/eval-*.json")
     a("--only", help=f"with --study: comma list of parts ({','.join(PARTS)})")
-    cli.add_paper(p)
+    cli.add_paper(p, "each window's first prefill chunk")
     a("--json", action="store_true",
       help="print one JSON object on stdout: the measures (--text), the accuracy per context (--passkey), "
            "or what was written (--report: parts, the results read; readme, the README rewritten or null; "
