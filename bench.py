@@ -15,6 +15,9 @@
   python bench.py --suite gather    the two gathers of KVStore.fetch (host, device kernel) in GB/s of
                                     useful bytes, rows of 128-512 bytes, 5-20% of a layer; and which
                                     attention kernel decode's shapes get.
+  python bench.py --suite report --results FILE
+                                    a gpu suite's results file as a Markdown table (the README's), and
+                                    issue 10's targets, each measured, its goal, and met or not.
 Prints tables, writes results/. Timings are reported, never asserted.
 How decode time is measured: ours from `generate`'s stats (prefill synced and excluded, then the
 N-1 decode forwards of N new tokens). Transformers: a LogitsProcessor stamps the time (after a sync
@@ -372,16 +375,16 @@ def results_file(kind, device):
     return os.path.join(ROOT, "results", f"{kind}-{slug}.json")
 
 
-def load_rows(path):
+def load_rows(path, fix=": move it away or give --out"):
     """The gpu suite's results file so far (a new one where there is none); checked before any row runs."""
     try:
         data = json.load(open(path)) if os.path.exists(path) else {"suite": "gpu", "runs": [], "rows": []}
     except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path} is not readable JSON ({str(e)[:80]}): move it away or give --out") from None
+        raise ValueError(f"{path} is not readable JSON ({str(e)[:80]}){fix}") from None
     ok = isinstance(data, dict) and data.get("suite") == "gpu"
     if not (ok and isinstance(data.get("runs"), list) and isinstance(data.get("rows"), list)
             and all(isinstance(r, dict) for r in data["runs"] + data["rows"])):
-        raise ValueError(f"{path} is not a results file of the gpu suite: move it away or give --out")
+        raise ValueError(f"{path} is not a results file of the gpu suite{fix}")
     return data
 
 
@@ -549,6 +552,72 @@ def suite_gpu(a):
         f = failed[0]
         raise RowsFailed(f"{len(failed)} of {len(rows)} rows failed (their tracebacks are above), the first: "
                          f"{f['impl']} {f['batch']}x{f['context']}: {f['error']}")
+
+
+# --- Report: a results file of the gpu suite as the README's table, and issue 10's targets
+def best(rows, model, impl, budget, shape):
+    """The fastest measured row of impl (at budget) on model at shape (B, context): graphs or not."""
+    got = [r for r in rows if r["model"].split("-")[0] == model and r["impl"] == impl
+           and r.get("budget") == budget and (r["batch"], r["context"]) == shape and r.get("tokens_per_s")]
+    return max(got, key=lambda r: r["tokens_per_s"], default=None)
+
+
+def targets(rows):
+    """Issue 10's targets: (what, measured or None where a row is missing or skipped, goal, met or None)."""
+    def row(model, impl, budget=None):
+        return best(rows, model, impl, budget, (8, 4096) if model == "7b" else (32, 4096))
+
+    def per(a, b):                                                       # tokens/s of a over b
+        return a["tokens_per_s"] / b["tokens_per_s"] if a and b else None
+
+    def floor(r):                                                        # step / its PCIe floor
+        return r and r.get("step_over_floor")
+    ig, sg, so = row("7b", "infinigen", 0.1), row("smollm2", "infinigen", 0.1), row("smollm2", "offload")
+    out = [("7B 8x4096, infinigen 0.1: step / its PCIe floor", floor(ig), "<=", 1.3),
+           ("7B 8x4096, infinigen 0.1: tokens/s / transformers' DynamicCache on the GPU",
+            per(ig, row("7b", "hf-dynamic")), ">=", 2.5),
+           ("7B 8x4096, infinigen 0.1: tokens/s / transformers offloaded", per(ig, row("7b", "hf-offloaded")),
+            ">=", 15),
+           ("7B 8x4096, infinigen 0.2: step / its PCIe floor", floor(row("7b", "infinigen", 0.2)), "<=", 1.3),
+           ("SmolLM2 32x4096, infinigen 0.1: tokens/s / our offload", per(sg, so), ">=", 5),
+           ("SmolLM2 32x4096, infinigen 0.1: step / its PCIe floor", floor(sg), "<=", 2),
+           ("SmolLM2 32x4096, offload: share of the pinned bandwidth", floor(so) and 1 / floor(so), ">=",
+            0.85)]
+    for model, shape in sorted({(r["model"].split("-")[0], (r["batch"], r["context"])) for r in rows}):
+        full, peer = best(rows, model, "full", None, shape), best(rows, model, "hf-dynamic", None, shape)
+        if full and peer:                                                # every shape where both ran
+            out.append((f"{model} {shape[0]}x{shape[1]}, full: tokens/s / transformers' DynamicCache",
+                        per(full, peer), ">=", 1))
+    met = lambda v, op, goal: None if v is None else v <= goal if op == "<=" else v >= goal
+    return [(what, v, f"{op} {goal}", met(v, op, goal)) for what, v, op, goal in out]
+
+
+def suite_report(a):
+    if not os.path.isfile(a.results):
+        raise ValueError(f"no results file {a.results}")
+    data = load_rows(a.results, fix="")
+    num = lambda v, f="{:.2f}", scale=1: "–" if v is None else f.format(v * scale)
+    for run in data["runs"]:
+        bw = run.get("pinned_h2d_bytes_per_s")
+        print(f"{run.get('device')}, {run.get('dtype')}, torch {run.get('torch')}, {run.get('date')}: "
+              f"`{run.get('command')}`, pinned H2D {num(bw, '{:.1f}', 1e-9)} GB/s")
+    print("\n| model | batch × context | impl | graph | tokens/s | step ms | H2D MB/step | floor ms | "
+          "step / floor | copy wait ms |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in data["rows"]:
+        impl = r["impl"] + (f" {r['budget']}" if r.get("budget") is not None else "")
+        head = f"| {r['model']} | {r['batch']} × {r['context']} | {impl} |"
+        if r.get("skipped") or r.get("error"):
+            why = "skipped: " + r["skipped"] if r.get("skipped") else "ERROR: " + r["error"]
+            print(f"{head} | {why} | | | | | |")
+            continue
+        graph = {True: "yes", False: "no"}.get(r.get("cuda_graph"), "–")
+        cells = [graph, num(r.get("tokens_per_s"), "{:.1f}"), num(r.get("step_s"), "{:.1f}", 1e3),
+                 num(r.get("h2d_bytes_per_step"), "{:.1f}", 1e-6), num(r.get("pcie_floor_s"), "{:.1f}", 1e3),
+                 num(r.get("step_over_floor")), num(r.get("copy_wait_s"), "{:.1f}", 1e3)]
+        print(f"{head} {' | '.join(cells)} |")
+    print("\n| target (issue 10) | measured | goal | met |\n|---|---|---|---|")
+    for what, v, goal, met in targets(data["rows"]):
+        print(f"| {what} | {num(v)} | {goal} | {'–' if met is None else 'yes' if met else '**no**'} |")
 
 
 # --- Gather: the kernel against the host path
@@ -732,7 +801,7 @@ def plot_timeline(out, path):
 USES = {"cpu": ("text", "prompt_tokens", "new_tokens", "out"),      # the flags each suite reads
         "gpu": ("new_tokens", "models", "shapes", "policies", "gather", "graphs", "device", "out"),
         "timeline": ("models", "shapes", "gather", "device", "out"),
-        "gather": ("shapes", "gather", "device", "out")}
+        "gather": ("shapes", "gather", "device", "out"), "report": ("results",)}
 DEFAULTS = {"prompt_tokens": 512, "policies": POLICIES, "gather": "auto", "graphs": True}
 
 
@@ -754,7 +823,7 @@ def check_flags(a):
 
 def main(argv=None):
     p = cli.Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=["cpu", "gpu", "timeline", "gather"],
+    p.add_argument("--suite", choices=["cpu", "gpu", "timeline", "gather", "report"],
                    default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--text", help="cpu: the prompt's source text (default: GPL-3 in "
                    "/usr/share/common-licenses)")
@@ -778,12 +847,16 @@ def main(argv=None):
                    help="gpu, timeline, gather: default cuda when present")
     p.add_argument("--out", help="the results file (default results/bench-cpu.json, bench-<device>.json, "
                    "timeline-<device>.json and .png, gather-<device>.json)")
+    p.add_argument("--results", help="report: the gpu suite's results file (results/bench-<gpu>.json)")
     a = p.parse_args(argv)
     try:
         if a.text:                                       # before the first measurement, not after
             cli.read_text(a.text, "--text")
         check_flags(a)
-        suites = {"cpu": suite_cpu, "gpu": suite_gpu, "timeline": suite_timeline, "gather": suite_gather}
+        if a.suite == "report" and not a.results:
+            raise ValueError("--suite report reads a results file: give --results FILE")
+        suites = {"cpu": suite_cpu, "gpu": suite_gpu, "timeline": suite_timeline, "gather": suite_gather,
+                  "report": suite_report}
         suites[a.suite](a)
     except (*cli.KNOWN, RowsFailed) as e:                  # OSError: files
         cli.fail(e)

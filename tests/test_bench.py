@@ -286,3 +286,54 @@ def test_the_cpu_suite_writes_its_out(tmp_path, monkeypatch):
                 "--new-tokens", "3", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["suite"] == "cpu" and data["new_tokens"] == 3 and data["results"]["full"]["decode_steps"] == 2
+
+
+# --- The report: the README's table and issue 10's targets from a results file
+def shaped(model, impl, B, C, tps, budget=None, **kw):
+    return dict(model=model, impl=impl, budget=budget, batch=B, context=C, tokens_per_s=tps, **kw)
+
+
+REPORTED = [shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2, cuda_graph=True),
+            shaped("7b", "infinigen", 8, 4096, 80.0, 0.1, step_over_floor=1.5, cuda_graph=False),  # slower
+            shaped("7b", "hf-dynamic", 8, 4096, 50.0),
+            shaped("7b", "hf-offloaded", 8, 4096, None, skipped="refused: 128 GiB of host KV"),
+            shaped("smollm2-random", "offload", 32, 4096, 10.0, step_over_floor=1.1),
+            shaped("smollm2-random", "infinigen", 32, 4096, 60.0, 0.1, step_over_floor=2.5),
+            shaped("smollm2-random", "full", 16, 8192, 200.0),
+            shaped("smollm2-random", "hf-dynamic", 16, 8192, 150.0),
+            shaped("7b", "full", 4, 8192, None, error="RuntimeError: a bug")]
+
+
+def test_the_targets_read_the_fastest_row_and_say_what_is_missing():
+    got = {what: (v, met) for what, v, _, met in bench.targets(REPORTED)}
+    assert got["7B 8x4096, infinigen 0.1: step / its PCIe floor"] == (1.2, True)
+    assert got["7B 8x4096, infinigen 0.1: tokens/s / transformers' DynamicCache on the GPU"] == (2.0, False)
+    assert got["7B 8x4096, infinigen 0.1: tokens/s / transformers offloaded"] == (None, None)   # skipped
+    assert got["7B 8x4096, infinigen 0.2: step / its PCIe floor"] == (None, None)              # not run
+    assert got["SmolLM2 32x4096, infinigen 0.1: tokens/s / our offload"] == (6.0, True)
+    assert got["SmolLM2 32x4096, infinigen 0.1: step / its PCIe floor"] == (2.5, False)
+    assert got["SmolLM2 32x4096, offload: share of the pinned bandwidth"] == (pytest.approx(1 / 1.1), True)
+    assert got["smollm2 16x8192, full: tokens/s / transformers' DynamicCache"] == (pytest.approx(4 / 3), True)
+    assert len(got) == 8                                                 # 7b full 4x8192 failed: no peer row
+
+
+def test_the_report_prints_every_row_and_target(tmp_path, capsys):
+    path = tmp_path / "bench-nvidia-h200.json"
+    run = {"device": "NVIDIA H200", "dtype": "float16", "torch": "2.11", "date": "2026-12-02T10:00:00",
+           "command": "python bench.py --suite gpu", "pinned_h2d_bytes_per_s": 5.5e10}
+    path.write_text(json.dumps({"suite": "gpu", "runs": [run], "rows": REPORTED}))
+    bench.main(["--suite", "report", "--results", str(path)])
+    out = capsys.readouterr().out
+    assert "NVIDIA H200, float16" in out and "pinned H2D 55.0 GB/s" in out
+    table = [ln for ln in out.splitlines() if " × " in ln][1:]         # the rows: not the header, targets
+    assert len(table) == len(REPORTED)
+    assert "| 7b | 8 × 4096 | infinigen 0.1 | yes | 100.0 |" in out and "skipped: refused" in out
+    assert "ERROR: RuntimeError: a bug" in out and out.count("**no**") == 2
+
+
+@pytest.mark.parametrize("args, phrase", [([], "give --results FILE"),
+                                          (["--results", "/nonexistent"], "no results"),
+                                          (["--results", "README.md"], "not readable JSON")])
+def test_the_report_refuses_what_it_cannot_read(args, phrase):
+    r = run_bench("--suite", "report", *args)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and phrase in r.stderr, r.stderr
