@@ -375,8 +375,16 @@ def results_file(kind, device):
     return os.path.join(ROOT, "results", f"{kind}-{slug}.json")
 
 
+NUMBER, TEXT = ((int, float, type(None)), "a number or null"), ((str, type(None)), "a string or null")
+ROW_TYPES = {"model": (str, "a string"), "impl": (str, "a string"), "batch": (int, "an integer"),
+             "context": (int, "an integer"), "budget": NUMBER, "skipped": TEXT, "error": TEXT, "run": TEXT,
+             "cuda_graph": ((bool, type(None)), "true, false or null"), **{k: NUMBER for k in ROW_KEYS}}
+
+
 def load_rows(path, fix=": move it away or give --out"):
-    """The gpu suite's results file so far (a new one where there is none); checked before any row runs."""
+    """The gpu suite's results file so far (a new one where there is none); checked before any row runs,
+    each field a row has of the type the suite and the report read (a hand-edited or foreign file: one
+    line naming the first field that is not)."""
     try:
         data = json.load(open(path)) if os.path.exists(path) else {"suite": "gpu", "runs": [], "rows": []}
     except (ValueError, RecursionError) as e:
@@ -385,6 +393,15 @@ def load_rows(path, fix=": move it away or give --out"):
     if not (ok and isinstance(data.get("runs"), list) and isinstance(data.get("rows"), list)
             and all(isinstance(r, dict) for r in data["runs"] + data["rows"])):
         raise ValueError(f"{path} is not a results file of the gpu suite{fix}")
+    for i, r in enumerate(data["rows"]):
+        for k, (t, what) in ROW_TYPES.items():
+            ok = isinstance(r.get(k), t) and not (t is int and isinstance(r.get(k), bool))
+            if not ok and (k in ("model", "impl", "batch", "context") or k in r):
+                value = json.dumps(r.get(k))[:40]
+                raise ValueError(f"{path}: row {i + 1} has {k} = {value}, not {what}{fix}")
+    if not all(isinstance(run.get("pinned_h2d_bytes_per_s"), NUMBER[0]) and isinstance(run.get("date"), str)
+               for run in data["runs"]):
+        raise ValueError(f"{path}: a run's date or pinned_h2d_bytes_per_s is not what the suite writes{fix}")
     return data
 
 

@@ -337,3 +337,17 @@ def test_the_report_prints_every_row_and_target(tmp_path, capsys):
 def test_the_report_refuses_what_it_cannot_read(args, phrase):
     r = run_bench("--suite", "report", *args)
     assert r.returncode == 1 and r.stderr.startswith("error:") and phrase in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("suite", ["report", "gpu"])
+def test_a_results_file_with_a_field_of_the_wrong_type_is_one_line(tmp_path, suite):
+    """A hand-edited results file: the report and the gpu suite (which adds rows to it) read its fields."""
+    path = tmp_path / "bench.json"
+    rows = [shaped("7b", "full", 8, 4096, 10.0), shaped("7b", "offload", [8], 4096, 10.0)]
+    path.write_text(json.dumps({"suite": "gpu", "runs": [], "rows": rows}))
+    args = ["--results", str(path)] if suite == "report" else ["--device", "cpu", "--models", "tiny", "--out",
+                                                                str(path)]
+    r = run_bench("--suite", suite, *args)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: {path}: row 2 has batch = [8], not an integer" + ("" if suite == "report" else
+                                                                    ": move it away or give --out")]
