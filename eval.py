@@ -223,13 +223,40 @@ def load_part(name):
             data = json.load(f)
     except (ValueError, RecursionError) as e:
         raise ValueError(f"{path} is not readable JSON: {str(e)[:80]}") from None
-    need = {"accuracy"} if name == "passkey" else {"kl", "top1", "ppl", "ppl_full", "fetched_fraction",
-                                                   "sparse_fraction"}
     rows = data.get("rows") if isinstance(data, dict) else None
-    if not (isinstance(rows, list) and all(isinstance(r, dict) and isinstance(r.get("policy"), dict)
-                                           and need <= set(r) for r in rows)):
-        raise ValueError(f"{path} is not a results file of eval.py (rows with policy and {', '.join(need)})")
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} is not a results file of eval.py (no list of rows)")
+    for i, r in enumerate(rows):
+        if bad := row_problem(r, name == "passkey"):
+            raise ValueError(f"{path}: row {i + 1} is not what eval.py writes: its {bad}")
     return data
+
+
+def row_problem(r, passkey):
+    """The first field of a results row that report() and plots() could not read (a hand-edited or
+    foreign file), or None."""
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    p = r.get("policy") if isinstance(r, dict) else None
+    if not isinstance(p, dict) or p.get("name") not in I.POLICIES:
+        return "policy (a name of " + ", ".join(I.POLICIES) + ")"
+    pol = {"budget": num(p.get("budget")) or p["name"] == "full" and passkey,
+           "layer_budget": isinstance(p.get("layer_budget", ""), str),
+           "eviction": isinstance(p.get("eviction", ""), str), "capacity": num(p.get("capacity", 0))}
+    if p["name"] == "infinigen":
+        pol |= {"skew": isinstance(p.get("skew"), str), "partial_ratio": num(p.get("partial_ratio")),
+                "alpha": num(p.get("alpha")) or p.get("alpha") in ("inf", "Infinity")}
+    if passkey:
+        acc = r.get("accuracy")
+        row = {"accuracy": isinstance(acc, dict) and bool(acc) and all(num(v) for v in acc.values())}
+    else:
+        row = {k: num(r.get(k)) for k in ("kl", "top1", "ppl", "ppl_full", "fetched_fraction",
+                                          "sparse_fraction")}
+        row["pool_miss_rate"] = num(r.get("pool_miss_rate", 0))
+        chunks = r.get("chunks")
+        row["chunks"] = isinstance(chunks, list) and all(
+            isinstance(c, dict) and all(num(c.get(k)) for k in ("start", "ppl", "ppl_full")) for c in chunks)
+    bad = [f"policy's {k}" for k, ok in pol.items() if not ok] + [k for k, ok in row.items() if not ok]
+    return bad[0] if bad else None
 
 
 def label(p):

@@ -494,6 +494,44 @@ def test_report_refuses_a_malformed_results_file(tmp_path, monkeypatch):
         assert "eval-policies.json" in code, code
 
 
+def _set(path, value):       # a mutation of a results row: path of keys into it, and the new value
+    def mutate(row):
+        *head, last = path
+        for k in head:
+            row = row[k]
+        if value is KeyError:
+            del row[last]
+        else:
+            row[last] = value
+    return mutate
+
+
+@pytest.mark.parametrize("part, mutate, field", [
+    ("policies", _set(["policy", "name"], KeyError), "policy (a name of"),
+    ("policies", _set(["policy", "budget"], "0.1"), "policy's budget"),
+    ("alpha", _set(["policy", "alpha"], "huge"), "policy's alpha"),
+    ("policies", _set(["kl"], None), "its kl"),
+    ("policies", _set(["chunks"], KeyError), "its chunks"),
+    ("policies", _set(["chunks", 0, "ppl"], "x"), "its chunks"),
+    ("pool", _set(["pool_miss_rate"], "2%"), "its pool_miss_rate"),
+    ("pool", _set(["policy", "eviction"], 3), "policy's eviction"),
+    ("passkey", _set(["accuracy", "1024"], "all"), "its accuracy")])
+def test_report_names_the_field_a_results_row_lacks(tmp_path, monkeypatch, part, mutate, field):
+    """Each field report() and plots() read, wrong in the one row of a hand-edited file: one line naming
+    the file, the row and the field (they were KeyError and TypeError tracebacks), the README untouched."""
+    E = study_folder(tmp_path, monkeypatch)
+    path = tmp_path / "results" / f"eval-{part}.json"
+    data = json.loads(path.read_text())
+    mutate(data["rows"][-1])
+    path.write_text(json.dumps(data))
+    before = (tmp_path / "README.md").read_text()
+    code, _, err = call(E.main, ["--report"])
+    one_error(code, err)
+    where = f"eval-{part}.json: row {len(data['rows'])} is not what eval.py writes: "
+    assert where in code and field in code, code
+    assert (tmp_path / "README.md").read_text() == before
+
+
 def study_folder(tmp_path, monkeypatch):
     """eval.py's HERE in tmp_path: the README (with its markers) and results/ copied, no images."""
     import eval as E
