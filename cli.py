@@ -93,7 +93,7 @@ def read_text(path, what="file"):
     if len(data) > MAX_TEXT:
         raise ValueError(f"{what} {path} is larger than {MAX_TEXT // 2**20} MiB")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")                      # a leading byte-order mark is not text
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.start}: 0x{data[e.start]:02x})") from None
     if "\x00" in text:

@@ -150,21 +150,26 @@ def passkey(model, tok, pol, contexts, trials=None):
 PARTS = ("policies", "alpha", "ratio", "pool", "layers", "paper", "passkey")
 
 
+UNREAD = {  # mode -> the flags it does not read, and why: given, they are refused, not ignored
+    "study": ({"policy", "budget", "dense_layers", "cpu_kv_capacity", "eviction"}, "each part sets its own"),
+    "passkey": ({"text", "context", "windows", "decode"}, "it makes its own prompts, --contexts long"),
+    "text": ({"contexts"}, "only --passkey and --study read it")}
+
+
 def check_only(args):
-    """--only: with --study, parts of it by name (an unknown one is refused, not skipped). And what
-    --study does not read (each part sets its own policy, budget, dense layers and pool) is refused."""
-    p = build_parser()
-    unread = [f for f in ("policy", "budget", "dense_layers", "cpu_kv_capacity", "eviction")
-              if getattr(args, f) != p.get_default(f)]
-    if args.study and unread:
-        raise ValueError(f"--{unread[0].replace('_', '-')} is not read by --study: each part sets its own")
-    if args.only is None:
-        return
-    if not args.study:
+    """--only: with --study, parts of it by name (an unknown one is refused, not skipped). And a flag the
+    chosen mode does not read (UNREAD; --report reads none) is refused."""
+    if args.only is not None and not args.study:
         raise ValueError("--only chooses parts of --study: give --study too")
-    unknown = [p for p in args.only.split(",") if p not in PARTS]
+    unknown = [p for p in (args.only or "").split(",") if args.only is not None and p not in PARTS]
     if unknown:
         raise ValueError(f"--only: unknown part {unknown[0]!r} (choose from {', '.join(PARTS)})")
+    d = cli.parse_args(build_parser(), ["--paper"] if args.paper else [])     # the defaults in force
+    given = [k for k, v in vars(args).items() if v != getattr(d, k) and k not in ("paper", "json")]
+    mode = "report" if args.report else "study" if args.study else "passkey" if args.passkey else "text"
+    unread, why = UNREAD.get(mode, (set(given) - {"report"}, "it rebuilds the table from results/"))
+    if bad := [k for k in given if k in unread]:
+        raise ValueError(f"--{bad[0].replace('_', '-')} is not read by --{mode}: {why}")
 
 
 def wants_passkey(args):
@@ -224,8 +229,11 @@ def load_part(name):
     except (ValueError, RecursionError) as e:
         raise ValueError(f"{path} is not readable JSON: {str(e)[:80]}") from None
     rows = data.get("rows") if isinstance(data, dict) else None
-    if not isinstance(rows, list):
+    if not isinstance(rows, list) or not rows:                # eval.py writes a part after its first row
         raise ValueError(f"{path} is not a results file of eval.py (no list of rows)")
+    if name == "passkey" and len({json.dumps(sorted(r.get("accuracy", {}))) for r in rows
+                                  if isinstance(r, dict) and isinstance(r.get("accuracy"), dict)}) > 1:
+        raise ValueError(f"{path}: its rows measured different contexts (one table needs the same)")
     for i, r in enumerate(rows):
         if bad := row_problem(r, name == "passkey"):
             raise ValueError(f"{path}: row {i + 1} is not what eval.py writes: its {bad}")

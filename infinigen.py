@@ -350,9 +350,9 @@ def make_cache(model, pol: Policy, batch, slots, partial=None):
     return CACHES[pol.name](model, pol, batch, slots, p.device, p.dtype, *extra)
 
 
-def calibrate(model, tokens, pol: Policy):
+def calibrate(model, tokens, p: Policy):
     """Offline skew: the partial maps P per layer from a calibration text (1, T) instead of the prompt."""
-    pol = Policy("infinigen", skew=pol.skew, partial_ratio=pol.partial_ratio, gather=pol.gather)
+    pol = Policy("infinigen", **{k: getattr(p, k) for k in "skew partial_ratio gather dense_layers".split()})
     cache = make_cache(model, pol, 1, tokens.shape[1])
     prefill(model, cache, tokens.to(cache.dev), torch.ones_like(tokens, dtype=torch.bool))
     return cache.P

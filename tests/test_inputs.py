@@ -210,6 +210,12 @@ def test_read_text_refuses(files, name, phrase):
         cli.read_text(path, "prompt file")
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """An editor's UTF-8 BOM at the head of a prompt file became three byte tokens of the prompt."""
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello")
+    assert cli.read_text(str(tmp_path / "bom.txt")) == "Hello"
+
+
 def test_read_text_never_reads_a_pipe(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)                                   # opening it would block until a writer came
@@ -530,6 +536,34 @@ def test_report_names_the_field_a_results_row_lacks(tmp_path, monkeypatch, part,
     where = f"eval-{part}.json: row {len(data['rows'])} is not what eval.py writes: "
     assert where in code and field in code, code
     assert (tmp_path / "README.md").read_text() == before
+
+
+@pytest.mark.parametrize("part, rows, phrase", [
+    ("policies", lambda rows: [], "no list of rows"),                           # plots() read a last row
+    ("passkey", lambda rows: rows[:1] + [dict(rows[1], accuracy={"64": 1.0})], "different contexts")])
+def test_report_refuses_rows_it_cannot_make_one_table_of(tmp_path, monkeypatch, part, rows, phrase):
+    E = study_folder(tmp_path, monkeypatch)
+    path = tmp_path / "results" / f"eval-{part}.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(data, rows=rows(data["rows"]))))
+    code, _, err = call(E.main, ["--report"])
+    one_error(code, err)
+    assert phrase in code, code
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--report", "--policy", "h2o", "--budget", "0.5"], "--policy is not read by --report"),
+    (["--report", "--text", "x.txt"], "--text is not read by --report"),
+    (["--passkey", "--context", "999999", "--decode", "5"], "--context is not read by --passkey"),
+    (["--passkey", "--text", "/nonexistent"], "--text is not read by --passkey"),
+    (["--text", "x.txt", "--contexts", "5"], "--contexts is not read by --text"),
+    (["--study", "--dense-layers", "3"], "--dense-layers is not read by --study")])
+def test_eval_refuses_a_flag_its_mode_does_not_read(argv, phrase):
+    """--report and --passkey ran with these ignored (exit 0); --contexts was not even checked."""
+    import eval as E
+    code, _, err = call(E.main, argv)
+    one_error(code, err)
+    assert phrase in code, code
 
 
 def study_folder(tmp_path, monkeypatch):

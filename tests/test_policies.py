@@ -445,6 +445,14 @@ def test_sampling_infinite_logits_is_well_defined():
         assert a in (0, 3) and b != 1
 
 
+@pytest.mark.parametrize("dense", [1, 2])
+def test_calibration_covers_every_sparse_layer(llama, dense):
+    """calibrate() made its own policy with 2 dense layers: with --dense-layers 1, layer 1 got no offline
+    skew and was calibrated on the prompt instead, silently."""
+    P = IG.calibrate(llama.m, torch.tensor([llama.prompts[0]]), Policy("infinigen", dense_layers=dense))
+    assert [p is None for p in P] == [i < dense for i in range(llama.m.cfg.n_layers)]
+
+
 def test_svd_skew_short_prompt(llama):
     ids, _ = IG.generate(llama.m, [llama.prompts[0][:4]], Policy("infinigen", skew="svd"), 4)
     assert len(ids[0]) == 4
