@@ -376,8 +376,8 @@ def results_file(kind, device):
 
 
 NUMBER, TEXT = ((int, float, type(None)), "a number or null"), ((str, type(None)), "a string or null")
-ROW_TYPES = {"model": (str, "a string"), "impl": (str, "a string"), "batch": (int, "an integer"),
-             "context": (int, "an integer"), "budget": NUMBER, "skipped": TEXT, "error": TEXT, "run": TEXT,
+ROW_TYPES = {"model": ((str,), "a string"), "impl": ((str,), "a string"), "batch": ((int,), "an integer"),
+             "context": ((int,), "an integer"), "budget": NUMBER, "skipped": TEXT, "error": TEXT, "run": TEXT,
              "cuda_graph": ((bool, type(None)), "true, false or null"), **{k: NUMBER for k in ROW_KEYS}}
 
 
@@ -395,7 +395,7 @@ def load_rows(path, fix=": move it away or give --out"):
         raise ValueError(f"{path} is not a results file of the gpu suite{fix}")
     for i, r in enumerate(data["rows"]):
         for k, (t, what) in ROW_TYPES.items():
-            ok = isinstance(r.get(k), t) and not (t is int and isinstance(r.get(k), bool))
+            ok = isinstance(r.get(k), t) and (bool in t or not isinstance(r.get(k), bool))
             if not ok and (k in ("model", "impl", "batch", "context") or k in r):
                 value = json.dumps(r.get(k))[:40]
                 raise ValueError(f"{path}: row {i + 1} has {k} = {value}, not {what}{fix}")
@@ -610,6 +610,8 @@ def targets(rows):
 
 
 def suite_report(a):
+    if not a.results:
+        raise ValueError("--suite report reads a results file: give --results FILE")
     if not os.path.isfile(a.results):
         raise ValueError(f"no results file {a.results}")
     data = load_rows(a.results, fix="")
@@ -870,8 +872,6 @@ def main(argv=None):
         if a.text:                                       # before the first measurement, not after
             cli.read_text(a.text, "--text")
         check_flags(a)
-        if a.suite == "report" and not a.results:
-            raise ValueError("--suite report reads a results file: give --results FILE")
         suites = {"cpu": suite_cpu, "gpu": suite_gpu, "timeline": suite_timeline, "gather": suite_gather,
                   "report": suite_report}
         suites[a.suite](a)

@@ -159,11 +159,11 @@ UNREAD = {  # mode -> the flags it does not read, and why: given, they are refus
 def check_only(args):
     """--only: with --study, parts of it by name (an unknown one is refused, not skipped). And a flag the
     chosen mode does not read (UNREAD; --report reads none) is refused."""
-    if args.only is not None and not args.study:
-        raise ValueError("--only chooses parts of --study: give --study too")
-    unknown = [p for p in (args.only or "").split(",") if args.only is not None and p not in PARTS]
-    if unknown:
-        raise ValueError(f"--only: unknown part {unknown[0]!r} (choose from {', '.join(PARTS)})")
+    if args.only is not None:
+        if not args.study:
+            raise ValueError("--only chooses parts of --study: give --study too")
+        if unknown := [p for p in args.only.split(",") if p not in PARTS]:
+            raise ValueError(f"--only: unknown part {unknown[0]!r} (choose from {', '.join(PARTS)})")
     d = cli.parse_args(build_parser(), ["--paper"] if args.paper else [])     # the defaults in force
     given = [k for k, v in vars(args).items() if v != getattr(d, k) and k not in ("paper", "json")]
     mode = "report" if args.report else "study" if args.study else "passkey" if args.passkey else "text"
@@ -231,12 +231,11 @@ def load_part(name):
     rows = data.get("rows") if isinstance(data, dict) else None
     if not isinstance(rows, list) or not rows:                # eval.py writes a part after its first row
         raise ValueError(f"{path} is not a results file of eval.py (no list of rows)")
-    if name == "passkey" and len({json.dumps(sorted(r.get("accuracy", {}))) for r in rows
-                                  if isinstance(r, dict) and isinstance(r.get("accuracy"), dict)}) > 1:
-        raise ValueError(f"{path}: its rows measured different contexts (one table needs the same)")
     for i, r in enumerate(rows):
         if bad := row_problem(r, name == "passkey"):
             raise ValueError(f"{path}: row {i + 1} is not what eval.py writes: its {bad}")
+    if name == "passkey" and len({frozenset(r["accuracy"]) for r in rows}) > 1:
+        raise ValueError(f"{path}: its rows measured different contexts (one table needs the same)")
     return data
 
 
