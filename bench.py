@@ -170,6 +170,11 @@ def suite_cpu(a):
     new, n_prompt = a.new_tokens or 128, a.prompt_tokens
     text = a.text or default_text()
     dev, dtype = torch.device("cpu"), torch.float32
+    folder = prepare.prepare()
+    ids = I.Tok(folder).encode(cli.read_text(text, "--text"), chat=False)
+    if len(ids) < n_prompt:                                  # before the minute of runs, not after it
+        raise ValueError(f"{text} has only {len(ids)} tokens, {n_prompt} needed")
+    ids = ids[:n_prompt]
 
     say("peak resident memory of the demo command (a child process) ...")
     rss = {}
@@ -180,11 +185,7 @@ def suite_cpu(a):
         say(f"  python infinigen.py {' '.join(cmd)}: {mib} MiB (exit {rc})")
 
     say("loading our model and the transformers model (GGUF, float32) ...")
-    model, folder = M.load(prepare.prepare(), dev, dtype)
-    ids = I.Tok(folder).encode(cli.read_text(text, "--text"), chat=False)
-    if len(ids) < n_prompt:
-        sys.exit(f"error: {text} has only {len(ids)} tokens, {n_prompt} needed")
-    ids = ids[:n_prompt]
+    model, folder = M.load(folder, dev, dtype)
     hf = load_hf_default(dev, dtype)
     say("warming up ...")
     ours(model, [ids[:16]], "full", 4)
@@ -342,11 +343,19 @@ def parse_shapes(spec):
     return shapes
 
 
+def once(items, flag, spec):
+    """Each of a comma list at most once: a row run twice would only take twice the time."""
+    twice = next((i for i, x in enumerate(items) if x in items[:i]), None)
+    if twice is not None:
+        raise ValueError(f"{flag} names {spec.split(',')[twice].strip()!r} twice: {spec[:80]!r}")
+    return items
+
+
 def shapes_for(name, spec, new):
     """--shapes for a model: each context (prompt + new tokens) holds a prompt and `new` decoded tokens
     within the model's context (the same check for every suite)."""
     top = SHAPES[name]["max_position_embeddings"]
-    shapes = parse_shapes(spec)
+    shapes = once(parse_shapes(spec), "--shapes", spec)
     for B, ctx in shapes:
         if not new < ctx <= top:
             raise ValueError(f"--shapes {B}x{ctx}: {name}'s context must hold a prompt and {new} new tokens: "
@@ -453,9 +462,10 @@ def measure(fn, args, row, bw, peer=False):
     return row
 
 
-def run_ours(model, ids, pol, new, cuda):
-    """Our generate, stamped after each forward as hf_generate stamps transformers' (a sync on CUDA)."""
-    t = []
+def run_ours(model, shape, pol, new, cuda):
+    """Our generate on random prompts of `shape` (B, context), stamped after each forward as hf_generate
+    stamps transformers' (a sync on CUDA)."""
+    ids, t = prompts_for(model.cfg, *shape, new), []
 
     def stamp(_):
         if cuda:
@@ -475,15 +485,17 @@ def make_peer(make_twin, dev):
         return e
 
 
-def run_peer(hf, cfg, ids, new, offloading, dev):
-    """transformers' generate with a DynamicCache, on the device or offloaded to the CPU."""
+def run_peer(hf, cfg, shape, new, offloading, dev):
+    """transformers' generate with a DynamicCache on random prompts of `shape` (B, context), on the device
+    or offloaded to the CPU."""
     from transformers import DynamicCache
     if isinstance(hf, Exception):                   # the model itself could not be made
         raise hf
     if offloading and dev.type != "cuda":
         raise OffloadError("transformers offloads to the CPU from a GPU only")
-    B, ctx = ids.shape[0], ids.shape[1] + new
+    B, ctx = shape
     peer_preflight(cfg, B, ctx, offloading, dev)
+    ids = prompts_for(cfg, B, ctx, new)
     cache = DynamicCache(config=hf.config, offloading=offloading)
     s = hf_generate(hf, ids.to(dev), new, cache)[1]
     if offloading:   # estimated: every layer's whole past comes back each step (mean past length)
@@ -493,6 +505,9 @@ def run_peer(hf, cfg, ids, new, offloading, dev):
 
 
 def prompts_for(cfg, B, ctx, new):
+    """Random prompts (B, ctx - new): refused, as the row's result, where they could not be held (they
+    become Python lists for our generate: about 40 bytes a token)."""
+    preflight(40 * B * ctx, 0, torch.device("cpu"), "prompt")
     return torch.randint(0, cfg.vocab_size, (B, ctx - new), generator=torch.Generator().manual_seed(B * ctx))
 
 
@@ -503,8 +518,8 @@ def suite_gpu(a):
     info = env_info() | {"device": torch.cuda.get_device_name(dev) if cuda else "cpu",
                          "dtype": str(dtype)[6:]}
     new = a.new_tokens or 16
-    pols = [parse_policy(p) for p in a.policies.split(",")]
-    models = (a.models or "smollm2,7b").split(",")
+    pols = once([parse_policy(p) for p in a.policies.split(",")], "--policies", a.policies)
+    models = once((a.models or "smollm2,7b").split(","), "--models", a.models or "")
     for name in models:
         if name not in SHAPES:
             raise ValueError(f"unknown model {name!r} (choose from {', '.join(SHAPES)})")
@@ -541,7 +556,7 @@ def suite_gpu(a):
                 say(f"  {label} {pol} {budget or ''} batch {B} context {ctx} ...")
                 row = {"model": label, "impl": pol, "budget": budget, "batch": B, "context": ctx,
                        "run": run["date"]}
-                rows.append(measure(run_ours, (model, prompts_for(cfg, B, ctx, new), p, new, cuda), row, bw))
+                rows.append(measure(run_ours, (model, (B, ctx), p, new, cuda), row, bw))
                 save_row(path, run, rows[-1])
         model = None
         free_memory()
@@ -554,7 +569,7 @@ def suite_gpu(a):
                 say(f"  {label} {impl} batch {B} context {ctx} ...")
                 row = {"model": label, "impl": impl, "budget": None, "batch": B, "context": ctx,
                        "run": run["date"]}
-                args = (hf, cfg, prompts_for(cfg, B, ctx, new), new, impl == "hf-offloaded", dev)
+                args = (hf, cfg, (B, ctx), new, impl == "hf-offloaded", dev)
                 rows.append(measure(run_peer, args, row, bw, peer=True))
                 save_row(path, run, rows[-1])
         hf = None
@@ -882,5 +897,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    main()
+    cli.run_script(main)

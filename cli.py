@@ -33,11 +33,36 @@ def interrupted(what=""):
     sys.exit(130)
 
 
+def run_script(main):
+    """A script's main under Python's Ctrl-C (the quiet exit while torch imports ends here); a Ctrl-C
+    that escapes main (while its flags are read, before main has its own) is the same one line, 130."""
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        main()
+    except KeyboardInterrupt:
+        interrupted()
+
+
+class Once(argparse._StoreAction):
+    """A flag of one value given twice with two values is refused: the last would silently win."""
+    def __call__(self, parser, ns, value, option_string=None):
+        if parser.given.setdefault(self.dest, value) != value:
+            first = parser.given[self.dest]
+            parser.error(f"argument {option_string}: given twice ({first!r}, then {value!r})")
+        super().__call__(parser, ns, value, option_string)
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.register("action", None, Once)                 # every plain flag of every script
+        self.given = {}
+
     def error(self, message):  # one line, no usage dump
         fail(message)
 
     def parse_args(self, args=None, namespace=None):
+        self.given = {}
         ns = super().parse_args(args, namespace)
         for act in self._actions:          # Python 3.11's argparse turns --flag=-- into []: refuse that
             v = getattr(ns, act.dest, None)
@@ -205,6 +230,13 @@ def check(args, pol):
         raise ValueError(f"--seed must fit in 64 bits, got {args.seed}")
 
 
+def check_dense(pol, cfg):
+    """--dense-layers past the model's layers would leave nothing sparse: a slip, not a wish (equal to
+    them is full attention kept whole on the device, an end of a sweep)."""
+    if pol.name not in ("full", "offload") and pol.dense_layers > cfg.n_layers:
+        raise ValueError(f"--dense-layers {pol.dense_layers} is more than the model's {cfg.n_layers} layers")
+
+
 def eviction_of(args):
     """--eviction (None: Policy's default), refused without a bounded pool to evict from."""
     if args.eviction and not args.cpu_kv_capacity:
@@ -237,6 +269,8 @@ def main(argv=None, script=False):
     """The command line; `script`: this process ends with it (python infinigen.py), so after a Ctrl-C
     further ones stay ignored through the exit instead of breaking into the interpreter's shutdown."""
     args = parse_args(build_parser(), argv)
+    if script:                  # a terminal that cannot show a character gets its escape, not an error
+        sys.stdout.reconfigure(errors="backslashreplace")
     run = Run(args)             # Ctrl-C as Python's default has it (not ignored, main thread): ours
     ours = threading.current_thread() is threading.main_thread() and \
         signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -282,6 +316,7 @@ class Run:
             for p in args.prompt or ["Explain in two sentences why the sky is blue."]]
         calib = read_text(args.calib, "calibration file") if args.calib is not None else None
         model, tok = M.load_with_tokenizer(args.model, dev, dtype)
+        check_dense(pol, model.cfg)
         ids = [tokens(tok, p, model.cfg.max_seq_len, chat=not args.no_chat) for p in prompts]
         partial = None
         if calib is not None:                                       # (check: only with infinigen)

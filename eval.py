@@ -7,9 +7,10 @@
   --paper sets the authors' choices (see `python infinigen.py --help`); a flag given next to it wins.
   --device cuda runs any of them on a GPU (float32; CPU by default).
 
-Each window of N tokens is prefilled densely but for its last --decode tokens, which are decoded one
-by one with the policy, always feeding the true next token. Every decoded position's next-token distribution
-is compared with full attention's: perplexity, top-1 agreement, KL(full || policy).
+Each window of N tokens is prefilled densely but for its last --decode D tokens, which are left to the
+policy: it decodes D - 1 of them one by one, always fed the true token, and each decoded position's
+next-token distribution (D - 1 of them; the window's last token is only a target) is compared with full
+attention's: perplexity, top-1 agreement, KL(full || policy).
 """
 import json
 import math
@@ -292,8 +293,10 @@ def report():
                         f"{r['fetched_fraction']:.3f} | {r['sparse_fraction']:.3f} |")
     if rows:
         meta = parts["policies"] or parts["alpha"] or {}
+        dec = meta.get("decode", 512)
+        scored = f" ({dec - 1} positions scored)" if type(dec) is int else ""
         table = (f"Default model, `{meta.get('text')}`, {meta.get('windows')} window(s) of "
-                 f"{meta.get('context')} tokens, the last {meta.get('decode', 512)} decoded with the policy; "
+                 f"{meta.get('context')} tokens, the last {dec} left to the policy{scored}; "
                  "made by " + "; ".join(f"`{c}` on {d}" + (f" ({', '.join(ps)})" if len(runs) > 1 else "")
                                         for (c, d), ps in runs.items()) + ".\n\n"
                  "| part | policy | budget | settings | KL(full‖policy) | top-1 | ppl / full | "
@@ -399,6 +402,8 @@ def run(args):
     pol = policy_from(args)
     dev = cli.device_of(args.device)
     model, tok = M.load_with_tokenizer(args.model, dev, torch.float32)
+    if not args.study:
+        cli.check_dense(pol, model.cfg)
     if wants_passkey(args):
         args.contexts = contexts_of(args.contexts, model.cfg.max_seq_len)
         args.trials = passkey_trials(tok, args.contexts)     # a context too short fails now, before any work
@@ -424,7 +429,7 @@ def build_parser():
     a("--context", type=cli.positive_int, default=2048, help="window length in tokens")
     a("--windows", type=cli.positive_int, default=1, help="windows evaluated")
     a("--decode", type=cli.positive_int, default=512,
-      help="positions decoded with the policy at each window's end")
+      help="the tokens left to the policy at each window's end: D - 1 positions decoded and scored")
     a("--policy", choices=I.POLICIES, default="infinigen")
     a("--budget", type=float, default=d.budget)
     a("--alpha", type=float, default=d.alpha)
@@ -471,5 +476,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    main()
+    cli.run_script(main)

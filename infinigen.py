@@ -495,5 +495,4 @@ def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, s
 
 if __name__ == "__main__":   # the command line lives in cli.py: `python infinigen.py --help`
     import cli
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    cli.main(script=True)
+    cli.run_script(lambda: cli.main(script=True))

@@ -204,6 +204,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli  # noqa: F401  (imported here, under the quiet Ctrl-C, not in main)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    main()
+    import cli  # here, under the quiet Ctrl-C of the import, not at the top
+    cli.run_script(main)

@@ -106,10 +106,10 @@ def test_a_bug_in_one_row_fails_the_run_after_the_other_rows(tmp_path, monkeypat
     """A one-shot GPU run keeps every row it can measure; the bug still fails it, with its traceback."""
     plain = bench.run_ours
 
-    def broken(model, ids, pol, new, cuda):
+    def broken(model, shape, pol, new, cuda):
         if pol.name == "offload":
             raise RuntimeError("an illegal memory access was encountered")
-        return plain(model, ids, pol, new, cuda)
+        return plain(model, shape, pol, new, cuda)
     monkeypatch.setattr(bench, "run_ours", broken)
     out = tmp_path / "bench.json"
     with pytest.raises(SystemExit) as e:
@@ -128,7 +128,7 @@ def test_a_peer_that_cannot_be_made_is_each_peer_rows_error():
         raise ImportError("No module named 'transformers'")
     hf = bench.make_peer(no_twin, torch.device("cpu"))
     for impl in ("hf-dynamic", "hf-offloaded"):
-        row = bench.measure(bench.run_peer, (hf, None, None, 3, False, torch.device("cpu")), {"impl": impl},
+        row = bench.measure(bench.run_peer, (hf, None, (2, 8), 3, False, torch.device("cpu")), {"impl": impl},
                             None, peer=True)
         assert row["skipped"] == "peer error: ImportError: No module named 'transformers'"
 
@@ -171,12 +171,27 @@ def test_policy_and_shape_flags():
     (["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--shapes", "2by40"], "--shapes"),
     (["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--policies", "infinigen:abc"], "budget"),
     (["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--new-tokens", "0"], "--new-tokens"),
+    (["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--policies", "full,infinigen,infinigen:0.2"],
+     "--policies names 'infinigen:0.2' twice"),
+    (["--suite", "gpu", "--device", "cpu", "--models", "tiny,tiny"], "--models names 'tiny' twice"),
+    (["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--shapes", "2x40,1x64,2x40"],
+     "--shapes names '2x40' twice"),
 ])
 def test_bad_flags_give_one_line(args, word):
     r = run_bench(*args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(lines) == 1 and lines[0].startswith("error:") and word in lines[0], r.stderr
+
+
+def test_a_row_whose_prompts_cannot_be_held_is_that_rows_result(tmp_path):
+    """A huge batch: its random prompts alone (4 TB as lists) are refused as the row's result, not a traceback
+    after the warm-up; the next row still runs."""
+    out = tmp_path / "bench.json"
+    bench.main(["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--new-tokens", "3", "--shapes",
+                "100000000x1024,1x40", "--policies", "full", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert "CPU prompt store needs" in rows[0]["skipped"] and rows[1]["tokens_per_s"] > 0
 
 
 def suite_json(tmp_path, suite, *args):
@@ -258,7 +273,7 @@ TIMELINE = ["--suite", "timeline", "--device", "cpu", "--models", "tiny"]
     (["--suite", "timeline", "--new-tokens", "8"], "--new-tokens is not used by the timeline suite"),
     (["--suite", "gather", "--no-graphs"], "--no-graphs is not used by the gather suite (only by gpu)"),
     (["--suite", "gather", "--prompt-tokens", "9"], "--prompt-tokens is not used by the gather suite"),
-    (GPU_TINY + ["--new-tokens", "1"], "no decode step to time"),
+    ([a if a != "3" else "1" for a in GPU_TINY], "no decode step to time"),               # --new-tokens 1
     (["--suite", "cpu", "--new-tokens", "1"], "no decode step to time"),
     (TIMELINE + ["--shapes", "1x2000"], "from 7 to 1024 tokens"),                  # the gpu suite's check
     (TIMELINE + ["--shapes", "1x64,2x64"], "one shape, got 2"),
@@ -351,3 +366,17 @@ def test_a_results_file_with_a_field_of_the_wrong_type_is_one_line(tmp_path, sui
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: {path}: row 2 has batch = [8], not an integer" + ("" if suite == "report" else
                                                                     ": move it away or give --out")]
+
+
+def test_the_cpu_suite_checks_its_text_before_measuring(tmp_path, monkeypatch):
+    """A --text too short for --prompt-tokens fails before the peak-memory runs (half a minute), not after."""
+    helpers.default_model_folder()
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.")
+
+    def never(*_):
+        raise AssertionError("measured before the text was checked")
+    monkeypatch.setattr(bench, "peak_rss", never)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--suite", "cpu", "--text", str(short), "--out", str(tmp_path / "cpu.json")])
+    assert "tokens, 512 needed" in str(e.value.code)

