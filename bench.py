@@ -170,10 +170,15 @@ def suite_cpu(a):
     new, n_prompt = a.new_tokens or 128, a.prompt_tokens
     text = a.text or default_text()
     dev, dtype = torch.device("cpu"), torch.float32
+    path = cli.writable(a.out or os.path.join(ROOT, "results", "bench-cpu.json"))
     folder = prepare.prepare()
     ids = I.Tok(folder).encode(cli.read_text(text, "--text"), chat=False)
-    if len(ids) < n_prompt:                                  # before the minute of runs, not after it
+    if len(ids) < n_prompt:                                  # before the minutes of runs, not after them
         raise ValueError(f"{text} has only {len(ids)} tokens, {n_prompt} needed")
+    context = M.Config.from_hf(M.read_json(os.path.join(folder, "config.json"))).max_seq_len
+    if n_prompt + new > context:
+        raise ValueError(f"--prompt-tokens {n_prompt} + --new-tokens {new} exceed the model's context of "
+                         f"{context} tokens")
     ids = ids[:n_prompt]
 
     say("peak resident memory of the demo command (a child process) ...")
@@ -212,7 +217,6 @@ def suite_cpu(a):
                  "h2d_bytes_per_step", "tokens_agree_with_transformers"])
     print("\npeak resident memory (child process)")
     table([{"command": k, **v} for k, v in rss.items()], ["command", "peak_rss_mib", "exit"])
-    path = a.out or os.path.join(ROOT, "results", "bench-cpu.json")
     write(path, {**info, "suite": "cpu", "model": folder, "text": text, "batch": 1, "prompt_tokens": n_prompt,
                  "new_tokens": new, "dtype": "float32", "results": res, "peak_rss": rss})
 
@@ -390,6 +394,10 @@ ROW_TYPES = {"model": ((str,), "a string"), "impl": ((str,), "a string"), "batch
              "cuda_graph": ((bool, type(None)), "true, false or null"), **{k: NUMBER for k in ROW_KEYS}}
 
 
+def number(v):  # a JSON number a report can format: not true or false, nor an integer past 64 bits
+    return type(v) is float or type(v) is int and abs(v) < 2**63
+
+
 def load_rows(path, fix=": move it away or give --out"):
     """The gpu suite's results file so far (a new one where there is none); checked before any row runs,
     each field a row has of the type the suite and the report read (a hand-edited or foreign file: one
@@ -404,12 +412,13 @@ def load_rows(path, fix=": move it away or give --out"):
         raise ValueError(f"{path} is not a results file of the gpu suite{fix}")
     for i, r in enumerate(data["rows"]):
         for k, (t, what) in ROW_TYPES.items():
-            ok = isinstance(r.get(k), t) and (bool in t or not isinstance(r.get(k), bool))
+            v = r.get(k)
+            ok = isinstance(v, t) and (bool in t or not isinstance(v, bool)) and (type(v) != int or number(v))
             if not ok and (k in ("model", "impl", "batch", "context") or k in r):
                 value = json.dumps(r.get(k))[:40]
                 raise ValueError(f"{path}: row {i + 1} has {k} = {value}, not {what}{fix}")
-    if not all(isinstance(run.get("pinned_h2d_bytes_per_s"), NUMBER[0]) and isinstance(run.get("date"), str)
-               for run in data["runs"]):
+    bw = lambda run: run.get("pinned_h2d_bytes_per_s")
+    if not all((bw(r) is None or number(bw(r))) and isinstance(r.get("date"), str) for r in data["runs"]):
         raise ValueError(f"{path}: a run's date or pinned_h2d_bytes_per_s is not what the suite writes{fix}")
     return data
 
@@ -524,7 +533,8 @@ def suite_gpu(a):
         if name not in SHAPES:
             raise ValueError(f"unknown model {name!r} (choose from {', '.join(SHAPES)})")
     shapes = {name: shapes_for(name, a.shapes or ROWS[name], new) for name in models}
-    path = a.out or results_file("bench" if info["device"] != "cpu" else "bench-gpu-suite", info["device"])
+    path = cli.writable(a.out or results_file("bench" if info["device"] != "cpu" else "bench-gpu-suite",
+                                              info["device"]))
     load_rows(path)                                    # a file it cannot add to fails now, not after a row
     say("measuring pinned host->device bandwidth (1 GiB) ..." if cuda else "on a CPU: no PCIe link, no floor")
     bw = pinned_h2d_bandwidth(dev)
@@ -631,17 +641,18 @@ def suite_report(a):
         raise ValueError(f"no results file {a.results}")
     data = load_rows(a.results, fix="")
     num = lambda v, f="{:.2f}", scale=1: "–" if v is None else f.format(v * scale)
+    cell = lambda v: " ".join(str(v).split()).replace("|", "\\|")          # one line, one table cell
     for run in data["runs"]:
         bw = run.get("pinned_h2d_bytes_per_s")
-        print(f"{run.get('device')}, {run.get('dtype')}, torch {run.get('torch')}, {run.get('date')}: "
-              f"`{run.get('command')}`, pinned H2D {num(bw, '{:.1f}', 1e-9)} GB/s")
+        print(cell(f"{run.get('device')}, {run.get('dtype')}, torch {run.get('torch')}, {run.get('date')}: "
+                   f"`{run.get('command')}`, pinned H2D {num(bw, '{:.1f}', 1e-9)} GB/s"))
     print("\n| model | batch × context | impl | graph | tokens/s | step ms | H2D MB/step | floor ms | "
           "step / floor | copy wait ms |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in data["rows"]:
-        impl = r["impl"] + (f" {r['budget']}" if r.get("budget") is not None else "")
-        head = f"| {r['model']} | {r['batch']} × {r['context']} | {impl} |"
+        impl = cell(r["impl"] + (f" {r['budget']}" if r.get("budget") is not None else ""))
+        head = f"| {cell(r['model'])} | {r['batch']} × {r['context']} | {impl} |"
         if r.get("skipped") or r.get("error"):
-            why = "skipped: " + r["skipped"] if r.get("skipped") else "ERROR: " + r["error"]
+            why = cell("skipped: " + r["skipped"] if r.get("skipped") else "ERROR: " + r["error"])
             print(f"{head} | {why} | | | | | |")
             continue
         graph = {True: "yes", False: "no"}.get(r.get("cuda_graph"), "–")
@@ -676,7 +687,7 @@ def suite_gather(a):
     bw = pinned_h2d_bandwidth(dev)
     info["pinned_h2d_bytes_per_s"] = round(bw) if bw else None
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    path = a.out or results_file("gather", info["device"])
+    path = cli.writable(a.out or results_file("gather", info["device"]))
     for d in (32, 64, 128):
         for gather in gathers:
             store = KVStore(1, B, S, Hkv, d, dev, dtype, gather=gather)
@@ -736,17 +747,21 @@ def suite_timeline(a):
         raise ValueError(f"--models: the timeline traces one model, one of {', '.join(SHAPES)}; got {name!r}")
     B, ctx = one_shape(shapes_for(name, a.shapes or ("1x1024" if not cuda else ROWS[name].split(",")[0]),
                                   TRACED), "timeline")
+    device_name = torch.cuda.get_device_name(dev) if cuda else "cpu"
+    path = cli.writable(a.out or results_file("timeline", device_name))
+    png = cli.writable(os.path.splitext(path)[0] + ".png", "timeline picture")
+    if png == path:
+        raise ValueError(f"--out {a.out}: the timeline's picture takes that name with .png: give a .json")
     model, _, real = models_for(name, dev, dtype)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.cfg.vocab_size, (B, ctx - TRACED), generator=gen).to(dev)
-    out = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "model": name, "real_weights": real,
+    out = {"device": device_name, "model": name, "real_weights": real,
            "batch": B, "context": ctx, "prompt": ctx - TRACED,
            "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "command": " ".join(["python"] + sys.argv), "runs": {},
            "note": "CUDA: copy-stream and compute-stream events, so overlap is real concurrency" if cuda else
            "CPU: host clock; a copy inside the previous layer's span ran serially within it, "
            "not concurrently"}
-    path = a.out or results_file("timeline", out["device"])
     for pol in ("offload", "infinigen"):
         say(f"timeline: {pol}, batch {B}, context {ctx} ...")
         cache = I.make_cache(model, I.Policy(pol, gather=a.gather), B, ctx)
@@ -807,7 +822,7 @@ def suite_timeline(a):
         cache = None                                             # its store goes before the next is made
         free_memory()
     say(f"wrote {path}")
-    plot_timeline(out, os.path.splitext(path)[0] + ".png")
+    plot_timeline(out, png)
 
 
 def plot_timeline(out, path):
@@ -850,6 +865,9 @@ def check_flags(a):
         raise ValueError(f"{flag} is not used by the {a.suite} suite (only by {users})")
     if a.new_tokens == 1:
         raise ValueError("--new-tokens 1 leaves no decode step to time: give at least 2")
+    empty = next((k for k, v in vars(a).items() if isinstance(v, str) and not v.strip()), None)
+    if empty:                                                 # not the default in disguise
+        raise ValueError(f"--{empty.replace('_', '-')} is empty")
     for k, v in DEFAULTS.items():
         if getattr(a, k) is None:
             setattr(a, k, v)

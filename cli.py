@@ -129,8 +129,9 @@ def read_text(path, what="file"):
 @contextlib.contextmanager
 def whole(path):
     """Write `path` whole or not at all: yields a temporary name next to it (same extension, for
-    matplotlib), renamed over `path` when the block ends, removed when it fails or is interrupted."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    matplotlib), renamed over `path` when the block ends, removed when it fails or is interrupted.
+    A link is followed; a path that is not a regular file (a folder, /dev/null, a FIFO) is not replaced."""
+    path = writable(path)
     tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
     try:
         yield tmp
@@ -138,6 +139,22 @@ def whole(path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def writable(path, what="results file"):
+    """The real path of a file about to be written, refused now (before the work whose results it would
+    hold) when it cannot be: not a regular file, or its folder cannot be made or written (a probe file)."""
+    real = os.path.realpath(path)
+    if os.path.exists(real) and not os.path.isfile(real):
+        raise ValueError(f"{what} {path} is not a regular file (a folder, device or FIFO is not replaced)")
+    probe = f"{real}.tmp{os.getpid()}{os.path.splitext(real)[1]}"
+    try:
+        os.makedirs(os.path.dirname(real), exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write {what} {path}: {e.strerror or e}") from None
+    return real
 
 
 def write_json(path, data):

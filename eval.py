@@ -165,12 +165,16 @@ def check_only(args):
             raise ValueError("--only chooses parts of --study: give --study too")
         if unknown := [p for p in args.only.split(",") if p not in PARTS]:
             raise ValueError(f"--only: unknown part {unknown[0]!r} (choose from {', '.join(PARTS)})")
+    if args.study and args.passkey:
+        raise ValueError("--passkey and --study both given: the study's own is --study --only passkey")
     d = cli.parse_args(build_parser(), ["--paper"] if args.paper else [])     # the defaults in force
     given = [k for k, v in vars(args).items() if v != getattr(d, k) and k not in ("paper", "json")]
     mode = "report" if args.report else "study" if args.study else "passkey" if args.passkey else "text"
     unread, why = UNREAD.get(mode, (set(given) - {"report"}, "it rebuilds the table from results/"))
     if bad := [k for k in given if k in unread]:
         raise ValueError(f"--{bad[0].replace('_', '-')} is not read by --{mode}: {why}")
+    if mode == "study" and "contexts" in given and not wants_passkey(args):
+        raise ValueError(f"--contexts is read by the passkey part only, which --only {args.only} leaves out")
 
 
 def wants_passkey(args):
@@ -197,7 +201,8 @@ def study(model, tok, args):
         "paper": [dict(kw, name="infinigen", budget=b) for b in (0.1, 0.2) for kw in (I.PAPER, DEFAULTS)],
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    meta = {"text": os.path.basename(args.text), "context": args.context, "windows": args.windows,
+    meta = {"model": args.model or "default", "text": os.path.basename(args.text), "context": args.context,
+            "windows": args.windows,
             "decode": args.decode, "command": "python eval.py " + " ".join(sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d")}
     written = []
@@ -243,7 +248,7 @@ def load_part(name):
 def row_problem(r, passkey):
     """The first field of a results row that report() and plots() could not read (a hand-edited or
     foreign file), or None."""
-    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    num = lambda v: type(v) is float or type(v) is int and abs(v) < 2**63        # not true, nor 10**400
     p = r.get("policy") if isinstance(r, dict) else None
     if not isinstance(p, dict) or p.get("name") not in I.POLICIES:
         return "policy (a name of " + ", ".join(I.POLICIES) + ")"
@@ -273,10 +278,24 @@ def label(p):
     return f"{p['name']}{extra}" + (" (paper)" if p["name"] == "infinigen" and paper else "")
 
 
+def same_windows(parts):
+    """One table holds one model's numbers on the same windows: a part measured otherwise (a quick study
+    of another model or text) is refused by name, before anything is written."""
+    first = {}                                     # setting -> (its value, the part that set it first)
+    for part, res in ((p, r) for p, r in parts.items() if r):
+        for k in ("model",) if part == "passkey" else ("model", "text", "context", "windows", "decode"):
+            v = res.get(k, "default" if k == "model" else None)
+            was, where = first.setdefault(k, (v, part))
+            if v != was:
+                raise ValueError(f"results/eval-{part}.json was measured with {k} {v}, eval-{where}.json "
+                                 f"with {was}: one table needs the same; rerun a part or move its file away")
+
+
 def report():
     """The README's accuracy table and the plots, from results/eval-*.json. Returns what it wrote:
     {"parts": the results parts read, "readme": README.md or None (no rows), "plots": the images}."""
     parts = {p: load_part(p) for p in PARTS}
+    same_windows(parts)
     rows, runs, readme = [], {}, None
     for part, res in parts.items():                     # which run made which parts
         if res:
@@ -292,10 +311,11 @@ def report():
                         f"{r['top1']:.3f} | {r['ppl']:.2f} / {r['ppl_full']:.2f} | "
                         f"{r['fetched_fraction']:.3f} | {r['sparse_fraction']:.3f} |")
     if rows:
-        meta = parts["policies"] or parts["alpha"] or {}
-        dec = meta.get("decode", 512)
+        meta = next(parts[p] for p in PARTS[:-1] if parts[p])
+        dec, model = meta.get("decode", 512), meta.get("model", "default")
         scored = f" ({dec - 1} positions scored)" if type(dec) is int else ""
-        table = (f"Default model, `{meta.get('text')}`, {meta.get('windows')} window(s) of "
+        table = ("Default model" if model == "default" else f"Model `{model}`") + (
+                 f", `{meta.get('text')}`, {meta.get('windows')} window(s) of "
                  f"{meta.get('context')} tokens, the last {dec} left to the policy{scored}; "
                  "made by " + "; ".join(f"`{c}` on {d}" + (f" ({', '.join(ps)})" if len(runs) > 1 else "")
                                         for (c, d), ps in runs.items()) + ".\n\n"

@@ -55,8 +55,8 @@ class Policy:
             (0 < self.partial_ratio <= 1, f"partial ratio {self.partial_ratio} must be in (0, 1]"),
             (self.alpha >= 0, f"alpha {self.alpha} must be >= 0 (inf: no threshold, the budget decides)"),
             (0 <= self.recent <= 1, f"recent share {self.recent} must be in [0, 1]"),
-            (0 <= self.capacity < math.inf,
-             f"CPU KV capacity {self.capacity} must be finite and >= 0 (0: unbounded)"),
+            (0 <= self.capacity < math.inf and (self.capacity <= 1 or self.capacity % 1 == 0),
+             f"CPU KV capacity {self.capacity} must be a fraction <= 1, a whole count of tokens, or 0 (all)"),
             (self.dense_layers >= (self.name == "infinigen"), "--dense-layers must be >= 0, and >= 1 for "
              "infinigen: it speculates layer i+1 from layer i, so layer 0 is dense"),
             (not self.capacity or self.name not in ("full", "oracle") and not self.measure_recall,
@@ -86,7 +86,7 @@ class Policy:
             k = torch.ceil(n.float() * f.float())
         else:
             k = torch.trunc(self.budget * share) + torch.zeros(n.shape, dtype=torch.float64, device=n.device)
-        return k.long().clamp(min=1).minimum(n)
+        return k.clamp(max=2**31).long().clamp(min=1).minimum(n)        # 1e20 tokens: all, not an overflow
 
 
 # The authors' choices (their speed-up scripts, speedup/scripts/*/run.sh of snu-comparch/InfiniGen):

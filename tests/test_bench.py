@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bench
+import cli
 import helpers
 import model
 import prepare
@@ -380,3 +381,36 @@ def test_the_cpu_suite_checks_its_text_before_measuring(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         bench.main(["--suite", "cpu", "--text", str(short), "--out", str(tmp_path / "cpu.json")])
     assert "tokens, 512 needed" in str(e.value.code)
+    short.write_text("A few words, again and again. " * 2000)                     # 16k tokens
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--suite", "cpu", "--text", str(short), "--prompt-tokens", "8190", "--new-tokens", "8",
+                    "--out", str(tmp_path / "cpu.json")])
+    assert "exceed the model's context of 8192 tokens" in str(e.value.code)
+
+
+def test_an_out_that_cannot_hold_the_results_fails_before_measuring(tmp_path, monkeypatch):
+    """--out a FIFO (or /dev/null) was replaced by a plain file; a folder, or a path under /proc, failed
+    after the measuring, naming the temporary file; an empty --out wrote into results/."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(bench, "models_for", lambda *a: pytest.fail("measured before --out was checked"))
+    timeline = ["--suite", "timeline", "--device", "cpu", "--models", "tiny", "--shapes", "1x64", "--out"]
+    for out, phrase in [(fifo, "is not a regular file"), (tmp_path, "is not a regular file"),
+                        ("/proc/x.json", "cannot write results file /proc/x.json"), ("", "--out is empty"),
+                        (tmp_path / "t.png", "the timeline's picture takes that name")]:
+        with pytest.raises(SystemExit) as e:
+            bench.main([*timeline, str(out)])
+        assert phrase in str(e.value.code), e.value.code
+    assert fifo.is_fifo() and sorted(os.listdir(tmp_path)) == ["fifo"]
+    for flag in ("--models", "--shapes"):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--suite", "gpu", "--device", "cpu", flag, " ", "--out", str(tmp_path / "b.json")])
+        assert f"{flag} is empty" in str(e.value.code)
+
+
+def test_results_follow_a_link_to_its_file(tmp_path):
+    target, link = tmp_path / "real.json", tmp_path / "link.json"
+    target.write_text("{}")
+    link.symlink_to(target)
+    cli.write_json(str(link), {"a": 1})
+    assert link.is_symlink() and json.loads(target.read_text()) == {"a": 1}

@@ -551,15 +551,35 @@ def test_report_refuses_rows_it_cannot_make_one_table_of(tmp_path, monkeypatch, 
     assert phrase in code, code
 
 
+@pytest.mark.parametrize("part, change, phrase", [
+    ("pool", {"context": 32}, "eval-pool.json was measured with context 32, eval-policies.json with 2048"),
+    ("alpha", {"model": "/tmp/tiny"}, "eval-alpha.json was measured with model /tmp/tiny, eval-policies.json "
+                                      "with default"),
+    ("passkey", {"model": "/tmp/tiny"}, "eval-passkey.json was measured with model /tmp/tiny")])
+def test_report_refuses_parts_measured_on_other_windows(tmp_path, monkeypatch, part, change, phrase):
+    """A quick study of another model or text (one part) next to the committed parts: its numbers went
+    under the heading of the others' model and windows. Refused by name, the README untouched."""
+    E = study_folder(tmp_path, monkeypatch)
+    path = tmp_path / "results" / f"eval-{part}.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | change))
+    readme = (tmp_path / "README.md").read_text()
+    code, _, err = call(E.main, ["--report"])
+    one_error(code, err)
+    assert phrase in code and (tmp_path / "README.md").read_text() == readme, code
+
+
 @pytest.mark.parametrize("argv, phrase", [
     (["--report", "--policy", "h2o", "--budget", "0.5"], "--policy is not read by --report"),
     (["--report", "--text", "x.txt"], "--text is not read by --report"),
     (["--passkey", "--context", "999999", "--decode", "5"], "--context is not read by --passkey"),
     (["--passkey", "--text", "/nonexistent"], "--text is not read by --passkey"),
     (["--text", "x.txt", "--contexts", "5"], "--contexts is not read by --text"),
-    (["--study", "--dense-layers", "3"], "--dense-layers is not read by --study")])
+    (["--study", "--dense-layers", "3"], "--dense-layers is not read by --study"),
+    (["--study", "--only", "pool", "--contexts", "64"], "--contexts is read by the passkey part only"),
+    (["--study", "--passkey", "--only", "pool"], "--passkey and --study both given")])
 def test_eval_refuses_a_flag_its_mode_does_not_read(argv, phrase):
-    """--report and --passkey ran with these ignored (exit 0); --contexts was not even checked."""
+    """--report and --passkey ran with these ignored (exit 0); --contexts was not even checked; --study with
+    --passkey ran the passkey part whatever --only said."""
     import eval as E
     code, _, err = call(E.main, argv)
     one_error(code, err)

@@ -313,6 +313,8 @@ def test_policy_count_with_a_share():
     assert Policy(budget=0.2).count(n, 2.0).tolist() == [4, 15]             # ceil(n * 0.4)
     assert Policy(budget=0.5).count(n, 3.0).tolist() == [10, 37]            # capped at all of them
     assert Policy(budget=4).count(n, 0.5).tolist() == [2, 2]                # a count times the share
+    for huge in (2.0**63, 1e20, 1e300):                  # past a 64-bit integer: all of them, not 1 token
+        assert Policy(budget=huge).count(n, 0.5).tolist() == [10, 37]
     with pytest.raises(ValueError, match="layer budget"):
         Policy(layer_budget="adaptive")
 
@@ -397,6 +399,11 @@ def test_pool_refuses_full_oracle_and_recall():
             Policy(capacity=0.5, **kw)
     with pytest.raises(ValueError, match="--measure-recall compares a sparse policy's tokens with full"):
         Policy("full", measure_recall=True)
+    for bad in (1.5, -0.5, math.inf, math.nan, 100.25):   # 1.5 tokens was 1 token, silently
+        with pytest.raises(ValueError, match="a whole count of tokens"):
+            Policy("infinigen", capacity=bad)
+    for good in (0, 0.5, 1, 2.0, 100):
+        Policy("infinigen", capacity=good)
 
 
 def test_a_small_pool_fraction_keeps_a_pool():
