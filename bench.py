@@ -897,8 +897,9 @@ def main(argv=None):
                         "they can be)")
     p.add_argument("--device", choices=["cuda", "cpu"],
                    help="gpu, timeline, gather: default cuda when present")
-    p.add_argument("--out", help="the results file (default results/bench-cpu.json, bench-<device>.json, "
-                   "timeline-<device>.json and .png, gather-<device>.json)")
+    p.add_argument("--out", help="the results file (default results/bench-cpu.json, bench-<gpu>.json "
+                   "(bench-gpu-suite-cpu.json on a CPU), timeline-<device>.json and .png, "
+                   "gather-<device>.json)")
     p.add_argument("--results", help="report: the gpu suite's results file (results/bench-<gpu>.json)")
     a = p.parse_args(argv)
     try:

@@ -216,7 +216,8 @@ def build_parser():
     a("--dense-layers", type=int, default=d.dense_layers)
     a("--recent", type=float, default=d.recent, help="h2o/streaming: share of the budget for recent tokens")
     a("--cpu-kv-capacity", type=float, default=0,
-      help="CPU pool: tokens per sequence (>1) or fraction of context")
+      help="CPU pool: tokens per sequence (a whole number > 1) or fraction (<= 1) of prompt + new tokens; "
+           "one that holds them all makes no pool (nothing to evict; no pool_misses in --json)")
     a("--eviction", choices=["fifo", "lru", "counter"], default=None, help=f"default: {d.eviction}")
     a("--layer-budget", choices=["uniform", "prompt"], default=d.layer_budget,
       help="prompt: share the budget among sparse layers by the need measured at prefill")
@@ -237,6 +238,8 @@ def check(args, pol):
     """The numbers and combinations Policy does not check itself: a flag is never silently ignored."""
     if args.prompt_file is not None and args.prompt:
         raise ValueError("--prompt and --prompt-file both given: choose one")
+    if args.time_copies and pol.name == "full":
+        raise ValueError("--time-copies times the waits for copies from the CPU store: full has none")
     if args.calib is not None and pol.name != "infinigen":
         raise ValueError(f"--calib calibrates InfiniGen's skew: it needs --policy infinigen, not {pol.name}")
     if not (args.temperature == 0 or 1e-4 <= args.temperature < math.inf):

@@ -75,8 +75,9 @@ class Config:
         num = lambda v: type(v) in (int, float) and 0 < v < math.inf                    # noqa: E731
         for f in fields(self):
             v, name, least = getattr(self, f.name), HF_KEYS.get(f.name, f.name), int(f.default != 0)
-            if f.type is int and (type(v) is not int or not least <= v < 2**31):
-                raise ModelError(f"config: {name} must be a positive integer below 2**31, got {v!r}")
+            top = 12 if f.name == "n_layers" else 31        # 4096 layers: past any model, and quick to build
+            if f.type is int and (type(v) is not int or not least <= v < 2**top):
+                raise ModelError(f"config: {name} must be a positive integer below 2**{top}, got {v!r}")
             if (f.type is float and not num(v)) or (f.type is bool and type(v) is not bool):
                 want = "a positive number" if f.type is float else "true or false"
                 raise ModelError(f"config: {name} must be {want}, got {v!r}")

@@ -73,7 +73,8 @@ def bad_folders(root, good):
         "config lacks vocab_size": (None, "config.json lacks 'vocab_size'"),
         "heads do not divide the width": (None, "num_attention_heads=3 does not divide hidden_size=16"),
         "head dim disagrees with weights": (None, "in the file, (4, 16) expected (does config.json match"),
-        "zero layers": (None, "num_hidden_layers must be a positive integer below 2**31, got 0"),
+        "zero layers": (None, "num_hidden_layers must be a positive integer below 2**12, got 0"),
+        "100000 layers": (None, "num_hidden_layers must be a positive integer below 2**12, got 100000"),
         "negative size": (None, "intermediate_size (ffn_dim) must be a positive integer below 2**31, got -5"),
         "size as a string": (None, "vocab_size must be a positive integer below 2**31, got '17'"),
         "sizes whose product overflows": (None, "config.json describes tensors too large to build"),
@@ -97,6 +98,7 @@ def bad_folders(root, good):
     edit_config(d["heads do not divide the width"], num_attention_heads=3, head_dim=None)
     edit_config(d["head dim disagrees with weights"], head_dim=4)
     edit_config(d["zero layers"], num_hidden_layers=0)
+    edit_config(d["100000 layers"], num_hidden_layers=100000)          # its meta build took minutes
     edit_config(d["negative size"], intermediate_size=-5)
     edit_config(d["size as a string"], vocab_size="17")
     edit_config(d["sizes whose product overflows"], hidden_size=2**31 - 2, intermediate_size=2**31 - 1,
@@ -164,7 +166,8 @@ def one_error(code, err=""):
 BAD = ["missing folder", "a file, not a folder", "no config.json", "config.json not JSON",
        "config.json a list", "config lacks vocab_size", "heads do not divide the width",
        "head dim disagrees with weights",
-       "zero layers", "negative size", "size as a string", "sizes whose product overflows", "weights renamed",
+       "zero layers", "100000 layers", "negative size", "size as a string", "sizes whose product overflows",
+       "weights renamed",
        "weights of another shape",
        "safetensors header not JSON", "safetensors truncated", "shard missing", "no tokenizer.json",
        "tokenizer.json not a tokenizer", "tokenizer larger than the vocabulary"]
@@ -723,6 +726,8 @@ def script_cases(f):
         c[f"infinigen.py: {pol} --dense-layers {dense}"] = (
             "infinigen.py", [*tiny, "--prompt", "hi", "--max-new-tokens", "2", "--policy", pol,
                              "--dense-layers", dense], ok)
+    c["infinigen.py: --time-copies with full"] = ("infinigen.py", [*tiny, "--prompt", "hi", "--time-copies"],
+                                                  "full has none")
     c["infinigen.py: a flag twice"] = ("infinigen.py", [*tiny, "--prompt-file", f["good"], "--prompt-file",
                                                          f["blank"]], "--prompt-file: given twice")
     c["infinigen.py: a flag twice, the same value"] = (

@@ -1,7 +1,7 @@
 """Run a chapter's code: its ```python blocks with no include marker, top to bottom, in one
 namespace, from the repository root (which is on sys.path), on one CPU thread.
 
-  python tutorial/run.py tutorial/04-attention-is-sparse.md     run one chapter, printing its output
+  python tutorial/run.py tutorial/06-attention-is-sparse.md     run one chapter, printing its output
   python tutorial/run.py --write [CHAPTER ...]                   also refresh its output blocks
 
 An output block is a ```text fence right after the line `<!-- output -->`; it shows what the
