@@ -394,10 +394,6 @@ ROW_TYPES = {"model": ((str,), "a string"), "impl": ((str,), "a string"), "batch
              "cuda_graph": ((bool, type(None)), "true, false or null"), **{k: NUMBER for k in ROW_KEYS}}
 
 
-def number(v):  # a JSON number a report can format: not true or false, nor an integer past 64 bits
-    return type(v) is float or type(v) is int and abs(v) < 2**63
-
-
 def load_rows(path, fix=": move it away or give --out"):
     """The gpu suite's results file so far (a new one where there is none); checked before any row runs,
     each field a row has of the type the suite and the report read (a hand-edited or foreign file: one
@@ -413,12 +409,13 @@ def load_rows(path, fix=": move it away or give --out"):
     for i, r in enumerate(data["rows"]):
         for k, (t, what) in ROW_TYPES.items():
             v = r.get(k)
-            ok = isinstance(v, t) and (bool in t or not isinstance(v, bool)) and (type(v) != int or number(v))
+            ok = isinstance(v, t) and (type(v) not in (int, bool) or bool in t or cli.json_number(v))
             if not ok and (k in ("model", "impl", "batch", "context") or k in r):
                 value = json.dumps(r.get(k))[:40]
                 raise ValueError(f"{path}: row {i + 1} has {k} = {value}, not {what}{fix}")
-    bw = lambda run: run.get("pinned_h2d_bytes_per_s")
-    if not all((bw(r) is None or number(bw(r))) and isinstance(r.get("date"), str) for r in data["runs"]):
+    bw = lambda v: v is None or cli.json_number(v)
+    if not all(bw(r.get("pinned_h2d_bytes_per_s")) and isinstance(r.get("date"), str)
+               for r in data["runs"]):
         raise ValueError(f"{path}: a run's date or pinned_h2d_bytes_per_s is not what the suite writes{fix}")
     return data
 

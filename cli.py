@@ -131,7 +131,8 @@ def whole(path):
     """Write `path` whole or not at all: yields a temporary name next to it (same extension, for
     matplotlib), renamed over `path` when the block ends, removed when it fails or is interrupted.
     A link is followed; a path that is not a regular file (a folder, /dev/null, a FIFO) is not replaced."""
-    path = writable(path)
+    path = regular(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
     try:
         yield tmp
@@ -141,12 +142,18 @@ def whole(path):
             os.remove(tmp)
 
 
-def writable(path, what="results file"):
-    """The real path of a file about to be written, refused now (before the work whose results it would
-    hold) when it cannot be: not a regular file, or its folder cannot be made or written (a probe file)."""
+def regular(path, what="results file"):
+    """The real path (a link followed) of a file about to be replaced: refused where it is not a file."""
     real = os.path.realpath(path)
     if os.path.exists(real) and not os.path.isfile(real):
         raise ValueError(f"{what} {path} is not a regular file (a folder, device or FIFO is not replaced)")
+    return real
+
+
+def writable(path, what="results file"):
+    """regular(path), also refused now (before the work whose results it would hold) when its folder
+    cannot be made or written: a probe file."""
+    real = regular(path, what)
     probe = f"{real}.tmp{os.getpid()}{os.path.splitext(real)[1]}"
     try:
         os.makedirs(os.path.dirname(real), exist_ok=True)
@@ -155,6 +162,10 @@ def writable(path, what="results file"):
     except OSError as e:
         raise ValueError(f"cannot write {what} {path}: {e.strerror or e}") from None
     return real
+
+
+def json_number(v):  # a number of a results file that a report can format: not true, nor 10**400
+    return type(v) is float or type(v) is int and abs(v) < 2**63
 
 
 def write_json(path, data):

@@ -202,9 +202,8 @@ def study(model, tok, args):
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     meta = {"model": args.model or "default", "text": os.path.basename(args.text), "context": args.context,
-            "windows": args.windows,
-            "decode": args.decode, "command": "python eval.py " + " ".join(sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d")}
+            "windows": args.windows, "decode": args.decode,
+            "command": "python eval.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d")}
     written = []
     for part, pols in parts.items():
         if args.only and part not in args.only.split(","):
@@ -248,7 +247,7 @@ def load_part(name):
 def row_problem(r, passkey):
     """The first field of a results row that report() and plots() could not read (a hand-edited or
     foreign file), or None."""
-    num = lambda v: type(v) is float or type(v) is int and abs(v) < 2**63        # not true, nor 10**400
+    num = cli.json_number
     p = r.get("policy") if isinstance(r, dict) else None
     if not isinstance(p, dict) or p.get("name") not in I.POLICIES:
         return "policy (a name of " + ", ".join(I.POLICIES) + ")"

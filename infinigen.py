@@ -84,9 +84,10 @@ class Policy:
         if self.budget <= 1:   # budget 1: everything, always
             f = torch.ones_like(share) if self.budget == 1 else (self.budget * share).clamp(max=1.0)
             k = torch.ceil(n.float() * f.float())
-        else:
-            k = torch.trunc(self.budget * share) + torch.zeros(n.shape, dtype=torch.float64, device=n.device)
-        return k.clamp(max=2**31).long().clamp(min=1).minimum(n)        # 1e20 tokens: all, not an overflow
+        else:                                         # a count; 1e20 tokens is all of them, not an overflow
+            k = torch.trunc(min(self.budget, 2**31) * share)
+            k = k + torch.zeros(n.shape, dtype=torch.float64, device=n.device)
+        return k.long().clamp(min=1).minimum(n)
 
 
 # The authors' choices (their speed-up scripts, speedup/scripts/*/run.sh of snu-comparch/InfiniGen):
