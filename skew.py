@@ -170,8 +170,8 @@ def needed_share(p, mask, mass=0.9):
 
 
 def layer_shares(need, first, lo=0.2, hi=4.0):
-    """need (L,) -> share (L,): layers first.. split the budget in proportion to their need (mean 1,
-    each kept within lo..hi times the mean); the dense layers before `first` keep 1."""
+    """need (L,) -> share (L,): layers first.. split the budget in proportion to their need (each ratio
+    to the mean clamped to lo..hi, then all rescaled to mean 1); the dense layers before `first` keep 1."""
     share = torch.ones_like(need)
     w = (need[first:] / need[first:].mean()).clamp(lo, hi)
     share[first:] = w / w.mean()
