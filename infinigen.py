@@ -216,9 +216,8 @@ class OffloadCache(M.Cache):
         return out
 
     def leave(self):
-        if self.decoding:
-            self.decode_steps += 1
-        elif self.pol.layer_budget == "prompt" and self.need.any():    # a prefill chunk measured the need
+        self.decode_steps += self.decoding
+        if not self.decoding and self.pol.layer_budget == "prompt" and self.need.any():  # prefill measured it
             self.set_shares(SK.layer_shares(self.need, self.pol.dense_layers))
         self.store.step_done()
         super().leave()
@@ -374,13 +373,14 @@ def sample(logits, temperature, top_p, gen):
 # --- Decode loop
 @torch.no_grad()
 def prefill(model, cache, tokens, valid, chunk=1024, progress=False):
-    """Run the prompt (B, T) through the model in chunks; return the last position's logits (B, V)."""
-    T = tokens.shape[1]
-    for s in range(0, T, chunk):
-        logits = model(tokens[:, s:s + chunk], cache, valid[:, s:s + chunk], last=True)
+    """Run the prompt (B, T) through the model in chunks of at least 2 tokens (a token after the first chunk
+    would be a decode step, sparse: a last chunk of one joins the one before); -> the last logits (B, V)."""
+    T, chunk = tokens.shape[1], max(chunk, 2)
+    ends = [*range(chunk, T - 1, chunk), T]
+    for s, e in zip([0, *ends], ends):
+        logits = model(tokens[:, s:e], cache, valid[:, s:e], last=True)
         if progress and T > chunk:
-            print(f"\r  prefill {min(s + chunk, T)}/{T} tokens", end="" if s + chunk < T else "\n",
-                  file=sys.stderr, flush=True)
+            print(f"\r  prefill {e}/{T} tokens", end="" if e < T else "\n", file=sys.stderr, flush=True)
     return logits[:, -1]
 
 

@@ -377,6 +377,22 @@ def test_bounded_pool_that_never_evicts_equals_full(case, variant):
         assert stats["pool_misses"] == 0 and stats["pool_requests"] > 0, eviction
 
 
+@pytest.mark.parametrize("name", ["infinigen", "h2o", "streaming", "oracle"])
+def test_a_last_prefill_chunk_of_one_token_is_no_decode_step(llama, name):
+    """A prompt of k chunks + 1 token: its last token joins the chunk before (alone, after the first chunk,
+    it would be taken for a decode step: attended sparsely, counted as a step, bytes and all)."""
+    pol, (tokens, valid) = Policy(name, budget=0.1), padded(llama.prompts)
+    T = tokens.shape[1]
+    runs = []
+    for chunk in (T - 1, 1024):
+        cache = IG.make_cache(llama.m, pol, len(llama.prompts), T + 2)
+        logits = IG.prefill(llama.m, cache, tokens, valid, chunk=chunk)
+        ledger = cache.store.ledger
+        runs.append((logits, cache.decode_steps, ledger.decode_bytes(), cache.fetched.sum().item()))
+    (a, *rest_a), (b, *rest_b) = runs
+    assert torch.equal(a, b) and rest_a == rest_b == [0, 0, 0.0], (rest_a, rest_b)
+
+
 @pytest.mark.parametrize("eviction", ["fifo", "lru", "counter"])
 def test_pool_under_a_prefill_in_chunks(llama, eviction):
     """A left-padded batch prefilled in chunks of 8 through a bounded pool: the later chunks read the
