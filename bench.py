@@ -258,7 +258,7 @@ def random_model(name, device, dtype):
         model = M.Transformer(cfg)
     params = sum(p.numel() for p in model.parameters())
     preflight(0, params * dtype.itemsize, device, what=f"{name}-shaped weights")
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)                   # made in dtype (float32 first: 2x)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -455,6 +455,7 @@ def measure(fn, args, row, bw, peer=False):
             s = {"error": one_line(e)}
     free_memory()
     row.update({k: None for k in ROW_KEYS} | s)
+    row["copy_wait_s"] = row.pop("copy_wait_per_step_s", None)           # a row's wait is per decode step
     if "skipped" in s or "error" in s:
         say(f"    {'skipped' if 'skipped' in s else 'ERROR'}: {s.get('skipped') or s['error']}")
         return row
@@ -644,7 +645,7 @@ def suite_report(a):
         print(cell(f"{run.get('device')}, {run.get('dtype')}, torch {run.get('torch')}, {run.get('date')}: "
                    f"`{run.get('command')}`, pinned H2D {num(bw, '{:.1f}', 1e-9)} GB/s"))
     print("\n| model | batch × context | impl | graph | tokens/s | step ms | H2D MB/step | floor ms | "
-          "step / floor | copy wait ms |\n|---|---|---|---|---|---|---|---|---|---|")
+          "step / floor | copy wait ms/step |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in data["rows"]:
         impl = cell(r["impl"] + (f" {r['budget']}" if r.get("budget") is not None else ""))
         head = f"| {cell(r['model'])} | {r['batch']} × {r['context']} | {impl} |"
@@ -785,11 +786,12 @@ def suite_timeline(a):
             attn.append((len(attn), start, mark(cuda)))
             return out
         M.attention = timed_attention
-        t0 = mark(cuda)
+        t0, before = mark(cuda), cache.store.ledger.wait_s
         try:
             I.decode_one(model, cache, tok)
         finally:
             M.attention = plain
+        wait = (cache.store.ledger.wait_s - before) * 1e3                 # the traced step's own copy wait
         for h in hooks:
             h.remove()
         if cuda:
@@ -802,14 +804,14 @@ def suite_timeline(a):
                       for li, ls, le in layers if li == ci - 1)      # copy of i+1 during layer i
         step = max(e for _, _, e in layers + copies)
         attention = sum(ms(e) - ms(s) for _, s, e in attn)
-        wait = sum(waits) / len(waits)
-        out["runs"][pol] = {"layers_ms": layers, "copies_ms": copies, "attention_ms": [
-                                (i, ms(s), ms(e)) for i, s, e in attn],
-                            "copy_ms": sum(e - s for _, s, e in copies),
+        copy = sum(e - s for _, s, e in copies)
+        out["runs"][pol] = {"budget": None if pol == "offload" else cache.pol.budget, "cuda_graph": False,
+                            "layers_ms": layers, "copies_ms": copies,
+                            "attention_ms": [(i, ms(s), ms(e)) for i, s, e in attn], "copy_ms": copy,
                             "copy_during_previous_layer_ms": overlap, "step_ms": step,
                             "copy_wait_ms_per_step": waits, "gather": cache.store.gather,
                             "breakdown_ms": {"step": round(step, 3), "attention": round(attention, 3),
-                                             "copy_wait": round(wait, 3),
+                                             "copy": round(copy, 3), "copy_wait": round(wait, 3),
                                              "rest": round(step - attention - wait, 3)}}
         say(f"  step {step:.2f} ms; copies {out['runs'][pol]['copy_ms']:.2f} ms in all, {overlap:.2f} ms "
             f"of it during the previous layer; copy wait per step {waits} ms; "

@@ -151,7 +151,7 @@ class Ledger:
         self.rows = torch.zeros(n_layers, dtype=torch.long, device=device)   # (L,) rows a kernel gathered
         self.row_bytes, self.decoding, self.decode_h2d = row_bytes, False, 0
         self.decode_rows = torch.zeros((), dtype=torch.long, device=device)
-        self.wait_s = 0.0
+        self.wait_s = self.decode_wait_s = 0.0    # the compute stream's waits for copies: in all, in steps
 
     def add(self, layer, nbytes=0, rows=None):
         """nbytes (int) known on the host, or rows (a device count) moved by a device gather."""
@@ -162,6 +162,10 @@ class Ledger:
             self.rows[layer] += rows
             if self.decoding:
                 self.decode_rows += rows
+
+    def waited(self, seconds):
+        self.wait_s += seconds
+        self.decode_wait_s += seconds if self.decoding else 0.0
 
     def host_counts(self):  # the counters the host keeps, as one list
         return self.h2d + self.d2h + [self.decode_h2d]
@@ -368,7 +372,7 @@ class KVStore:
             if t_start is not None:
                 self.trace.append(("copy", layer, t_start, mark(self.cuda)))
         if not self.cuda:                                    # no stream: the compute waits for the whole copy
-            self.ledger.wait_s += time.perf_counter() - start
+            self.ledger.waited(time.perf_counter() - start)
         return buf, n, ok
 
     # --- Host gather
@@ -420,12 +424,13 @@ class KVStore:
         self.freed = [None, None]
         if self.wait_events:
             torch.cuda.synchronize(self.device)
-            self.ledger.wait_s += sum(a.elapsed_time(b) for a, b in self.wait_events) / 1e3
+            self.ledger.waited(sum(a.elapsed_time(b) for a, b in self.wait_events) / 1e3)
             self.wait_events.clear()
 
     def wait_seconds(self):
-        """Compute-stream time spent waiting on copies (CPU: all copy time; CUDA: when timed, else None)."""
-        return self.ledger.wait_s if not self.cuda or self.timing else None
+        """Compute-stream time spent waiting on copies, in all and in decode steps (CPU: all copy time;
+        CUDA: when timed, else None)."""
+        return (self.ledger.wait_s, self.ledger.decode_wait_s) if not self.cuda or self.timing else None
 
 
 # --- Timeline marks
@@ -451,12 +456,13 @@ def stats_of(model, cache, t_prefill, t_decode, steps, B):
          "kv_bytes": cfg.n_layers * per_layer}
     if hasattr(cache, "store"):                            # an offloaded policy
         store, n, first = cache.store, max(cache.decode_steps, 1), cache.first
-        wait = store.wait_seconds()
+        wait = store.wait_seconds() or (None, None)
         s.update(h2d_bytes_per_step=round(store.ledger.decode_bytes() / n) if cache.decode_steps else 0,
                  kv_resident_bytes=first * per_layer, gather=store.gather,
                  fetched_fraction_per_layer=[1.0 if i < first else round(f / n, 4)
                                              for i, f in enumerate(cache.fetched.tolist())],
-                 copy_wait_s=None if wait is None else round(wait, 4))
+                 copy_wait_s=None if wait[0] is None else round(wait[0], 4),
+                 copy_wait_per_step_s=None if wait[1] is None else round(wait[1] / n, 6))
         if cache.pol.measure_recall:
             dense = cache.cfg.n_layers if cache.name == "offload" else cache.pol.dense_layers  # recall 1
             s["recall_per_layer"] = [1.0 if i < dense else round(r / n, 4)

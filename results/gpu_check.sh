@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 9, 10 and 12 in one call of a GPU machine (at most 9.5 minutes: the parts' limits),
 # with that machine's own python3 and CUDA torch; no .venv, no default model (random weights of its shape).
-#   bash results/gpu_check.sh [PART ...]    parts: tests gather smollm2 timeline 7b (the default), suite
+#   bash results/gpu_check.sh [PART ...]    parts: gather 7b smollm2 timeline tests (the default), suite
 # (`suite`: the whole test suite, CPU tests included, in a call of its own: at most 9 minutes)
 # Each part has its own time limit; what it measured is written as it goes: the results files under
 # results/ (bench-<gpu>.json, gather-<gpu>.json, timeline-<gpu>.json/.png) and the logs under $LOGS.
-# After every part all of them are packed into one file, $OUT/gpu-check.tgz (the device tool brings back
-# at most 8 files), so a call cut short keeps every part that ended.
+# All of them are packed into one file, $OUT/gpu-check.tgz (the device tool brings back at most 8 files),
+# after every part and every 20 s while one runs, so a call cut short keeps the rows written so far.
+# The parts most wanted run first: the 7B-shape rows right after the short gather measurement.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu-check}
@@ -17,13 +18,14 @@ export PYTHONUNBUFFERED=1                    # a part killed at its limit keeps 
 # starts far lower: the preflight plans with this many GiB instead (offload.host_available).
 export INFINIGEN_HOST_GIB=${INFINIGEN_HOST_GIB:-110}
 mkdir -p "$OUT" "$LOGS"
-parts=${*:-tests gather smollm2 timeline 7b}
+parts=${*:-gather 7b smollm2 timeline tests}
 
 pack() {  # every log and GPU results file so far, into one archive, replaced whole
     cp results/bench-*.json results/gather-*.json results/timeline-*.json results/timeline-*.png "$LOGS"/ \
         2>/dev/null
     rm -f "$LOGS"/*-cpu.json "$LOGS"/*-cpu.png                 # the CPU files travel with the tree
-    tar -czf "$OUT/gpu-check.tgz.new" -C "$LOGS" . && mv "$OUT/gpu-check.tgz.new" "$OUT/gpu-check.tgz"
+    local tmp="$OUT/gpu-check.tgz.$BASHPID"                     # its own name: the packer may run beside it
+    tar -czf "$tmp" -C "$LOGS" . 2>/dev/null && mv "$tmp" "$OUT/gpu-check.tgz" || rm -f "$tmp"
 }
 
 run() {  # run NAME LIMIT_S COMMAND...: its log in $LOGS/NAME.log, its status and seconds on the last line
@@ -44,6 +46,9 @@ stamp() {  # stamp NAME: the device, torch and the date under NAME's log (its su
 print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', tf.__version__)"
 } >"$LOGS/machine.log" 2>&1
 pack
+( while sleep 20; do pack; done ) &                 # a call killed mid-part keeps what that part wrote
+packer=$!
+trap 'kill $packer 2>/dev/null' EXIT
 for part in $parts; do
     case $part in
     suite)      # every test, then the same summary line
@@ -64,12 +69,14 @@ for part in $parts; do
     7b)         # the Llama-2-7B shape at 8 x 4096
         run 7b 150 "$PY" bench.py --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;
-    *) echo "unknown part $part (tests gather smollm2 timeline 7b suite)"; exit 2 ;;
+    *) echo "unknown part $part (gather 7b smollm2 timeline tests suite)"; exit 2 ;;
     esac
     pack
 done
 for f in results/bench-*.json; do    # the README's table and issue 10's targets, from what was measured
     case $f in *-cpu.json) ;; *) "$PY" bench.py --suite report --results "$f" >"$LOGS/report.md" 2>&1 ;; esac
 done
+kill $packer 2>/dev/null; wait $packer 2>/dev/null
+rm -f "$OUT"/gpu-check.tgz.*                                    # what a killed packer left half-written
 pack
 echo "logs and results in $OUT/gpu-check.tgz (unpacked: $LOGS)"

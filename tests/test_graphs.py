@@ -132,7 +132,8 @@ def host_state(x):
     if isinstance(x, dict):
         return {k: host_state(v) for k, v in x.items()}
     if isinstance(x, (model.Cache, offload.KVStore, offload.Ledger, offload.Pool)):
-        return {k: host_state(v) for k, v in vars(x).items() if k not in ("model", "pol", "cfg", "wait_s")}
+        skip = ("model", "pol", "cfg", "wait_s", "decode_wait_s")             # the timings differ
+        return {k: host_state(v) for k, v in vars(x).items() if k not in skip}
     return type(x).__name__
 
 

@@ -377,6 +377,16 @@ def test_bounded_pool_that_never_evicts_equals_full(case, variant):
         assert stats["pool_misses"] == 0 and stats["pool_requests"] > 0, eviction
 
 
+@pytest.mark.parametrize("name", ["offload", "infinigen"])
+def test_copy_wait_per_step_counts_decode_steps_only(llama, name):
+    """On a CPU the compute waits for every copy: copy_wait_s is the run's (prefill too), and
+    copy_wait_per_step_s the mean over the decode steps only (what a benchmark row reports)."""
+    _, s = llama.generate(Policy(name, budget=0.5))
+    assert s["decode_steps"] == N_NEW - 1 and s["copy_wait_s"] > 0 and s["copy_wait_per_step_s"] > 0
+    assert s["copy_wait_per_step_s"] * s["decode_steps"] < s["copy_wait_s"]          # the prefill waited too
+    assert s["copy_wait_per_step_s"] <= s["decode_s"] / s["decode_steps"]
+
+
 @pytest.mark.parametrize("name", ["infinigen", "h2o", "streaming", "oracle"])
 def test_a_last_prefill_chunk_of_one_token_is_no_decode_step(llama, name):
     """A prompt of k chunks + 1 token: its last token joins the chunk before (alone, after the first chunk,
