@@ -3,6 +3,7 @@ soon as it is measured and rows of earlier runs stay; a row that does not fit is
 any other error of ours fails the run after the other rows; the transformers peer is refused before it
 could exhaust host memory; bad flags give one line. (The numbers themselves are measured on a GPU, never
 asserted.)"""
+import importlib.util
 import json
 import os
 import subprocess
@@ -417,3 +418,31 @@ def test_results_follow_a_link_to_its_file(tmp_path):
     link.symlink_to(target)
     cli.write_json(str(link), {"a": 1})
     assert link.is_symlink() and json.loads(target.read_text()) == {"a": 1}
+
+
+def test_other_texts_collates_kept_rows_and_refuses_bad_texts(tmp_path):
+    """results/other_texts.py: rows already in --work are read, not rerun (a stopped run goes on), into
+    one results file; a malformed --texts or a missing file is one error line."""
+    script = os.path.join(ROOT, "results", "other_texts.py")
+    spec = importlib.util.spec_from_file_location("other_texts", script)
+    spec.loader.exec_module(mod := importlib.util.module_from_spec(spec))
+    rows_run = mod.ROWS
+    text, work, out = tmp_path / "t.txt", tmp_path / "work", tmp_path / "out.json"
+    text.write_text("some words\n")
+    work.mkdir()
+    for i, (pol, budget) in enumerate(rows_run):
+        (work / f"t-{pol}-{budget}.json").write_text(json.dumps(
+            {"kl": 0.01 * (i + 1), "top1": 0.9, "ppl": 5.0, "ppl_full": 4.9, "positions": 1022,
+             "sparse_fraction": budget}))
+    args = ["--texts", f"t={text}", "--work", str(work), "--out", str(out)]
+    r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["policy"], x["budget"], x["kl"]) for x in rows] == [
+        (p, b, round(0.01 * (i + 1), 4)) for i, (p, b) in enumerate(rows_run)]
+    assert all(x["command"].startswith(f"python eval.py --text {text} --context 2048") for x in rows)
+    for texts, why in (("nofile", "give NAME=FILE"), (f"t={tmp_path}/missing.txt", "not found")):
+        r = subprocess.run([sys.executable, script, "--texts", texts, "--work", str(work)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and r.stderr.startswith("error:") and why in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
