@@ -373,10 +373,10 @@ def sample(logits, temperature, top_p, gen):
 # --- Decode loop
 @torch.no_grad()
 def prefill(model, cache, tokens, valid, chunk=1024, progress=False):
-    """Run the prompt (B, T) through the model in chunks of at least 2 tokens (a token after the first chunk
-    would be a decode step, sparse: a last chunk of one joins the one before); -> the last logits (B, V)."""
+    """The prompt (B, T) through the model in chunks, the last of min(64, chunk) tokens or more (the layer
+    rule reads its last 64 queries; one token would be a decode step); -> the last logits (B, V)."""
     T, chunk = tokens.shape[1], max(chunk, 2)
-    ends = [*range(chunk, T - 1, chunk), T]
+    ends = [*range(chunk, T - min(chunk, 64) + 1, chunk), T]
     for s, e in zip([0, *ends], ends):
         logits = model(tokens[:, s:e], cache, valid[:, s:e], last=True)
         if progress and T > chunk:

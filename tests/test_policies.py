@@ -403,6 +403,21 @@ def test_a_last_prefill_chunk_of_one_token_is_no_decode_step(llama, name):
     assert torch.equal(a, b) and rest_a == rest_b == [0, 0, 0.0], (rest_a, rest_b)
 
 
+def test_the_layer_rule_reads_64_queries_whatever_the_chunks(llama):
+    """A 100-token prompt in chunks of 64 is one chunk: a last chunk of 36 would have measured each
+    layer's need on 36 queries, not the prompt's last 64 (`prompt` layer rule)."""
+    g = torch.Generator().manual_seed(0)
+    tokens, valid = padded([torch.randint(3, 101, (n,), generator=g).tolist() for n in (100, 90)])
+    runs = []
+    for chunk in (64, 1024):
+        cache = IG.make_cache(llama.m, Policy("infinigen", budget=0.1), 2, 104)
+        runs.append((IG.prefill(llama.m, cache, tokens, valid, chunk=chunk), cache.share))
+    (a, share_a), (b, share_b) = runs
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(share_a, share_b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(share_a, torch.ones_like(share_a))                 # the rule did move the shares
+
+
 @pytest.mark.parametrize("eviction", ["fifo", "lru", "counter"])
 def test_pool_under_a_prefill_in_chunks(llama, eviction):
     """A left-padded batch prefilled in chunks of 8 through a bounded pool: the later chunks read the
