@@ -490,7 +490,7 @@ def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, s
     sync(dev); t_decode = time.perf_counter() - t
     ids = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
     ids = [r[:next((j for j, x in enumerate(r) if x in stop_ids), len(r))] for r in ids]
-    return ids, {**stats_of(model, cache, t_prefill, t_decode, len(out) - 1, B),
+    return ids, {**stats_of(model, cache, t_prefill, t_decode, max(len(out) - 1, 0), B),
                  "cuda_graph": isinstance(step, Graphed)}
 
 

@@ -377,6 +377,11 @@ def test_bounded_pool_that_never_evicts_equals_full(case, variant):
         assert stats["pool_misses"] == 0 and stats["pool_requests"] > 0, eviction
 
 
+def test_no_new_tokens_is_no_step(llama):
+    ids, s = IG.generate(llama.m, llama.prompts[:1], Policy("infinigen"), 0)
+    assert ids == [[]] and s["decode_steps"] == 0 and s["h2d_bytes_per_step"] == 0
+
+
 @pytest.mark.parametrize("name", ["offload", "infinigen"])
 def test_copy_wait_per_step_counts_decode_steps_only(llama, name):
     """On a CPU the compute waits for every copy: copy_wait_s is the run's (prefill too), and
