@@ -204,8 +204,8 @@ class OffloadCache(M.Cache):
                 self.fetched[layer] += (ok.sum((1, 2)) / (ok.shape[1] * self.length.clamp(min=1))).mean()
         out = M.attention(q, kd, vd, mask)                  # queued before the host gathers for i+1
         if T > 1 and layer >= self.pol.dense_layers and self.pol.layer_budget == "prompt":   # at prefill
-            last = mask[..., -64:, :]
-            self.need[layer] = float(SK.needed_share(M.attention_probs(q[:, :, -64:], kd, last), last))
+            qn, last = q[:, :, -SK.NEED_QUERIES:], mask[..., -SK.NEED_QUERIES:, :]    # its last queries
+            self.need[layer] = float(SK.needed_share(M.attention_probs(qn, kd, last), last))
         if ahead:
             self.issue(layer + 1, nxt)                      # its copy overlaps this layer's attention and MLP
         self.observe(layer, q, kd, mask, slots)
@@ -374,9 +374,9 @@ def sample(logits, temperature, top_p, gen):
 @torch.no_grad()
 def prefill(model, cache, tokens, valid, chunk=1024, progress=False):
     """The prompt (B, T) through the model in chunks, the last of min(64, chunk) tokens or more (the layer
-    rule reads its last 64 queries; one token would be a decode step); -> the last logits (B, V)."""
+    rule reads its last SK.NEED_QUERIES; one token would be a decode step); -> the last logits (B, V)."""
     T, chunk = tokens.shape[1], max(chunk, 2)
-    ends = [*range(chunk, T - min(chunk, 64) + 1, chunk), T]
+    ends = [*range(chunk, T - min(chunk, SK.NEED_QUERIES) + 1, chunk), T]
     for s, e in zip([0, *ends], ends):
         logits = model(tokens[:, s:e], cache, valid[:, s:e], last=True)
         if progress and T > chunk:

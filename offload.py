@@ -456,13 +456,13 @@ def stats_of(model, cache, t_prefill, t_decode, steps, B):
          "kv_bytes": cfg.n_layers * per_layer}
     if hasattr(cache, "store"):                            # an offloaded policy
         store, n, first = cache.store, max(cache.decode_steps, 1), cache.first
-        wait = store.wait_seconds() or (None, None)
+        waited, waited_steps = store.wait_seconds() or (None, None)        # None: not timed
         s.update(h2d_bytes_per_step=round(store.ledger.decode_bytes() / n) if cache.decode_steps else 0,
                  kv_resident_bytes=first * per_layer, gather=store.gather,
                  fetched_fraction_per_layer=[1.0 if i < first else round(f / n, 4)
                                              for i, f in enumerate(cache.fetched.tolist())],
-                 copy_wait_s=None if wait[0] is None else round(wait[0], 4),
-                 copy_wait_per_step_s=None if wait[1] is None else round(wait[1] / n, 6))
+                 copy_wait_s=None if waited is None else round(waited, 4),
+                 copy_wait_per_step_s=None if waited is None else round(waited_steps / n, 6))
         if cache.pol.measure_recall:
             dense = cache.cfg.n_layers if cache.name == "offload" else cache.pol.dense_layers  # recall 1
             s["recall_per_layer"] = [1.0 if i < dense else round(r / n, 4)

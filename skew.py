@@ -160,6 +160,9 @@ def threshold_select(s, alpha, cap, allowed, kmax=None):
 
 
 # --- Layer shares of the budget
+NEED_QUERIES = 64    # the prompt's last queries whose attention the layer rule measures (needed_share)
+
+
 def needed_share(p, mask, mass=0.9):
     """p (B, H, Tq, n) attention weights, mask (B, 1|Hkv|H, Tq, n) -> the mean share of its visible keys
     a query needs, heaviest first, to hold `mass` of its attention (queries that see one key skipped)."""

@@ -50,7 +50,8 @@ def main():
                     run = subprocess.run([sys.executable, *cmd[1:], "--json"], cwd=ROOT, stdout=f)
                     if run.returncode:
                         cli.fail(f"{' '.join(cmd)} exited with status {run.returncode}")
-            r = json.load(open(done))
+            with open(done) as f:
+                r = json.load(f)
             rows.append({"text": name, "file": path, "policy": policy, "budget": budget,
                          "kl": round(r["kl"], 4), "top1": round(r["top1"], 3), "ppl": round(r["ppl"], 2),
                          "ppl_full": round(r["ppl_full"], 2), "positions": r["positions"],
