@@ -54,7 +54,7 @@ def test_rows_are_kept_across_calls(two_runs):
         assert r["run"] in {x["date"] for x in data["runs"]}
         assert r["tokens_per_s"] > 0 and r["step_s"] > 0
         if r["impl"] in ("offload", "infinigen"):                   # a CPU waits for every copy, per step
-            assert 0 < r["copy_wait_s"] <= r["decode_s"] / r["decode_steps"]
+            assert 0 < r["copy_wait_s"] <= (r["decode_s"] + 5e-5) / r["decode_steps"]     # decode_s: 4 digits
             assert "copy_wait_per_step_s" not in r
     ours = {r["impl"]: r for r in data["rows"]}
     assert ours["offload"]["h2d_bytes_per_step"] > ours["infinigen"]["h2d_bytes_per_step"] > 0
