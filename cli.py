@@ -133,13 +133,17 @@ def whole(path):
     A link is followed; a path that is not a regular file (a folder, /dev/null, a FIFO) is not replaced."""
     path = regular(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+    tmp = temp_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def temp_name(path):  # the name a file is written under before it replaces `path` (same extension)
+    return f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
 
 
 def regular(path, what="results file"):
@@ -154,7 +158,7 @@ def writable(path, what="results file"):
     """regular(path), also refused now (before the work whose results it would hold) when its folder
     cannot be made or written: a probe file."""
     real = regular(path, what)
-    probe = f"{real}.tmp{os.getpid()}{os.path.splitext(real)[1]}"
+    probe = temp_name(real)
     try:
         os.makedirs(os.path.dirname(real), exist_ok=True)
         open(probe, "w").close()

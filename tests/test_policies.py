@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import infinigen as IG
 import model
+import offload
 import skew as SK
 from helpers import default_model_folder, randomize
 from infinigen import Policy
@@ -394,8 +395,7 @@ def test_copy_wait_per_step_counts_decode_steps_only(llama, name):
 
 
 def test_the_ledger_counts_decode_waits_apart():
-    from offload import Ledger
-    ledger = Ledger(2, "cpu", row_bytes=4)
+    ledger = offload.Ledger(2, "cpu", row_bytes=4)
     ledger.waited(1.0)                        # a prefill's wait
     ledger.decoding = True
     ledger.waited(0.25)
