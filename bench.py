@@ -642,8 +642,9 @@ def suite_report(a):
     cell = lambda v: " ".join(str(v).split()).replace("|", "\\|")          # one line, one table cell
     for run in data["runs"]:
         bw = run.get("pinned_h2d_bytes_per_s")
-        print(cell(f"{run.get('device')}, {run.get('dtype')}, torch {run.get('torch')}, {run.get('date')}: "
-                   f"`{run.get('command')}`, pinned H2D {num(bw, '{:.1f}', 1e-9)} GB/s"))
+        tf = f", transformers {run['transformers']}" if run.get("transformers") else ""   # its peer rows
+        print(cell(f"{run.get('device')}, {run.get('dtype')}, torch {run.get('torch')}{tf}, "
+                   f"{run.get('date')}: `{run.get('command')}`, pinned H2D {num(bw, '{:.1f}', 1e-9)} GB/s"))
     print("\n| model | batch × context | impl | graph | tokens/s | step ms | H2D MB/step | floor ms | "
           "step / floor | copy wait ms/step |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in data["rows"]:

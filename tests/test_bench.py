@@ -339,12 +339,14 @@ def test_the_targets_read_the_fastest_row_and_say_what_is_missing():
 
 def test_the_report_prints_every_row_and_target(tmp_path, capsys):
     path = tmp_path / "bench-nvidia-h200.json"
-    run = {"device": "NVIDIA H200", "dtype": "float16", "torch": "2.11", "date": "2026-12-02T10:00:00",
+    run = {"device": "NVIDIA H200", "dtype": "float16", "torch": "2.11", "transformers": "5.17.0",
+           "date": "2026-12-02T10:00:00",
            "command": "python bench.py --suite gpu", "pinned_h2d_bytes_per_s": 5.5e10}
     path.write_text(json.dumps({"suite": "gpu", "runs": [run], "rows": REPORTED}))
     bench.main(["--suite", "report", "--results", str(path)])
     out = capsys.readouterr().out
-    assert "NVIDIA H200, float16" in out and "pinned H2D 55.0 GB/s" in out
+    assert "NVIDIA H200, float16, torch 2.11, transformers 5.17.0, 2026-12-02" in out
+    assert "pinned H2D 55.0 GB/s" in out
     table = [ln for ln in out.splitlines() if " × " in ln][1:]         # the rows: not the header, targets
     assert len(table) == len(REPORTED)
     assert "| 7b | 8 × 4096 | infinigen 0.1 | yes | 100.0 |" in out and "skipped: refused" in out
