@@ -403,8 +403,8 @@ def replayable(cache):
             and not cache.pol.measure_recall and not st.timing and st.trace is None)
 
 
-def graphable(cache):  # replay decode steps as a CUDA graph: on CUDA, unless the policy says not to
-    return cache.valid.is_cuda and getattr(cache, "pol", Policy()).graphs and replayable(cache)
+def graphable(cache, pol):  # replay decode steps as a CUDA graph: on CUDA, unless pol says not to
+    return cache.valid.is_cuda and pol.graphs and replayable(cache)      # (full's cache has no pol)
 
 
 class Graphed:
@@ -465,7 +465,7 @@ def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, s
     for b, p in enumerate(prompts):
         tokens[b, T - len(p):], valid[b, T - len(p):] = torch.tensor(p), True
     cache = make_cache(model, pol, B, T + max_new, partial)
-    step = Graphed(model, cache) if graphable(cache) else (lambda tok: decode_one(model, cache, tok))
+    step = Graphed(model, cache) if graphable(cache, pol) else (lambda tok: decode_one(model, cache, tok))
     if hasattr(cache, "store"):
         cache.store.timing = time_copies and cache.store.cuda and not isinstance(step, Graphed)
     gen = torch.Generator(device=dev).manual_seed(seed)

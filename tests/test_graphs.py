@@ -11,6 +11,7 @@ the same tokens.
 """
 import copy
 import dataclasses
+import types
 
 import numpy as np
 import pytest
@@ -106,6 +107,14 @@ def test_a_decode_step_is_the_same_at_every_step(arch, name, request, monkeypatc
     assert len(a.ops) == len(b.ops)
     for i, (x, y) in enumerate(zip(a.ops, b.ops)):
         assert x == y, f"operation {i} differs between two decode steps:\n{x}\n{y}"
+
+
+def test_no_graphs_is_honoured_by_every_policy():
+    """--no-graphs (Policy.graphs False) turns graphs off for full too, whose cache carries no policy
+    (graphable read the cache's and took the default, graphs on, for full)."""
+    on_cuda = types.SimpleNamespace(valid=types.SimpleNamespace(is_cuda=True))     # all it reads of full
+    assert IG.graphable(on_cuda, Policy("full"))
+    assert not IG.graphable(on_cuda, Policy("full", graphs=False))
 
 
 @pytest.mark.parametrize("name", list(NOT))

@@ -272,6 +272,7 @@ def test_host_tensor_is_pinned_at_its_size():
         s = torch.cuda.host_memory_stats()
         return s["active_bytes.current"], s["allocated_bytes.current"]
 
+    torch.cuda.init()                         # its stats are {} until CUDA is initialised (a test run alone)
     n = 3 * 2**20 + 2
     before = pool()
     control = torch.empty(n, dtype=torch.uint8, pin_memory=True)     # the pool's way: it shows in the stats
