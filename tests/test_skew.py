@@ -139,6 +139,19 @@ def test_choose_columns(c, planes, rotate):
             assert e[chosen].min() >= e[~chosen].max() - 1e-6
 
 
+def test_column_energy_is_query_times_key_magnitude():
+    """By hand: column 5 has small queries and huge keys, column 6 the largest queries and small keys;
+    the energy weighs both, so column 5 is the one kept."""
+    qg, kg = torch.ones(1, 4, 8), torch.full((1, 4, 8), 0.1)                   # (Hkv, N, d)
+    qg[..., 6], kg[..., 5], qg[0, :2, 2] = 2.0, 10.0, -3.0                      # |q| counts, not its sign
+    want = [1.0 * 0.1] * 8
+    want[2], want[5], want[6] = 2.0 * 0.1, 1.0 * 10.0, 2.0 * 0.1
+    assert torch.allclose(SK.column_energy(qg, kg)[0], torch.tensor(want))
+    assert SK.choose_columns(qg, kg, 1 / 8).tolist() == [[5]]
+    e = SK.plane_energy(qg, kg)[0]                                               # planes (j, j + 4)
+    assert e.argmax().item() == 1 and torch.isclose(e[1], torch.tensor(2 ** 0.5 * 100.01 ** 0.5))
+
+
 @pytest.mark.parametrize("ratio,d,planes,m", [(0.25, 64, False, 16), (0.25, 64, True, 16),
                                               (0.01, 64, False, 1), (0.01, 64, True, 2), (1.0, 8, True, 8),
                                               (0.3, 10, True, 4), (0.3, 10, False, 3)])
@@ -178,6 +191,19 @@ def test_make_skew_stays_on_the_calibration_device(mode):
     q, k = torch.randn(30, 4, 8, device="meta"), torch.randn(30, 2, 8, device="meta")
     P, A = SK.make_skew(q, k, mode, 0.25)
     assert P.device == q.device and A.device == q.device
+
+
+def test_partial_query_weight_rows_follow_each_query_heads_kv_head():
+    """Hkv 2, G 2, d 4: KV head 0 keeps dims (0, 2), KV head 1 dims (1, 3). Query heads 0 and 1 share
+    KV head 0, heads 2 and 3 KV head 1 (head h reads KV head h // G), so their rows of Wq follow."""
+    d, n_kv, G, C = 4, 2, 2, 5
+    P = torch.zeros(n_kv, d, 2)                                                  # (Hkv, d, m)
+    P[0, 0, 0] = P[0, 2, 1] = P[1, 1, 0] = P[1, 3, 1] = 1.0
+    g = torch.Generator().manual_seed(0)
+    wq, bq = randn(g, n_kv * G * d, C), randn(g, n_kv * G * d)
+    Wp, bp = SK.partial_query_weight(wq, bq, P)
+    rows = [h * d + c for h, cols in enumerate([(0, 2), (0, 2), (1, 3), (1, 3)]) for c in cols]
+    assert torch.equal(Wp, wq[rows]) and torch.equal(bp, bq[rows])
 
 
 # --- Folding into a random OPT
@@ -235,6 +261,15 @@ def test_layer_shares_keep_the_mean(need, first):
     assert abs(share[first:].mean().item() - 1.0) < 1e-5
     order = need[first:].argsort()
     assert (share[first:][order].diff() >= -1e-6).all(), "more need must not get a smaller share"
+    assert share[first:].max() <= share[first:].min() * 4.0 / 0.2 * (1 + 1e-5), "no layer starves"
+
+
+def test_layer_shares_clamp_each_ratio_before_rescaling():
+    """need 0.001 and 1.0: ratios to the mean 0.002 and 1.998, the first raised to 0.2, then both
+    rescaled to mean 1 (a layer that needs little still gets a fifth of the mean before rescaling)."""
+    share = SK.layer_shares(torch.tensor([7.0, 0.001, 1.0]), 1)
+    w = torch.tensor([0.2, 2 * 1.0 / 1.001])
+    assert torch.allclose(share, torch.cat([torch.ones(1), w / w.mean()]))
 
 
 def test_needed_share_counts_the_heaviest_keys():
@@ -244,6 +279,9 @@ def test_needed_share_counts_the_heaviest_keys():
     p[..., 1, :] = 0.1                                   # ten keys hold 0.1 each
     share = SK.needed_share(p, mask, mass=0.9)           # (1/10 + 9/10) / 2 (0.9 needs 9 or 10)
     assert abs(share.item() - 0.5) < 0.051
+    exact = torch.tensor([0.25, 0.5, 0.25])[None, None, None]              # heaviest two hold 0.75 exactly
+    share = SK.needed_share(exact, torch.ones(1, 1, 1, 3, dtype=torch.bool), mass=0.75)
+    assert share.item() == pytest.approx(2 / 3)
     lone = torch.zeros(1, 1, 1, 10, dtype=torch.bool)
     lone[..., 0] = True                                  # a query that sees one key is skipped
     assert SK.needed_share(torch.ones(1, 1, 1, 10), lone).item() == 0.0
