@@ -659,6 +659,16 @@ def test_store_preflights_before_allocating():
     need = L * rows * row + staging + (2 * rows * row + staging)       # store; on a CPU the device's too
     with pytest.raises(OffloadError, match=f"needs {need / 2**30:.2f} GiB"):
         KVStore(L, B, S, Hkv, d, CPU, torch.float16)
+    dense = 2 * rows * row                                               # layers 0 and 1 stay off the store
+    with pytest.raises(OffloadError, match=f"needs {(need - dense) / 2**30:.2f} GiB"):
+        KVStore(L, B, S, Hkv, d, CPU, torch.float16, first=2)
+
+
+def test_a_pool_store_holds_its_capacity_not_the_context():
+    """The store of a bounded pool has `capacity` slots per layer and sequence (the point of a pool)."""
+    store = KVStore(4, 2, 100, 2, 8, CPU, torch.float32, pool=Pool(3, 2, 100, 8), first=1)
+    assert store.kv.shape == (3, 8, 2, 2, 2, 8)                            # (L - first, P, B, Hkv, 2, d)
+    assert store.buf[0].shape[0] == 100                                   # a fetch may bring any slot
 
 
 @pytest.mark.cuda
