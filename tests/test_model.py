@@ -145,6 +145,37 @@ def test_matches_transformers(case):
     assert cache.length.tolist() == [len(p) + steps for p in prompts]
 
 
+def test_llama3_rope_frequencies_match_transformers():
+    """Llama 3's own scaling (theta 5e5, d 128, factor 8, original context 8192), where six frequencies
+    fall in the band blended between scaled and kept: the hypothesis cases may miss that band."""
+    tf = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_position_embeddings=8192)
+    hf = tf.LlamaConfig(hidden_size=4096, num_attention_heads=32, head_dim=128, rope_parameters=rope,
+                        max_position_embeddings=131072)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    wavelen = 2 * torch.pi / (500000.0 ** -(torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    assert ((wavelen > 8192 / 4) & (wavelen < 8192)).sum() == 6                    # the blended band
+    assert torch.allclose(model.rope_inv_freq(Config.from_hf(hf.to_dict())), want.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("Tq,mask_heads", [(1, 1), (1, 2), (1, 6), (3, 1), (3, 2), (3, 6)])
+def test_attention_probs_are_the_weights_attention_applies(Tq, mask_heads):
+    """attention_probs (H2O's scores, recall, the layer rule) @ V == attention: the same scale, mask
+    and grouping (H 6 over Hkv 2), at decode (Tq 1, folded) and for a prompt."""
+    g = torch.Generator().manual_seed(Tq * 10 + mask_heads)
+    B, H, Hkv, Tk, d = 2, 6, 2, 7, 16
+    q, k, v = (torch.randn(*shape, generator=g) * 2 for shape in
+               ((B, H, Tq, d), (B, Hkv, Tk, d), (B, Hkv, Tk, d)))
+    mask = torch.rand(B, mask_heads, Tq, Tk, generator=g) < 0.6
+    mask[..., 0] = True                                                            # each query sees a key
+    p = model.attention_probs(q, k, mask)                                          # (B, H, Tq, Tk)
+    assert torch.allclose(p.sum(-1), torch.ones(B, H, Tq))
+    got = p @ v.repeat_interleave(H // Hkv, 1)
+    assert torch.allclose(got, model.attention(q, k, v, mask), atol=1e-5)
+
+
 # --- 2. Ours cached (chunked, padded) == ours uncached == each sequence alone
 @HYP
 @given(case=cases(), data=st.data())
