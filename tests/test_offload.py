@@ -677,3 +677,24 @@ def test_preflight_refuses_absurd_device_memory():
     msg = r"device KV buffers need 931322\.57 GiB but only [\d.]+ GiB is free"
     with pytest.raises(OffloadError, match=msg):
         offload.preflight(0, 10**15, torch.device("cuda"))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_kernels_take_strided_index_views():
+    """idx, ok (gather) and at (put) may be views with strides (a transpose, a column): each wrapper makes
+    them contiguous before the kernel reads them as flat arrays."""
+    gather_rows, put_rows = offload.device_kernel("gather_rows"), offload.device_kernel("put_rows")
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, S, n, d = 2, 3, 9, 5, 8
+    src = torch.randn(S, B, Hkv, 2, d, generator=g)
+    idx = torch.randint(0, S, (n, Hkv, B), generator=g).permute(2, 1, 0)        # (B, Hkv, n), strided
+    ok = (torch.rand(n, B, Hkv, generator=g) < 0.7).permute(1, 2, 0)            # (B, Hkv, n), strided
+    dst = torch.zeros(n, B, Hkv, 2, d)
+    gather_rows(src, idx, ok, dst)
+    b, h = torch.meshgrid(torch.arange(B), torch.arange(Hkv), indexing="ij")
+    want = torch.where(ok[..., None, None], src[idx, b[..., None], h[..., None]], 0.0)   # (B, Hkv, n, 2, d)
+    assert torch.equal(dst, want.permute(2, 0, 1, 3, 4))
+    at = torch.tensor([[4, 0], [1, 0], [7, 0]])[:, 0]                            # a column: stride 2
+    new, store = torch.randn(3, B, Hkv, 2, d, generator=g), torch.zeros(S, B, Hkv, 2, d)
+    put_rows(new, at, store)
+    assert torch.equal(store, torch.zeros_like(store).index_copy_(0, at, new))
