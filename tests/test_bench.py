@@ -219,6 +219,14 @@ def test_timeline_on_a_cpu(tmp_path):
         assert len(run["attention_ms"]) == 4
         assert set(run["breakdown_ms"]) == {"step", "attention", "copy", "copy_wait", "rest"}
         assert copied == ({0, 1, 2, 3} if pol == "offload" else {2, 3})      # dense layers stay on the device
+    # On a CPU each copy runs inside the previous layer's span (layer 0's before the step's first layer), so
+    # the copy during the previous layer is all of the later layers' copy time; the breakdown adds up.
+    for pol, run in data["runs"].items():
+        later = sum(e - s for i, s, e in run["copies_ms"] if i > 0)
+        assert run["copy_during_previous_layer_ms"] == pytest.approx(later, abs=1e-6), pol
+        assert run["step_ms"] == max(e for _, _, e in run["layers_ms"] + run["copies_ms"])
+        b = run["breakdown_ms"]
+        assert b["attention"] + b["copy_wait"] + b["rest"] == pytest.approx(b["step"], abs=2e-3), pol
 
 
 def test_gather_suite_on_a_cpu(tmp_path):
@@ -582,20 +590,6 @@ def test_pinned_bandwidth_counts_every_copy(monkeypatch):
     monkeypatch.setattr(bench, "free_memory", lambda: None)
     assert bench.pinned_h2d_bandwidth(torch.device("cuda"), n=5) == 5 * 2**30 / 0.25
 
-
-def test_the_timelines_sums(tmp_path):
-    """On a CPU each copy runs inside the previous layer's span (layer 0's before the step's first layer), so
-    the copy during the previous layer is all of the later layers' copy time; the breakdown adds up."""
-    pytest.importorskip("matplotlib")
-    out = tmp_path / "timeline.json"
-    bench.main(["--suite", "timeline", "--device", "cpu", "--models", "tiny", "--shapes", "1x64",
-                "--out", str(out)])
-    for pol, run in json.loads(out.read_text())["runs"].items():
-        later = sum(e - s for i, s, e in run["copies_ms"] if i > 0)
-        assert run["copy_during_previous_layer_ms"] == pytest.approx(later, abs=1e-6), pol
-        assert run["step_ms"] == max(e for _, _, e in run["layers_ms"] + run["copies_ms"])
-        b = run["breakdown_ms"]
-        assert b["attention"] + b["copy_wait"] + b["rest"] == pytest.approx(b["step"], abs=2e-3), pol
 
 
 def test_a_rows_copy_wait_is_per_decode_step():

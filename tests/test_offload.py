@@ -160,6 +160,16 @@ def test_host_and_device_gathers_deliver_the_same_rows(c):
         assert torch.equal(hk[:hn][m], dk[:dn][m]) and torch.equal(hv[:hn][m], dv[:dn][m])
 
 
+def gathered_by_indexing(src, idx, ok, dst):
+    """What gather_rows leaves in dst (S', B, Hkv, 2, d): rows src[idx] where ok, dst's own rows elsewhere."""
+    B, Hkv, n = idx.shape
+    b, h = torch.meshgrid(torch.arange(B), torch.arange(Hkv), indexing="ij")
+    got = src[idx, b[..., None], h[..., None]]                                  # (B, Hkv, n, 2, d)
+    want = dst.clone()
+    want[:n] = torch.where(ok[..., None, None], got, want[:n].permute(1, 2, 0, 3, 4)).permute(2, 0, 1, 3, 4)
+    return want
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 3), Hkv=st.integers(1, 4), S=st.integers(1, 40), n=st.integers(0, 40),
@@ -174,11 +184,8 @@ def test_gather_kernel_against_indexing(B, Hkv, S, n, d, dtype, seed):
     idx = torch.randint(0, S, (B, Hkv, n), generator=g)
     ok = torch.rand(B, Hkv, n, generator=g) < 0.7
     dst = torch.full((n + 1, B, Hkv, 2, d), 7.0, dtype=dtype)
+    want = gathered_by_indexing(src, idx, ok, dst)
     gather_rows(src, idx, ok, dst)
-    want = torch.full_like(dst, 7.0)
-    b, h = torch.meshgrid(torch.arange(B), torch.arange(Hkv), indexing="ij")
-    got = src[idx, b[..., None], h[..., None]]                                  # (B, Hkv, n, 2, d)
-    want[:n] = torch.where(ok[..., None, None], got, want[:n].permute(1, 2, 0, 3, 4)).permute(2, 0, 1, 3, 4)
     assert torch.equal(dst, want)
 
 
@@ -690,10 +697,9 @@ def test_kernels_take_strided_index_views():
     idx = torch.randint(0, S, (n, Hkv, B), generator=g).permute(2, 1, 0)        # (B, Hkv, n), strided
     ok = (torch.rand(n, B, Hkv, generator=g) < 0.7).permute(1, 2, 0)            # (B, Hkv, n), strided
     dst = torch.zeros(n, B, Hkv, 2, d)
+    want = gathered_by_indexing(src, idx, ok, dst)
     gather_rows(src, idx, ok, dst)
-    b, h = torch.meshgrid(torch.arange(B), torch.arange(Hkv), indexing="ij")
-    want = torch.where(ok[..., None, None], src[idx, b[..., None], h[..., None]], 0.0)   # (B, Hkv, n, 2, d)
-    assert torch.equal(dst, want.permute(2, 0, 1, 3, 4))
+    assert torch.equal(dst, want)
     at = torch.tensor([[4, 0], [1, 0], [7, 0]])[:, 0]                            # a column: stride 2
     new, store = torch.randn(3, B, Hkv, 2, d, generator=g), torch.zeros(S, B, Hkv, 2, d)
     put_rows(new, at, store)
