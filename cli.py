@@ -14,7 +14,7 @@ import torch
 import model as M
 import skew as SK
 from infinigen import GATHERS, PAPER, POLICIES, Policy, calibrate, generate
-from offload import OffloadError
+from offload import GraphError, OffloadError
 
 KNOWN = (M.ModelError, OffloadError, ValueError, OSError, ImportError,   # what a user's input can cause
          RecursionError)                                                   # JSON nested past Python's limit
@@ -315,7 +315,7 @@ def main(argv=None, script=False):
     except BrokenPipeError:                          # the reader went away (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    except (*KNOWN, torch.OutOfMemoryError) as e:
+    except (*KNOWN, torch.OutOfMemoryError, GraphError) as e:    # GraphError: a bug; --no-graphs avoids it
         fail(e)
     except (RuntimeError, MemoryError) as e:         # host memory ran out; else a bug
         if not out_of_memory(e):

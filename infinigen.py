@@ -23,7 +23,7 @@ import torch
 import model as M
 import skew as SK
 from model import Tok  # noqa: F401  (re-exported for scripts: I.Tok)
-from offload import GATHERS, KVStore, Pool, preflight, stats_of
+from offload import GATHERS, GraphError, KVStore, Pool, preflight, stats_of
 from skew import partial_query, speculate, threshold_select, to_index, topk_mask
 
 POLICIES = ("full", "offload", "infinigen", "h2o", "streaming", "oracle")
@@ -120,9 +120,8 @@ class OffloadCache(M.Cache):
                              pol.gather, self.first, extra)
         self.rk, self.rv = (torch.zeros(res, device=device, dtype=dtype) for _ in "kv")  # resident K, V
         self.fetched = torch.zeros(cfg.n_layers, device=device)          # sum over steps of fraction fetched
-        self.recall = torch.zeros(cfg.n_layers, dtype=torch.float64)
-        self.decode_steps, self.handles, self.idx = 0, {}, {}
-        self.need = torch.zeros(cfg.n_layers)                                     # (L,) on the host
+        self.recall, self.need = torch.zeros(cfg.n_layers, dtype=torch.float64), torch.zeros(cfg.n_layers)
+        self.decode_steps, self.handles, self.idx = 0, {}, {}                 # recall, need: (L,) on the host
         self.set_shares(torch.ones(cfg.n_layers))
 
     def device_bytes(self, batch, slots, elt):  # what a policy keeps on the device besides K, V
@@ -252,9 +251,8 @@ class InfiniGen(OffloadCache):
                       for i in range(cfg.n_layers)]        # per sparse layer (B, Hkv, S, m): partial keys
 
     def device_bytes(self, batch, slots, elt):
-        cfg, pol = self.cfg, self.pol
-        self.m = SK.n_columns(pol.partial_ratio, cfg.head_dim, pol.skew == "planes")
-        return (cfg.n_layers - self.first) * batch * cfg.n_kv_heads * slots * self.m * elt
+        self.m = SK.n_columns(self.pol.partial_ratio, self.cfg.head_dim, self.pol.skew == "planes")
+        return (self.cfg.n_layers - self.first) * batch * self.cfg.n_kv_heads * slots * self.m * elt
 
     def observe(self, layer, q, kd, mask, slots):
         if self.P[layer] is None and layer >= self.pol.dense_layers:   # calibrate on the prompt itself
@@ -297,8 +295,7 @@ class Streaming(OffloadCache):
     def select(self, layer, q, x, rope):
         rank = self.allowed.long().cumsum(-1)                                     # 1.. for real tokens
         recent = rank > (self.length - (self.counts[layer] - self.pol.sinks).clamp(min=0))[:, None, None]
-        sel = ((rank <= self.pol.sinks) | recent) & self.allowed
-        return sel.expand(-1, self.cfg.n_kv_heads, -1)
+        return (((rank <= self.pol.sinks) | recent) & self.allowed).expand(-1, self.cfg.n_kv_heads, -1)
 
 
 class H2O(OffloadCache):
@@ -335,8 +332,7 @@ class H2O(OffloadCache):
 
 
 # --- Making a cache
-CACHES = {"offload": OffloadCache, "infinigen": InfiniGen, "h2o": H2O, "streaming": Streaming,
-          "oracle": Oracle}
+CACHES = dict(offload=OffloadCache, infinigen=InfiniGen, h2o=H2O, streaming=Streaming, oracle=Oracle)
 
 
 def make_cache(model, pol: Policy, batch, slots, partial=None):
@@ -408,12 +404,11 @@ def graphable(cache, pol):  # replay decode steps as a CUDA graph: on CUDA, unle
 
 
 class Graphed:
-    """Decode steps as a CUDA graph: the first call is a plain step (Triton compiles, the allocator
-    warms), the second records the step's kernels, copies and events into one graph and replays it;
-    every later call replays it, with no Python and no launches of its own. A decode step reads every
-    slot and writes through slot numbers on the device (model.Cache), so one graph is right for every
-    step. The host's part of a step is not in the graph: each replay runs Cache.enter and leave around
-    it and adds to the ledger the bytes it counted while recording."""
+    """Decode steps as a CUDA graph: the first call is a plain step (Triton compiles, the allocator warms),
+    the second records the step's kernels, copies and events into one graph and replays it; later calls replay
+    it, with no Python and no launches of their own. A decode step reads every slot and writes through slot
+    numbers on the device (model.Cache), so one graph fits every step. The host's part of a step is not in the
+    graph: each replay runs Cache.enter and leave around it and adds to the ledger what recording counted."""
     def __init__(self, model, cache):
         self.model, self.cache, self.graph, self.warm = model, cache, None, False
         self.ledger = cache.store.ledger if hasattr(cache, "store") else None
@@ -437,8 +432,13 @@ class Graphed:
             self.cache.store.forget_events()
             before = self.ledger.host_counts()
         self.tok, self.graph = tok.clone(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):          # recording runs the host's part of one step ...
-            self.logits = decode_one(self.model, self.cache, self.tok)
+        try:
+            with torch.cuda.graph(self.graph):      # recording runs the host's part of one step ...
+                self.logits = decode_one(self.model, self.cache, self.tok)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:                   # a step that cannot be recorded: a bug (report it)
+            raise GraphError(f"recording a decode step as a CUDA graph failed ({e}): try --no-graphs") from e
         if self.ledger:
             self.delta = [a - b for a, b in zip(self.ledger.host_counts(), before)]
         self.graph.replay()                         # ... and this replay its device part

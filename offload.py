@@ -26,6 +26,10 @@ class OffloadError(Exception):
     """A user-facing problem (memory, capacity): printed as one line."""
 
 
+class GraphError(RuntimeError):
+    """A decode step CUDA could not record as a graph (infinigen.Graphed): a bug, printed as one line."""
+
+
 # --- Memory preflight
 def host_available():
     """Bytes of CPU memory the OS says it can still give; INFINIGEN_HOST_GIB overrides it, for a virtual

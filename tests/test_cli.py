@@ -237,7 +237,7 @@ def test_a_book_is_refused_from_its_beginning():
 # --- Out of memory
 def test_out_of_memory_is_one_line(monkeypatch, capsys):
     """Host memory running out while loading or generating: torch's allocator, a failed mmap, or Python's
-    MemoryError, all one line; any other RuntimeError stays a bug (a traceback)."""
+    MemoryError, all one line (and a failed CUDA graph recording); any other RuntimeError stays a bug."""
     import cli
     import model as M
     def raising(e):
@@ -251,6 +251,11 @@ def test_out_of_memory_is_one_line(monkeypatch, capsys):
             cli.main(["--prompt", "hi"])
         assert str(ex.value.code).startswith("error: out of host memory: "), ex.value.code
         assert len(str(ex.value.code).splitlines()) == 1
+    from offload import GraphError
+    raising(GraphError("recording a decode step as a CUDA graph failed (x\ny): try --no-graphs"))
+    with pytest.raises(SystemExit) as ex:                           # a bug, but one with a way around it
+        cli.main(["--prompt", "hi"])
+    assert ex.value.code == "error: recording a decode step as a CUDA graph failed (x y): try --no-graphs"
     raising(RuntimeError("CUDA error: device-side assert triggered"))
     with pytest.raises(RuntimeError, match="device-side assert"):
         cli.main(["--prompt", "hi"])

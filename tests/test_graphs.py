@@ -173,6 +173,30 @@ def test_a_replay_leaves_the_host_where_a_plain_step_does(llama, name, monkeypat
     assert plain.t0 == graphed.t0 == tokens.shape[1] + 4
 
 
+def test_a_recording_that_fails_says_so_in_one_error(llama, monkeypatch):
+    """CUDA refusing to record a step (an operation a graph cannot hold) is a bug of ours, reported as a
+    GraphError naming --no-graphs (the command line prints it as one line); out of memory stays that."""
+    m, prompts = llama
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    refused = RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    for e, want in [(refused, offload.GraphError), (oom, torch.OutOfMemoryError)]:
+        def refusing(graph, e=e):
+            raise e
+        monkeypatch.setattr(torch.cuda, "graph", refusing)
+        tokens, valid = padded(prompts)
+        cache = IG.make_cache(m, Policy("full"), len(prompts), tokens.shape[1] + 8)
+        IG.prefill(m, cache, tokens, valid)
+        step, tok = IG.Graphed(m, cache), torch.full((len(prompts),), 5)
+        step(tok)                                                       # the plain first step
+        with pytest.raises(want) as got:
+            step(tok)
+        assert type(got.value) is want
+        if want is offload.GraphError:
+            assert "--no-graphs" in str(got.value) and "operation not permitted" in str(got.value)
+            assert got.value.__cause__ is e
+
+
 # --- On a GPU
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
