@@ -289,8 +289,7 @@ class Attention(nn.Module):
         return q if rope is None else apply_rope(q, *rope)
 
     def forward(self, x, layer, cache: Cache, rope):
-        k = self.heads(self.wk(x), self.cfg.n_kv_heads)                 # (B, Hkv, T, d)
-        v = self.heads(self.wv(x), self.cfg.n_kv_heads)                 # (B, Hkv, T, d)
+        k, v = (self.heads(w(x), self.cfg.n_kv_heads) for w in (self.wk, self.wv))   # (B, Hkv, T, d)
         if rope is not None:
             k = apply_rope(k, *rope)
         o = cache.attend(layer, self.query(x, rope), k, v, x, rope)    # (B, H, T, d)
@@ -449,8 +448,9 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
     cfg = Config.from_hf(read_json(os.path.join(folder, "config.json")))
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        files = read_json(index).get("weight_map")
-        files = sorted({str(f) for f in files.values()}) if isinstance(files, dict) else [""]
+        if not isinstance(files := read_json(index).get("weight_map"), dict):
+            raise ModelError(f"{index} lacks a \"weight_map\" object (tensor name -> file)")
+        files = sorted({str(f) for f in files.values()})
     else:
         files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
     if not files:

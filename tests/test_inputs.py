@@ -83,9 +83,11 @@ def bad_folders(root, good):
         "safetensors header not JSON": (None, "is not a valid safetensors file"),
         "safetensors truncated": (None, "is not a valid safetensors file"),
         "shard missing": (None, "weights file 'model-00002-of-00002.safetensors' is not in"),
+        "index without a weight map": (None, 'model.safetensors.index.json lacks a "weight_map" object'),
         "no tokenizer.json": (None, "no tokenizer.json"),
         "tokenizer.json not a tokenizer": (None, "is not a tokenizer"),
         "tokenizer larger than the vocabulary": (None, "past the model's vocab_size 17"),
+        "tokenizer one id past the vocabulary": (None, "token ids up to 17, past the model's vocab_size 17"),
     }
     for name in cases:
         if cases[name][0] is None:
@@ -113,9 +115,11 @@ def bad_folders(root, good):
     names = list(load_file(weights))
     write(s, "model.safetensors.index.json", json.dumps({"weight_map": {
         k: f"model-0000{1 + (i % 2)}-of-00002.safetensors" for i, k in enumerate(names)}}))
+    write(d["index without a weight map"], "model.safetensors.index.json", json.dumps({"weight_map": names}))
     os.remove(os.path.join(d["no tokenizer.json"], "tokenizer.json"))
     write(d["tokenizer.json not a tokenizer"], "tokenizer.json", '{"hello": "world"}')
     tiny_llama_tokenizer(d["tokenizer larger than the vocabulary"], 40)
+    tiny_llama_tokenizer(d["tokenizer one id past the vocabulary"], 18)      # (tiny's own 17 ids fit)
     return cases
 
 
@@ -170,7 +174,8 @@ BAD = ["missing folder", "a file, not a folder", "no config.json", "config.json 
        "weights renamed",
        "weights of another shape",
        "safetensors header not JSON", "safetensors truncated", "shard missing", "no tokenizer.json",
-       "tokenizer.json not a tokenizer", "tokenizer larger than the vocabulary"]
+       "tokenizer.json not a tokenizer", "tokenizer larger than the vocabulary",
+       "index without a weight map", "tokenizer one id past the vocabulary"]
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -252,9 +257,19 @@ def test_stream_splits_characters_and_skips_stop_tokens(byte_tok):
     text = "Grüße, 日本語のテキスト 🙂🚀 — naïve café"
     ids = byte_tok.tok.encode(text).ids
     assert len(ids) > len(text.split()) and any(byte_tok.decode([i]).endswith("\ufffd") for i in ids)
-    stop = byte_tok.tok.token_to_id("<|im_end|>")
-    pieces = streamed(byte_tok, ids[:5] + [stop] + ids[5:], skip=[stop])
-    assert "".join(pieces) == text
+    for stop in byte_tok.tok.token_to_id("<|im_end|>"), byte_tok.tok.token_to_id("stop"):  # special, or not
+        pieces = streamed(byte_tok, ids[:5] + [stop] + ids[5:], skip=[stop])
+        assert "".join(pieces) == text
+
+
+def test_stream_never_stalls_on_bytes_that_never_decode(byte_tok):
+    """A run of lone continuation bytes (a model can emit them) decodes to U+FFFD forever: after 8 tokens
+    the settled part prints, so a stream shows them as they come, not all at the end."""
+    lone = byte_tok.tok.token_to_id(prepare.byte_alphabet()[0x80])
+    ids = byte_tok.tok.encode("ok").ids + [lone] * 20
+    pieces = streamed(byte_tok, ids)
+    assert "".join(pieces) == byte_tok.decode(ids) and len(pieces[-1]) < 8
+    assert all(len([p for p in pieces[i:i + 9] if p]) for i in range(1, len(ids) - 8))   # one in any 9 prints
 
 
 def test_stream_cost_per_token_is_bounded(byte_tok):
@@ -654,6 +669,21 @@ def test_prepare_checks_the_folder_is_writable_before_converting(tmp_path, monke
     one_error(code, err)
     assert code == f"error: cannot write into {out}: Permission denied; nothing prepared", code
     assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("present", [["model.safetensors"], ["weights.bin"], ["config.json", "notes.txt"]])
+def test_prepare_never_writes_over_files_it_did_not_write(tmp_path, monkeypatch, present):
+    """A folder with a model.safetensors (which prepare writes last: an interrupted run never leaves one)
+    or any file not its own is someone's: refused before converting, left as it was."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    for name in present:
+        (out / name).write_text("theirs")
+    monkeypatch.setattr(prepare, "gguf_path", lambda: (_ for _ in ()).throw(AssertionError("converting")))
+    code, _, err = call(prepare.main, [str(out)])
+    one_error(code, err)
+    assert "holds files this did not write" in code and present[-1] in code, code
+    assert sorted(os.listdir(out)) == sorted(present) and (out / present[0]).read_text() == "theirs"
 
 
 def test_an_empty_model_dir_variable_means_unset():

@@ -394,6 +394,55 @@ def test_no_new_tokens_is_no_step(llama):
     assert ids == [[]] and s["decode_steps"] == 0 and s["h2d_bytes_per_step"] == 0
 
 
+@pytest.mark.parametrize("name", ["full", "offload", "infinigen"])
+def test_stats_count_the_kv_of_every_layer_and_sequence(llama, name):
+    """kv_bytes: K and V of every layer for every real token of every sequence (the last sampled token is
+    never fed); kv_resident_bytes: the dense layers' share, which an offloaded policy keeps on the device;
+    tokens_per_s: the batch's decode tokens per second."""
+    _, s = llama.generate(Policy(name), batch=True)
+    cfg = llama.m.cfg
+    tokens = sum(len(p) + N_NEW - 1 for p in llama.prompts)
+    per_layer = 2 * cfg.n_kv_heads * cfg.head_dim * 4 * tokens                    # float32
+    assert s["kv_bytes"] == cfg.n_layers * per_layer
+    t = s["decode_s"] + torch.tensor([5e-5, -5e-5])                   # decode_s is rounded to 4 digits
+    lo, hi = (2 * (N_NEW - 1) / t.clamp(min=1e-9)).tolist()                   # both sequences' tokens
+    assert lo - 0.01 <= s["tokens_per_s"] <= hi + 0.01
+    dense = {"full": None, "offload": 0, "infinigen": Policy("infinigen").dense_layers}[name]
+    assert s.get("kv_resident_bytes") == (None if dense is None else dense * per_layer)
+
+
+def test_any_of_several_stop_tokens_ends_a_sequence(llama):
+    """Generation stops at the first of any stop token (not only the smallest id), which is dropped."""
+    row = llama.full()[0][0].tolist()
+    k = next(j for j in range(2, N_NEW) if row[j] not in row[:j])               # a token first seen at k
+    other = min(set(range(llama.m.cfg.vocab_size)) - set(row))                 # never generated
+    assert other < row[k]
+    ids, s = IG.generate(llama.m, llama.prompts[:1], Policy("full"), N_NEW, stop_ids=(row[k], other))
+    assert ids == [row[:k]] and s["decode_steps"] == k
+
+
+def test_a_batch_runs_until_its_last_sequence_stops(llama):
+    """A sequence that stopped stays stopped (its later tokens are not a second chance to stop): the run
+    ends at the step where the last sequence reached a stop token, not when all stop at once."""
+    rows = llama.full(batch=True)[0].tolist()
+    firsts = lambda stops: [next((j for j, t in enumerate(r) if t in stops), N_NEW) for r in rows]  # noqa
+    stops = next((a, b) for a in rows[0][1:] for b in rows[1][1:] if len(set(firsts((a, b)))) == 2
+                 and max(firsts((a, b))) < N_NEW - 1)                    # they stop at different steps
+    ids, s = IG.generate(llama.m, llama.prompts, Policy("full"), N_NEW, stop_ids=stops)
+    assert ids == [r[:k] for r, k in zip(rows, firsts(stops))] and s["decode_steps"] == max(firsts(stops))
+
+
+@pytest.mark.parametrize("name", ["full", "infinigen"])
+def test_a_run_may_fill_the_context_exactly(llama, name):
+    """Prompt + new tokens == the model's context is allowed (the last token is sampled, never fed
+    back); one token more is refused before any work."""
+    S, p = llama.m.cfg.max_seq_len, llama.prompts[0]
+    ids, s = IG.generate(llama.m, [p], Policy(name), S - len(p))
+    assert len(ids[0]) == S - len(p) and s["decode_steps"] == S - len(p) - 1
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        IG.generate(llama.m, [p], Policy(name), S - len(p) + 1)
+
+
 @pytest.mark.parametrize("name", ["offload", "infinigen"])
 def test_copy_wait_per_step_counts_decode_steps_only(llama, name):
     """On a CPU the compute waits for every copy: copy_wait_s is the run's (prefill too), and
@@ -508,6 +557,12 @@ def test_logits_that_turn_non_finite_mid_decode_stop_the_run(llama, monkeypatch,
     with pytest.raises(ValueError, match="logits are not finite"):
         IG.generate(llama.m, llama.prompts[:1], Policy("full"), 8, temperature, on_token=seen.append)
     assert len(calls) == 2 and len(seen) == 2                         # the tokens of finite logits only
+
+
+def test_a_seed_makes_sampling_reproducible(llama):
+    run = lambda seed: IG.generate(llama.m, llama.prompts, Policy("full"), N_NEW, 1.0, 0.9, seed)[0]  # noqa
+    first = run(5)
+    assert run(5) == first and run(6) != first
 
 
 def test_sampling_infinite_logits_is_well_defined():

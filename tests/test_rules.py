@@ -142,6 +142,15 @@ def test_top_p_keeps_the_smallest_set_that_reaches_it():
     assert got[2] == 0.0 and got[0] == pytest.approx(0.625, abs=0.03)
 
 
+@pytest.mark.parametrize("temperature,top_p,want", [
+    (1.0, 1.0, [0.15, 0.5, 0.05, 0.3]), (1.0, 0.7, [0, 0.625, 0, 0.375]), (1.0, 0.3, [0, 1, 0, 0]),
+    (0.0, 1.0, [0, 1, 0, 0])])                                                                     # greedy
+def test_sampling_returns_token_ids_not_ranks(temperature, top_p, want):
+    """The tokens in no order of probability: a draw is mapped back from its rank to its id."""
+    got = draws([math.log(p) for p in (0.15, 0.5, 0.05, 0.3)], temperature, top_p)
+    assert got == pytest.approx(want, abs=0.03)
+
+
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_temperature_divides_the_logits(temperature):
     """logits (2, 0): the first token's probability is sigmoid(2 / temperature)."""
