@@ -21,6 +21,10 @@ def tiny():
 IDS = [int(i) for i in torch.randint(0, 64, (23,), generator=torch.Generator().manual_seed(1))]
 
 
+def pasts(new):  # past tokens over `new` decode steps: step s reads len(IDS) + s
+    return sum(len(IDS) + s for s in range(new))
+
+
 @pytest.fixture(scope="module")
 def rec(tiny):
     return lab.record(tiny, IDS, 5)
@@ -88,8 +92,7 @@ def test_naive_offload_copies_every_past_token_and_equals_full(tiny):
     out, logits = lab.run_cache(tiny, naive, IDS, new)
     _, want = lab.run_cache(tiny, M.DenseCache(cfg, 1, len(IDS) + new, "cpu", torch.float32), IDS, new, out)
     assert torch.equal(logits, want)
-    pasts = sum(len(IDS) + s for s in range(new))                            # decode step s reads its past
-    assert naive.copied == cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 4 * pasts
+    assert naive.copied == cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 4 * pasts(new)
 
 
 @pytest.mark.parametrize("budget,alpha", [(1.0, float("inf")), (0.3, float("inf")), (0.5, 2.0)])
@@ -104,7 +107,7 @@ def test_layer_ahead_equals_the_engine(tiny, budget, alpha):
     _, want = lab.run_cache(tiny, engine, IDS, new, feed=out)
     assert torch.allclose(logits, want, atol=1e-5)
     cfg, row = tiny.cfg, 2 * tiny.cfg.head_dim * 4                          # K and V of one head, float32
-    dense = cfg.n_kv_heads * row * sum(len(IDS) + s for s in range(new))          # layer 0, every step
+    dense = cfg.n_kv_heads * row * pasts(new)                                 # layer 0, every step
     sent = engine.store.ledger.decode_bytes()                  # the host gather adds an 8-byte position
     assert sent % (row + 8) == 0 and mine.copied == dense + sent // (row + 8) * row
     if budget == 1.0:                                                       # every past token, every layer
