@@ -1,6 +1,9 @@
 """tutorial/lab.py, the instruments the chapters measure with, against numbers computed by hand: the
 chapters print what these return, and no chapter output is compared, so a wrong measure would print a
 wrong claim. A tiny random Llama (4 query heads over 2 KV heads) stands in for the default model."""
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -70,14 +73,14 @@ def test_cosine_next_compares_consecutive_layers(rec):
 def test_speculating_from_the_layers_own_input_picks_its_top_tokens(tiny, rec, budget):
     """source = the layer itself and no partial map: the speculation is the layer's own attention, so the
     pick is, per KV head, the tokens with the largest past probability summed over its G heads (each head
-    renormalized over the past), round(budget * t) of them, and the recall their true mass plus the
-    current token's. (At 0.1 and 0.5, t = 25 rounds half to even: 2 and 12 tokens.)"""
+    renormalized over the past), budget * t of them rounded up as the engine counts, and the recall their
+    true mass plus the current token's. (At 0.1 and 0.5, t = 25: 3 and 13 tokens, not 2 and 12.)"""
     got = []
     for p in rec.p[2]:                                                      # (H, t+1)
         t = p.shape[-1] - 1
         past = p[:, :t] / p[:, :t].sum(-1, keepdim=True)
         score = past.view(2, 2, t).sum(1)                                   # (Hkv, t): G = 2
-        k = max(1, round(budget * t))           # Python's round (half to even); the engine's count is ceil
+        k = math.ceil(Fraction(str(budget)) * t)                            # exactly, in decimals
         pick = torch.zeros(2, t).scatter_(1, score.topk(k).indices, 1).repeat_interleave(2, 0)   # (H, t)
         got.append(((p[:, :t] * pick).sum(-1) + p[:, t]).mean().item())
     want = sum(got) / len(got)

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+import infinigen as I
 import model as M
 import skew as SK
 
@@ -136,7 +137,7 @@ def speculated_recall(model, rec, layer, budget, source=None, P=None, Wp=None):
         qp = SK.partial_query(x, attn, rope, P, Wp)                            # (1, Hkv, G, m)
         kp = rec.k[layer, :, :, :t] @ P[None]                                  # (1, Hkv, t, m)
         scores = SK.speculate(qp, kp, cfg.head_dim ** -0.5)                    # (1, Hkv, t)
-        k = torch.tensor([max(1, round(budget * t))])
+        k = I.Policy(budget=budget).count(torch.tensor([t]))    # (1,): the engine's count, ceil(budget * t)
         pick = SK.topk_mask(scores, k, torch.ones(1, 1, t, dtype=torch.bool))[0]  # (Hkv, t)
         pick = pick.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 0)         # (H, t)
         got.append(((p[:, :t] * pick).sum(-1) + p[:, t]).mean())
