@@ -327,8 +327,8 @@ def report():
             table += ("\n\nPasskey retrieval (accuracy over depths 10%, 50%, 90%):\n\n| policy | "
                       + " | ".join(ctx)
                       + " |\n|---|" + "---|" * len(ctx) + "\n" + "\n".join(
-                          f"| {label(r['policy']) if r['policy']['name'] != 'full' else 'full'} "
-                          f"{r['policy'].get('budget', '') if r['policy']['name'] != 'full' else ''} | "
+                          "| " + ("full" if r["policy"]["name"] == "full" else
+                                  f"{label(r['policy'])} {r['policy'].get('budget', '')}") + " | "
                           + " | ".join(f"{r['accuracy'][c]:.2f}" for c in ctx) + " |" for r in pk["rows"]))
         readme = os.path.join(HERE, "README.md")
         text = open(readme, encoding="utf-8").read()

@@ -321,14 +321,15 @@ def shaped(model, impl, B, C, tps, budget=None, **kw):
     return dict(model=model, impl=impl, budget=budget, batch=B, context=C, tokens_per_s=tps, **kw)
 
 
-REPORTED = [shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2, cuda_graph=True),
-            shaped("7b", "infinigen", 8, 4096, 80.0, 0.1, step_over_floor=1.5, cuda_graph=False),  # slower
+REPORTED = [shaped("7b", "infinigen", 8, 4096, 80.0, 0.1, step_over_floor=1.5, cuda_graph=False),  # slower
+            shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2, cuda_graph=True),
             shaped("7b", "hf-dynamic", 8, 4096, 50.0),
             shaped("7b", "hf-offloaded", 8, 4096, None, skipped="refused: 128 GiB of host KV"),
             shaped("smollm2-random", "offload", 32, 4096, 10.0, step_over_floor=1.1),
             shaped("smollm2-random", "infinigen", 32, 4096, 60.0, 0.1, step_over_floor=2.5),
             shaped("smollm2-random", "full", 16, 8192, 200.0),
             shaped("smollm2-random", "hf-dynamic", 16, 8192, 150.0),
+            shaped("smollm2-random", "full", 32, 4096, 90.0),                 # no peer row at this shape
             shaped("7b", "full", 4, 8192, None, error="RuntimeError: a bug")]
 
 
@@ -342,7 +343,7 @@ def test_the_targets_read_the_fastest_row_and_say_what_is_missing():
     assert got["SmolLM2 32x4096, infinigen 0.1: step / its PCIe floor"] == (2.5, False)
     assert got["SmolLM2 32x4096, offload: share of the pinned bandwidth"] == (pytest.approx(1 / 1.1), True)
     assert got["smollm2 16x8192, full: tokens/s / transformers' DynamicCache"] == (pytest.approx(4 / 3), True)
-    assert len(got) == 8                                                 # 7b full 4x8192 failed: no peer row
+    assert len(got) == 8               # smollm2 full 32x4096: no peer row; 7b full 4x8192: failed, no peer
 
 
 def test_the_report_prints_every_row_and_target(tmp_path, capsys):
@@ -381,6 +382,49 @@ def test_a_results_file_with_a_field_of_the_wrong_type_is_one_line(tmp_path, sui
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: {path}: row 2 has batch = [8], not an integer" + ("" if suite == "report" else
                                                                     ": move it away or give --out")]
+
+
+@pytest.mark.parametrize("run", [{"pinned_h2d_bytes_per_s": 5.5e10},                       # no date
+                                 {"date": "2026-12-02T10:00:00", "pinned_h2d_bytes_per_s": "55 GB/s"},
+                                 {"date": 20261202, "pinned_h2d_bytes_per_s": None}])
+def test_a_run_without_its_date_or_with_a_wordy_bandwidth_is_refused(tmp_path, run):
+    """The report prints each run's date and bandwidth, and save_row replaces a run by its date."""
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"suite": "gpu", "runs": [run], "rows": []}))
+    with pytest.raises(ValueError, match="a run's date or pinned_h2d_bytes_per_s is not what the suite"):
+        bench.load_rows(str(path))
+    run = {"date": "2026-12-02T10:00:00", "pinned_h2d_bytes_per_s": None}          # a CPU run: no bandwidth
+    path.write_text(json.dumps({"suite": "gpu", "runs": [run], "rows": []}))
+    assert bench.load_rows(str(path))["runs"] == [run]
+
+
+def test_save_row_replaces_only_the_same_row_and_keeps_one_entry_per_run(tmp_path):
+    """A row is one model, impl, budget, shape, gather and graph setting: measuring it again replaces it."""
+    path = str(tmp_path / "bench.json")
+    first, second = ({"date": d, "pinned_h2d_bytes_per_s": None}
+                     for d in ("2026-12-01T10:00", "2026-12-02T10:00"))
+    variants = [dict(budget=0.1), dict(budget=0.2), dict(budget=0.1, gather="host"),
+                dict(budget=0.1, cuda_graph=False), dict(budget=0.1, batch=4), dict(budget=0.1, impl="h2o")]
+    for v in variants:
+        bench.save_row(path, first, shaped("7b", "infinigen", 8, 4096, 1.0) | v)
+    bench.save_row(path, second, shaped("7b", "infinigen", 8, 4096, 2.0, 0.2))        # measured again
+    data = json.load(open(path))
+    assert len(data["rows"]) == len(variants) and data["runs"] == [first, second]
+    assert [r["tokens_per_s"] for r in data["rows"] if r["budget"] == 0.2] == [2.0]
+    bench.save_row(path, second, shaped("7b", "offload", 8, 4096, 3.0))
+    assert json.load(open(path))["runs"] == [first, second]
+    again = first | {"command": "python bench.py --suite gpu"}     # another call in the same second as first
+    bench.save_row(path, again, shaped("7b", "offload", 8, 4096, 3.0))
+    assert json.load(open(path))["runs"] == [second, again]         # a row's "run" names one run: its date
+
+
+@pytest.mark.parametrize("device, name", [("NVIDIA H200", "bench-nvidia-h200.json"),
+                                          ("NVIDIA H100 80GB HBM3", "bench-nvidia-h100-80gb-hbm3.json"),
+                                          (" Tesla (PCIe) ", "bench-tesla--pcie.json"),
+                                          ("cpu", "bench-cpu.json")])
+def test_results_files_are_named_by_the_device_in_letters_digits_and_dashes(device, name):
+    path = bench.results_file("bench", device)
+    assert path == os.path.join(bench.ROOT, "results", name)
 
 
 def test_the_cpu_suite_checks_its_text_before_measuring(tmp_path, monkeypatch):

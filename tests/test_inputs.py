@@ -539,7 +539,9 @@ def _set(path, value):       # a mutation of a results row: path of keys into it
     ("policies", _set(["chunks", 0, "ppl"], "x"), "its chunks"),
     ("pool", _set(["pool_miss_rate"], "2%"), "its pool_miss_rate"),
     ("pool", _set(["policy", "eviction"], 3), "policy's eviction"),
-    ("passkey", _set(["accuracy", "1024"], "all"), "its accuracy")])
+    ("passkey", _set(["accuracy", "1024"], "all"), "its accuracy"),
+    ("policies", lambda r: r["policy"].update(name="full") or r["policy"].pop("budget"), "policy's budget"),
+    ("policies", _set(["chunks", 0, "ppl_full"], None), "its chunks")])
 def test_report_names_the_field_a_results_row_lacks(tmp_path, monkeypatch, part, mutate, field):
     """Each field report() and plots() read, wrong in the one row of a hand-edited file: one line naming
     the file, the row and the field (they were KeyError and TypeError tracebacks), the README untouched."""
@@ -571,6 +573,7 @@ def test_report_refuses_rows_it_cannot_make_one_table_of(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("part, change, phrase", [
     ("pool", {"context": 32}, "eval-pool.json was measured with context 32, eval-policies.json with 2048"),
+    ("layers", {"decode": 64}, "eval-layers.json was measured with decode 64, eval-policies.json with 512"),
     ("alpha", {"model": "/tmp/tiny"}, "eval-alpha.json was measured with model /tmp/tiny, eval-policies.json "
                                       "with default"),
     ("passkey", {"model": "/tmp/tiny"}, "eval-passkey.json was measured with model /tmp/tiny")])
@@ -589,16 +592,18 @@ def test_report_refuses_parts_measured_on_other_windows(tmp_path, monkeypatch, p
 @pytest.mark.parametrize("argv, phrase", [
     (["--report", "--policy", "h2o", "--budget", "0.5"], "--policy is not read by --report"),
     (["--report", "--text", "x.txt"], "--text is not read by --report"),
+    (["--report", "--device", "cuda"], "--device is not read by --report"),
     (["--passkey", "--context", "999999", "--decode", "5"], "--context is not read by --passkey"),
     (["--passkey", "--text", "/nonexistent"], "--text is not read by --passkey"),
     (["--text", "x.txt", "--contexts", "5"], "--contexts is not read by --text"),
     (["--study", "--dense-layers", "3"], "--dense-layers is not read by --study"),
     (["--study", "--only", "pool", "--contexts", "64"], "--contexts is read by the passkey part only"),
     (["--study", "--passkey", "--only", "pool"], "--passkey and --study both given")])
-def test_eval_refuses_a_flag_its_mode_does_not_read(argv, phrase):
+def test_eval_refuses_a_flag_its_mode_does_not_read(argv, phrase, tmp_path, monkeypatch):
     """--report and --passkey ran with these ignored (exit 0); --contexts was not even checked; --study with
-    --passkey ran the passkey part whatever --only said."""
-    import eval as E
+    --passkey ran the passkey part whatever --only said. (In a copy: were one accepted, the repository's
+    README and results stay as they are.)"""
+    E = study_folder(tmp_path, monkeypatch)
     code, _, err = call(E.main, argv)
     one_error(code, err)
     assert phrase in code, code
@@ -779,6 +784,9 @@ def script_cases(f):
     c["prepare.py: two folders"] = ("prepare.py", [f["root"] + "/a", f["root"] + "/b"], "unrecognized")
     c["eval.py: --decode 1"] = ("eval.py", [*tiny, "--text", f["good"], "--context", "32", "--decode", "1"],
                                 "at least 2")
+    c["eval.py: --decode as long as the window"] = (
+        "eval.py", [*tiny, "--text", f["good"], "--context", "32", "--decode", "32"],
+        "smaller than --context 32")
     c["eval.py: more windows than the text has"] = (
         "eval.py", [*tiny, "--text", f["good"], "--context", "32", "--decode", "8", "--windows", "999999999"],
         "different windows")
@@ -1063,6 +1071,15 @@ def test_eval_window_of_the_models_whole_context(files):
                                    "--decode", "8", "--policy", "h2o", "--json"])
     assert code in (0, None), (code, err)
     assert json.loads(out)["positions"] == 7
+
+
+def test_eval_prints_its_measures_one_a_line_without_the_chunks(files):
+    import eval as E
+    code, out, err = call(E.main, ["--model", files["tiny"], "--text", files["good"], "--context", "48",
+                                   "--decode", "8", "--policy", "h2o", "--layer-budget", "uniform"])
+    assert code in (0, None), (code, err)
+    keys = [line.split(":")[0].strip() for line in out.splitlines()]
+    assert keys[:4] == ["ppl", "ppl_full", "top1", "kl"] and "chunks" not in keys and "positions" in keys
 
 
 def test_a_calibration_text_is_cut_to_the_models_context(files, monkeypatch):
