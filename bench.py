@@ -263,7 +263,6 @@ def random_model(name, device, dtype):
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.fill_(1.0) if "norm" in n else p.normal_(0, 0.02, generator=g)
-    model.inv_freq = M.rope_inv_freq(cfg).to(device)
 
     def twin():
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -441,19 +440,23 @@ def one_line(e):
 
 def measure(fn, args, row, bw, peer=False):
     """Run one row. Out of memory (device or host) or refused by a preflight is that row's result; so is
-    any error of the transformers peer (its row says so). Any other error of ours is a bug: its traceback
-    is printed, its row says `error`, the other rows still run, and the run fails at the end (RowsFailed)."""
+    any error of the transformers peer (its row says so, its traceback is printed). Any other error of ours
+    is a bug: its traceback is printed, its row says `error`, the other rows still run, and the run fails at
+    the end (RowsFailed). A device that cannot even be cleaned up after the row (a sticky CUDA error, as an
+    illegal address leaves) can run no more rows: the row says `error` and `fatal`."""
     try:
         s = fn(*args)
     except Exception as e:
         if isinstance(e, OffloadError) or cli.out_of_memory(e):
             s = {"skipped": one_line(e)}
-        elif peer:
-            s = {"skipped": "peer error: " + one_line(e)}
         else:
             traceback.print_exc()
-            s = {"error": one_line(e)}
-    free_memory()
+            s = {"skipped": "peer error: " + one_line(e)} if peer else {"error": one_line(e)}
+    try:
+        free_memory()
+    except RuntimeError as e:
+        traceback.print_exc()
+        s = {"error": s.get("error") or one_line(e), "fatal": True}
     row.update({k: None for k in ROW_KEYS} | s)
     row["copy_wait_s"] = row.pop("copy_wait_per_step_s", None)           # a row's wait is per decode step
     if "skipped" in s or "error" in s:
@@ -540,6 +543,13 @@ def suite_gpu(a):
         say(f"  {bw / 1e9:.1f} GB/s")
     run = info | {"pinned_h2d_bytes_per_s": round(bw) if bw else None, "new_tokens": new}
     rows = []
+
+    def record(fn, args, row, peer=False):  # one row, measured and saved at once
+        rows.append(measure(fn, args, row, bw, peer))
+        save_row(path, run, rows[-1])
+        if rows[-1].get("fatal"):
+            raise RowsFailed(f"the device broke in {row['impl']} {row['batch']}x{row['context']} and can run "
+                             f"no more rows ({rows[-1]['error']}); the rows so far are in {path}")
     for name in models:
         try:
             model, make_twin, real = models_for(name, dev, dtype)
@@ -551,8 +561,7 @@ def suite_gpu(a):
                     say(f"  {name} {pol} {budget or ''} batch {B} context {ctx} ...")
                     row = {"model": name, "impl": pol, "budget": budget, "batch": B, "context": ctx,
                            "run": run["date"]}
-                    rows.append(measure(refused, (), row, bw))
-                    save_row(path, run, rows[-1])
+                    record(refused, (), row)
             continue
         cfg, label = model.cfg, name if real or name != "smollm2" else "smollm2-random"
         for pol, budget in [p for p in pols if not p[0].startswith("hf")]:
@@ -564,8 +573,7 @@ def suite_gpu(a):
                 say(f"  {label} {pol} {budget or ''} batch {B} context {ctx} ...")
                 row = {"model": label, "impl": pol, "budget": budget, "batch": B, "context": ctx,
                        "run": run["date"]}
-                rows.append(measure(run_ours, (model, (B, ctx), p, new, cuda), row, bw))
-                save_row(path, run, rows[-1])
+                record(run_ours, (model, (B, ctx), p, new, cuda), row)
         model = None
         free_memory()
         peers = [p for p, _ in pols if p.startswith("hf")]
@@ -578,8 +586,7 @@ def suite_gpu(a):
                 row = {"model": label, "impl": impl, "budget": None, "batch": B, "context": ctx,
                        "run": run["date"]}
                 args = (hf, cfg, (B, ctx), new, impl == "hf-offloaded", dev)
-                rows.append(measure(run_peer, args, row, bw, peer=True))
-                save_row(path, run, rows[-1])
+                record(run_peer, args, row, peer=True)
         hf = None
         free_memory()
     print(f"\n{info['device']}, {info['dtype']}, {new} new tokens"

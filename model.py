@@ -114,8 +114,7 @@ class Config:
         eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         common = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                       n_heads=hf["num_attention_heads"], max_seq_len=hf.get("max_position_embeddings", 2048),
-                      tie_embeddings=hf.get("tie_word_embeddings", mt == "opt"),
-                      eos_ids=eos)
+                      tie_embeddings=hf.get("tie_word_embeddings", mt == "opt"), eos_ids=eos)
         if mt == "llama":
             rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
             if not isinstance(rope, dict):
@@ -136,9 +135,9 @@ class Config:
 
 
 # --- RoPE
-def rope_inv_freq(cfg: Config):  # (d/2,)
-    d = cfg.head_dim
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+def rope_inv_freq(cfg: Config, device="cpu"):  # (d/2,) float32 on device, computed on the CPU (meta: on meta)
+    d, home = cfg.head_dim, "meta" if torch.device(device).type == "meta" else "cpu"
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=home) / d)
     if s := cfg.rope_scaling:  # llama3: stretch low frequencies by `factor`, keep high ones, blend in between
         factor, lo, hi, old = (s[k] for k in LLAMA3)     # factor, low/high_freq_factor, original context
         wavelen = 2 * math.pi / inv
@@ -147,7 +146,7 @@ def rope_inv_freq(cfg: Config):  # (d/2,)
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         inv = torch.where(medium, blended, scaled)
-    return inv.float()
+    return inv.float().to(device)
 
 
 def rope_tables(inv_freq, pos):
@@ -335,13 +334,16 @@ class Transformer(nn.Module):
                 self.proj_in = nn.Linear(cfg.embed_dim, cfg.dim, bias=False)
                 self.proj_out = nn.Linear(cfg.dim, cfg.embed_dim, bias=False)
         else:
-            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+            self.inv_freq = rope_inv_freq(cfg, torch.get_default_device())  # not a buffer: see _apply
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg) if cfg.pre_norm else nn.Identity()
         self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
 
-    def rope(self, pos):
-        return rope_tables(self.inv_freq, pos) if self.cfg.arch == "llama" else None
+    def _apply(self, fn, recurse=True):  # .to, .half, to_empty: RoPE's frequencies are made anew in float32
+        super()._apply(fn, recurse)            # (a buffer's dtype would follow the weights' and round them)
+        if self.cfg.arch == "llama":
+            self.inv_freq = rope_inv_freq(self.cfg, self.embed.weight.device)
+        return self
 
     def forward(self, tokens, cache: Cache | None = None, valid=None, last=False):
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) of the last position only (last=True).
@@ -354,7 +356,7 @@ class Transformer(nn.Module):
         if self.cfg.arch == "opt":
             x = self.proj_in(x) if hasattr(self, "proj_in") else x
             x = x + self.pos_embed(pos + 2)
-        rope = self.rope(pos)
+        rope = rope_tables(self.inv_freq, pos) if self.cfg.arch == "llama" else None
         for i, block in enumerate(self.layers):
             x = block(x, i, cache, rope)
         x = self.norm(x[:, -1:] if last else x)
@@ -481,9 +483,7 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
         raise ModelError(f"{len(missing)} weights missing from {folder}, e.g. {missing[0]} "
                          f"(do its tensor names and sizes match a {cfg.arch} checkpoint?)")
     model.load_state_dict(loaded, assign=True)
-    if cfg.arch == "llama":
-        model.inv_freq = rope_inv_freq(cfg).to(device)
-    return model.eval(), folder
+    return model.to(device).eval(), folder                 # RoPE's frequencies (float32) onto the device too
 
 
 def load_with_tokenizer(name, device="cpu", dtype=torch.float32):

@@ -102,7 +102,8 @@ def unpin(ptr):  # before the memory goes back: nothing queued may still read it
             torch.cuda.synchronize()
         finally:
             torch.cuda.set_sync_debug_mode(mode)
-        torch.cuda.cudart().cudaHostUnregister(ptr)
+        if int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0:   # its error waits for the next launch:
+            torch.zeros(1, device="cuda").add_(1)                     # raised here and dropped, as in pinning
     except RuntimeError:                     # CUDA already shut down at exit
         pass
 
@@ -342,8 +343,9 @@ class KVStore:
         were computed (CUDA). Returns a handle for `take`."""
         buf, start = layer % 2, time.perf_counter()
         if self.cuda:  # the buffer must not be overwritten while layer-2 still reads it
+            cur = torch.cuda.current_stream(self.device)    # the compute stream
             if self.freed[buf] is None:                     # nothing read it yet: after everything before
-                self.stream.wait_stream(torch.cuda.current_stream(self.device))
+                self.stream.wait_stream(cur)
             else:
                 self.stream.wait_event(self.freed[buf])
             for ev in (self.appended[layer], after):        # the store holds this layer's last token,
@@ -364,8 +366,9 @@ class KVStore:
                     idx, ok = slots.clamp(min=0), ok.cpu() & (slots >= 0)
                 if self.gather == "device":
                     idx, ok = idx.to(self.device, non_blocking=True), ok.to(self.device, non_blocking=True)
-                    if self.cuda:                           # made on the compute stream, read on this one
-                        idx.record_stream(self.stream), ok.record_stream(self.stream)
+                    if self.cuda:           # read on both streams: made on the compute one (the pool's: this)
+                        for s in (self.stream, cur):
+                            idx.record_stream(s), ok.record_stream(s)
                     device_kernel("gather_rows", self.cuda)(store, idx, ok, self.buf[buf])
                     self.ledger.add(layer, rows=ok.sum())
                 else:

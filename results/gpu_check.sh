@@ -8,6 +8,10 @@
 # All of them are packed into one file, $OUT/gpu-check.tgz (the device tool brings back at most 8 files),
 # after every part and every 20 s while one runs, so a call cut short keeps the rows written so far.
 # The parts most wanted run first: the 7B-shape rows right after the short gather measurement.
+# The whole call keeps within BUDGET_S seconds (570: a 600 s call): a part gets at most what is left of it,
+# less 20 s for the report and the last pack; a part with under 15 s left is skipped, and says so.
+# First a smoke test: the Triton kernels read and write registered host memory on this GPU (they need a C
+# compiler for their launcher). Where they cannot, the benchmark parts use the host gather, and say so.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu-check}
@@ -19,18 +23,25 @@ export PYTHONUNBUFFERED=1                    # a part killed at its limit keeps 
 export INFINIGEN_HOST_GIB=${INFINIGEN_HOST_GIB:-110}
 mkdir -p "$OUT" "$LOGS"
 parts=${*:-gather 7b smollm2 timeline tests}
+DEADLINE=$((SECONDS + ${BUDGET_S:-570}))
 
 pack() {  # every log and GPU results file so far, into one archive, replaced whole
     cp results/bench-*.json results/gather-*.json results/timeline-*.json results/timeline-*.png "$LOGS"/ \
         2>/dev/null
     rm -f "$LOGS"/*-cpu.json "$LOGS"/*-cpu.png                 # the CPU files travel with the tree
     local tmp="$OUT/gpu-check.tgz.$BASHPID"                     # its own name: the packer may run beside it
-    tar -czf "$tmp" -C "$LOGS" . 2>/dev/null && mv "$tmp" "$OUT/gpu-check.tgz" || rm -f "$tmp"
+    tar --warning=no-file-changed -czf "$tmp" -C "$LOGS" . 2>/dev/null    # status 1: a log grew meanwhile
+    if [ $? -le 1 ]; then mv "$tmp" "$OUT/gpu-check.tgz"; else rm -f "$tmp"; fi
 }
 
 run() {  # run NAME LIMIT_S COMMAND...: its log in $LOGS/NAME.log, its status and seconds on the last line
-    local name=$1 limit=$2 t0=$SECONDS
+    local name=$1 limit=$2 t0=$SECONDS left=$((DEADLINE - SECONDS - 20))
     shift 2
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 15 ]; then
+        echo "== $name: skipped, ${left}s of the call's time left" | tee "$LOGS/$name.log"
+        return
+    fi
     echo "== $name: $* (at most ${limit}s)"
     timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
     echo "exit status $? after $((SECONDS - t0)) s" >>"$LOGS/$name.log"
@@ -44,7 +55,34 @@ stamp() {  # stamp NAME: the device, torch and the date under NAME's log (its su
 
 { date; nvidia-smi; nproc; head -n 5 /proc/meminfo; "$PY" -c "import torch, triton, transformers as tf
 print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', tf.__version__)"
+"$PY" -c "import pytest, hypothesis, matplotlib; print('pytest, hypothesis, matplotlib: there')"
+echo "C compilers: $(command -v cc gcc clang | tr '\n' ' ')"
 } >"$LOGS/machine.log" 2>&1
+GATHER=""                                    # or "--gather host", below
+run smoke 60 "$PY" - <<'PY'
+import torch
+import kernel
+import offload
+dev = "cuda"
+store = offload.host_tensor((64, 2, 2, 2, 8), torch.float16, pin=dev == "cuda")       # (S, B, Hkv, 2, d)
+store.copy_(torch.randn(store.shape, dtype=torch.float16))
+idx, ok = torch.randint(0, 64, (2, 2, 5)), torch.rand(2, 2, 5) < 0.7                 # (B, Hkv, n)
+dst = torch.zeros(5, 2, 2, 2, 8, dtype=torch.float16, device=dev)                    # (n, B, Hkv, 2, d)
+want = torch.zeros(dst.shape, dtype=dst.dtype)                                         # on the host
+for b, h, j in ok.nonzero().tolist():
+    want[j, b, h] = store[idx[b, h, j], b, h]
+kernel.gather_rows(store, idx.to(dev), ok.to(dev), dst)
+new = torch.ones(1, 2, 2, 2, 8, dtype=torch.float16, device=dev)                       # (T, B, Hkv, 2, d)
+kernel.put_rows(new, torch.tensor([3], device=dev), store)                              # into slot 3
+torch.cuda.synchronize() if dev == "cuda" else None
+assert torch.equal(dst.cpu(), want) and bool((store[3] == 1).all()), "the kernels moved the wrong rows"
+print("the Triton kernels read and write registered host memory: the device gather runs")
+PY
+if ! grep -q "the device gather runs" "$LOGS/smoke.log"; then
+    GATHER="--gather host"
+    echo "the device gather cannot run here (smoke.log): the benchmark parts use --gather host" |
+        tee -a "$LOGS/smoke.log"
+fi
 pack
 ( while sleep 20; do pack; done ) &                 # a call killed mid-part keeps what that part wrote
 packer=$!
@@ -52,22 +90,25 @@ trap 'kill $packer 2>/dev/null' EXIT
 for part in $parts; do
     case $part in
     suite)      # every test, then the same summary line
-        run suite 540 "$PY" -m pytest -q -p no:cacheprovider tests
+        run suite 540 "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider --continue-on-collection-errors \
+            tests
         stamp suite ;;
     tests)      # every CUDA test, then the summary line with the device, torch and the date
-        run tests 140 "$PY" -m pytest -q -m cuda -p no:cacheprovider --durations=10 tests
+        run tests 140 "$PY" -m pytest -v -rfE --tb=short -m cuda -p no:cacheprovider \
+            --continue-on-collection-errors --durations=10 tests
         stamp tests ;;
     gather)     # host gather + copy against the kernel, GB/s of useful bytes
         run gather 50 "$PY" bench.py --suite gather ;;
     smollm2)    # the SmolLM2 shape, graphs on, then the same rows op by op (their copy waits timed)
-        run smollm2 100 "$PY" bench.py --suite gpu --models smollm2 --shapes 32x4096 \
+        run smollm2 100 "$PY" bench.py $GATHER --suite gpu --models smollm2 --shapes 32x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic
-        run smollm2-no-graphs 40 "$PY" bench.py --suite gpu --models smollm2 --shapes 32x4096 --no-graphs \
+        run smollm2-no-graphs 40 "$PY" bench.py $GATHER --suite gpu --models smollm2 --shapes 32x4096 \
+            --no-graphs \
             --policies full,infinigen:0.1 ;;
     timeline)   # layer i+1's copy inside layer i's compute, on the Llama-2-7B shape
-        run timeline 80 "$PY" bench.py --suite timeline --models 7b --shapes 8x4096 ;;
+        run timeline 80 "$PY" bench.py $GATHER --suite timeline --models 7b --shapes 8x4096 ;;
     7b)         # the Llama-2-7B shape at 8 x 4096
-        run 7b 150 "$PY" bench.py --suite gpu --models 7b --shapes 8x4096 \
+        run 7b 150 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;
     *) echo "unknown part $part (gather 7b smollm2 timeline tests suite)"; exit 2 ;;
     esac

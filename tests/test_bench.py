@@ -61,7 +61,7 @@ def test_rows_are_kept_across_calls(two_runs):
     assert ours["infinigen"]["kv_resident_bytes"] > 0 and ours["offload"]["kv_resident_bytes"] == 0
 
 
-def test_measure_skips_only_what_does_not_fit():
+def test_measure_skips_only_what_does_not_fit(capsys):
     def oom():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
 
@@ -78,6 +78,7 @@ def test_measure_skips_only_what_does_not_fit():
     assert row["error"] == "RuntimeError: device-side assert triggered" and "skipped" not in row
     row = bench.measure(broken, (), {"impl": "hf-dynamic"}, None, peer=True)   # the peer's row says so
     assert row["skipped"] == "peer error: RuntimeError: device-side assert triggered"
+    assert capsys.readouterr().err.count("Traceback") == 2                     # and both say where
 
 
 def test_measure_skips_a_host_out_of_memory():
@@ -125,6 +126,30 @@ def test_a_bug_in_one_row_fails_the_run_after_the_other_rows(tmp_path, monkeypat
     assert [r["impl"] for r in rows] == ["offload", "full"]
     assert rows[0]["error"] == "RuntimeError: an illegal memory access was encountered"
     assert rows[1]["tokens_per_s"] > 0 and "error" not in rows[1]
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_device_broken_by_a_row_ends_the_run_with_that_row_saved(tmp_path, monkeypatch, capsys):
+    """A sticky CUDA error (an illegal address ...) makes even the clean-up after its row fail: that row is
+    saved with its error, the rows before it are kept, and the run ends at once, in one error line."""
+    plain, cleanups = bench.free_memory, []
+
+    def free_memory():
+        cleanups.append(len(cleanups))
+        if len(cleanups) == 2:                                        # after the second row
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        plain()
+    monkeypatch.setattr(bench, "free_memory", free_memory)
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--suite", "gpu", "--device", "cpu", "--models", "tiny", "--new-tokens", "3",
+                    "--shapes", "2x40", "--policies", "full,offload,infinigen:0.1", "--out", str(out)])
+    assert str(e.value.code).startswith("error: the device broke in offload 2x40 and can run no more rows "
+                                        "(RuntimeError: CUDA error: an illegal memory access")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["full", "offload"] and len(cleanups) == 2
+    assert rows[0]["tokens_per_s"] > 0 and rows[1]["tokens_per_s"] is None and rows[1]["fatal"]
+    assert rows[1]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert "Traceback" in capsys.readouterr().err
 
 

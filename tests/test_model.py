@@ -5,6 +5,7 @@ rounding alone, batched against alone, moved logits of size 3 by 7.8e-4 (a rare 
 not one in 6,000 examples on three seeds); in float64 that case agrees to 6e-13, so the property checks
 the logic at a tolerance no real bug hides under. (Against transformers float64 cannot help: its eager
 attention takes the softmax in float32, and a float64 mask turns pad rows into NaN there.)"""
+import copy
 import importlib.util
 import json
 import os
@@ -524,6 +525,30 @@ def test_load_in_a_dtype(tmp_path, tiny, dtype):
     x = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.allclose(loaded(x).float(), m(x), atol=0.1 if dtype.itemsize == 2 else 1e-5)
+
+
+@pytest.mark.parametrize("convert", ["half", "to bfloat16", "to cpu float16", "meta, to_empty"])
+def test_a_model_converted_after_loading_keeps_exact_rope(tmp_path, tiny, convert):
+    """Module.to(dtype) and .half() cast every buffer: RoPE's frequencies are made again in float32, so a
+    model converted after loading computes what one loaded in that dtype does (rounded frequencies would
+    turn position 4000 by up to 0.6 radians in float16); to_empty (bench.random_model) makes them too."""
+    hf_cfg, m, state = tiny
+    dtype = torch.bfloat16 if "bfloat16" in convert else torch.float16
+    loaded, _ = model.load(write_folder(str(tmp_path / "m"), hf_cfg, state, 1), dtype=dtype)
+    if convert == "meta, to_empty":
+        with torch.device("meta"):
+            m = model.Transformer(m.cfg)
+        m = m.to(dtype).to_empty(device="cpu")
+        m.load_state_dict(loaded.state_dict())
+    else:
+        m = copy.deepcopy(m)
+        m = m.half() if convert == "half" else m.to("cpu", dtype) if "cpu" in convert else m.to(dtype)
+    assert {p.dtype for p in m.parameters()} == {dtype}
+    if m.cfg.arch == "llama":
+        assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, model.rope_inv_freq(m.cfg))
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(m(x), loaded(x))
 
 
 def test_load_missing_folder(tmp_path, monkeypatch):

@@ -348,6 +348,27 @@ def test_a_failed_pin_is_one_line_and_leaves_no_error_behind(monkeypatch):
     assert launched == ["cuda"]
 
 
+def test_a_failed_unpin_leaves_no_error_behind(monkeypatch):
+    """cudaHostUnregister's error (a block no longer registered ...) would be found by torch after the
+    next kernel launch and blamed on that kernel: unpin launches one itself, drops what it finds."""
+    fake, launched = FakeCudart(), []
+    fake.cudaHostUnregister = lambda ptr: 713                          # cudaErrorHostMemoryNotRegistered
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    for name, fn in [("is_current_stream_capturing", lambda: False), ("get_sync_debug_mode", lambda: 0),
+                     ("set_sync_debug_mode", lambda mode: None), ("synchronize", lambda *a: None)]:
+        monkeypatch.setattr(torch.cuda, name, fn)
+
+    def zeros(*shape, device=None):
+        launched.append(device)
+        raise RuntimeError("CUDA error: part or all of the requested memory range is not registered")
+    monkeypatch.setattr(torch, "zeros", zeros)
+    offload.unpin(1234)
+    assert launched == ["cuda"]
+    fake.cudaHostUnregister = lambda ptr: 0
+    offload.unpin(1234)
+    assert launched == ["cuda"]                                        # no error: no launch
+
+
 def test_the_host_memory_to_plan_with_can_be_given(monkeypatch):
     """A virtual machine that grows its memory as it is used reports too little: INFINIGEN_HOST_GIB."""
     monkeypatch.setenv("INFINIGEN_HOST_GIB", "2")
