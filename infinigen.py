@@ -392,11 +392,9 @@ def replayable(cache):
     operations, shapes and addresses (tests/test_graphs.py checks it on the CPU). Not: the host gather and
     the bounded pool (they decide on the host), a fetch of the whole past (it grows: `offload`), recall
     (it reads the past of a length), timing and tracing (they read events on the host)."""
-    if not hasattr(cache, "store"):
-        return True                                                           # full
-    st = cache.store
-    return (st.gather == "device" and st.pool is None and cache.name != "offload"
-            and not cache.pol.measure_recall and not st.timing and st.trace is None)
+    st = getattr(cache, "store", None)                                        # None: full
+    return st is None or (st.gather == "device" and st.pool is None and cache.name != "offload"
+                          and not cache.pol.measure_recall and not st.timing and st.trace is None)
 
 
 def graphable(cache, pol):  # replay decode steps as a CUDA graph: on CUDA, unless pol says not to
@@ -425,6 +423,7 @@ class Graphed:
         self.cache.leave()
         if self.ledger:
             self.ledger.add_host_counts(self.delta)
+            self.cache.store.forget_events(replayed=True)
         return self.logits
 
     def record(self, tok):
@@ -439,9 +438,10 @@ class Graphed:
             raise
         except RuntimeError as e:                   # a step that cannot be recorded: a bug (report it)
             raise GraphError(f"recording a decode step as a CUDA graph failed ({e}): try --no-graphs") from e
+        self.graph.replay()                         # ... and this replay its device part
         if self.ledger:
             self.delta = [a - b for a, b in zip(self.ledger.host_counts(), before)]
-        self.graph.replay()                         # ... and this replay its device part
+            self.cache.store.forget_events(replayed=True)
         return self.logits
 
 

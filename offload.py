@@ -422,8 +422,12 @@ class KVStore:
                 self.wait_events.append((before, after))
         return self.buf[buf][..., 0, :], self.buf[buf][..., 1, :], n, ok
 
-    def forget_events(self):  # what a CUDA graph records must not wait on an event of an earlier step
-        self.appended, self.ready, self.freed = [None] * self.L, [None, None], [None, None]
+    def forget_events(self, replayed=False):
+        """Before a CUDA graph records a step: no wait on an event of an earlier step. After each replay: the
+        events recorded while recording belong to the graph (CUDA refuses a wait on them outside it), so one
+        event after the replay stands for them all, for whatever runs next outside the graph."""
+        ev = torch.cuda.current_stream(self.device).record_event() if replayed and self.cuda else None
+        self.appended, self.ready, self.freed = [ev] * self.L, [ev, ev], [ev, ev]
 
     def step_done(self):
         """The end of a step (the host's part): the copy-wait events of a timed run are read and dropped

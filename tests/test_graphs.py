@@ -173,6 +173,37 @@ def test_a_replay_leaves_the_host_where_a_plain_step_does(llama, name, monkeypat
     assert plain.t0 == graphed.t0 == tokens.shape[1] + 4
 
 
+def test_after_each_replay_one_event_stands_for_the_graphs_events(llama, monkeypatch):
+    """The events a recording leaves in the store belong to the graph: a wait on them outside it is an
+    error on CUDA. Before recording the store forgets its events; after every replay (the recording's own
+    included) one event recorded after the replay takes the place of each."""
+    m, prompts = llama
+    monkeypatch.setattr(offload, "device_kernel", {"gather_rows": torch_gather, "put_rows": torch_put}.get)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: torch.no_grad())
+    tokens, valid = padded(prompts)
+    pol = Policy("infinigen", budget=0.2, gather="device")
+    cache = IG.make_cache(m, pol, len(prompts), tokens.shape[1] + 8)
+    IG.prefill(m, cache, tokens, valid)
+    calls, forget = [], cache.store.forget_events
+    monkeypatch.setattr(cache.store, "forget_events", lambda replayed=False: (calls.append(replayed),
+                                                                              forget(replayed)))
+    step = IG.Graphed(m, cache)
+    for i in range(4):                     # plain (warm), recorded and replayed, replayed, replayed
+        step(torch.full((len(prompts),), 5 + i))
+        assert calls == [[], [False, True], [True], [True]][i], f"step {i}: {calls}"
+        calls.clear()
+    marks = iter(range(100))              # what CUDA does: the store's events all become the replay's one
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(
+        record_event=lambda: f"event {next(marks)}"))
+    monkeypatch.setattr(cache.store, "cuda", True)
+    forget(replayed=True)
+    st = cache.store
+    assert st.appended == [st.ready[0]] * st.L and st.ready == st.freed == ["event 0"] * 2
+    forget()
+    assert st.appended == [None] * st.L and st.ready == st.freed == [None] * 2
+
+
 def test_a_recording_that_fails_says_so_in_one_error(llama, monkeypatch):
     """CUDA refusing to record a step (an operation a graph cannot hold) is a bug of ours, reported as a
     GraphError naming --no-graphs (the command line prints it as one line); out of memory stays that."""
@@ -213,6 +244,32 @@ def test_cuda_graph_steps_equal_plain_steps(llama, name, dtype, tmp_path):
     assert ids0 == ids1
     for key in ("h2d_bytes_per_step", "fetched_fraction_per_layer"):
         assert s0.get(key) == s1.get(key), key
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_plain_steps_may_follow_replays(llama):
+    """A step outside the graph after replays waits on the replay's event, not on an event recorded while
+    recording (CUDA refuses that wait); it computes what a cache that never replayed computes."""
+    pytest.importorskip("triton")
+    m, prompts = llama
+    m = copy.deepcopy(m).to("cuda")
+    pol = Policy("oracle", budget=0.2, gather="device")
+    tokens, valid = padded(prompts)                                       # valid stays on the host
+    tokens = tokens.cuda()
+    plain, graphed = [IG.make_cache(m, pol, len(prompts), tokens.shape[1] + 8) for _ in range(2)]
+    for c in (plain, graphed):
+        IG.prefill(m, c, tokens, valid)
+    step = IG.Graphed(m, graphed)
+    for i in range(4):
+        tok = torch.full((len(prompts),), 5 + i, device="cuda")
+        IG.decode_one(m, plain, tok)
+        step(tok)
+    tok = torch.full((len(prompts),), 9, device="cuda")
+    assert torch.equal(IG.decode_one(m, graphed, tok), IG.decode_one(m, plain, tok))
+    cpu = torch.device("cpu")
+    for layer in range(graphed.first, m.cfg.n_layers):
+        assert torch.equal(graphed.store.keys(layer, graphed.t0, cpu), plain.store.keys(layer, plain.t0, cpu))
 
 
 def test_h2o_evicts_only_past_tokens(llama):
