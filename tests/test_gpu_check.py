@@ -1,0 +1,82 @@
+"""results/gpu_check.sh, the one script a GPU session runs (its device time is short: a broken script
+wastes it). Here it runs on the CPU with a stand-in for python that records its arguments and sleeps as
+told, so what is checked is the script's own logic: each part's time limit within the call's budget,
+parts skipped when too little is left, the host gather when the kernel's smoke test fails, and every log
+packed into the one archive the device tool brings back."""
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+
+import pytest
+
+from conftest import ROOT
+
+FAKE_PY = r"""#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+case "$*" in
+    -)  cat > /dev/null                                     # the smoke test, read from stdin
+        [ "$SMOKE_OK" = 1 ] && echo "the Triton kernels read and write registered host memory:" \
+            "the device gather runs"
+        [ "$SMOKE_OK" = 1 ] ;;
+    *"--suite gpu"*) exec sleep "$PART_S" ;;
+    *) echo "stand-in output" ;;
+esac
+"""
+
+
+def gpu_check(tmp_path, parts, budget, part_s, smoke_ok):
+    repo, out, logs = tmp_path / "repo", tmp_path / "out", tmp_path / "logs"
+    os.makedirs(repo / "results")
+    shutil.copy(os.path.join(ROOT, "results", "gpu_check.sh"), repo / "results")
+    py = tmp_path / "python3"
+    py.write_text(FAKE_PY)
+    py.chmod(0o755)
+    env = {**os.environ, "PY": str(py), "OUT": str(out), "LOGS": str(logs), "BUDGET_S": str(budget),
+           "CALLS": str(tmp_path / "calls"), "PART_S": str(part_s), "SMOKE_OK": str(int(smoke_ok))}
+    t = time.monotonic()
+    run = subprocess.run(["bash", str(repo / "results" / "gpu_check.sh"), *parts], env=env,
+                         capture_output=True, text=True, timeout=budget + 60)
+    with tarfile.open(out / "gpu-check.tgz") as tar:
+        packed = {os.path.basename(n): tar.extractfile(n).read().decode() for n in tar.getnames()
+                  if tar.getmember(n).isfile()}
+    calls = (tmp_path / "calls").read_text().splitlines()
+    return run, time.monotonic() - t, packed, calls
+
+
+@pytest.mark.skipif(not shutil.which("timeout") or not shutil.which("tar"), reason="needs timeout and tar")
+def test_a_part_that_runs_long_is_cut_at_the_budget_and_the_rest_skipped(tmp_path):
+    run, took, packed, calls = gpu_check(tmp_path, ["gather", "7b", "timeline"], budget=36, part_s=300,
+                                         smoke_ok=False)
+    assert run.returncode == 0, run.stderr
+    assert took < 36 + 5, f"the call took {took:.0f} s of a 36 s budget"
+    assert {"machine.log", "smoke.log", "gather.log", "7b.log", "timeline.log"} <= set(packed)
+    assert "the benchmark parts use --gather host" in packed["smoke.log"]
+    bench = [c for c in calls if c.startswith("bench.py")]
+    assert bench[0] == "bench.py --suite gather"                      # the kernel's own measurement
+    assert bench[1].startswith("bench.py --gather host --suite gpu --models 7b --shapes 8x4096")
+    assert len(bench) == 2, "the timeline ran with no time left"
+    assert packed["7b.log"].splitlines()[-1].startswith("exit status 124")       # cut at its limit
+    assert "timeline: skipped" in packed["timeline.log"]
+
+
+@pytest.mark.skipif(not shutil.which("timeout") or not shutil.which("tar"), reason="needs timeout and tar")
+def test_with_a_working_kernel_every_part_runs_with_the_device_gather(tmp_path):
+    run, took, packed, calls = gpu_check(tmp_path, ["smollm2", "tests"], budget=570, part_s=0, smoke_ok=True)
+    assert run.returncode == 0, run.stderr
+    assert took < 10, f"{took:.0f} s: the call outlived its parts (a packer's sleep held its output?)"
+    bench = [c for c in calls if c.startswith("bench.py")]
+    assert [c.split(" --policies")[0] for c in bench] == [
+        "bench.py --suite gpu --models smollm2 --shapes 32x4096",
+        "bench.py --suite gpu --models smollm2 --shapes 32x4096 --no-graphs"]
+    assert any(c.startswith("-m pytest") and "-m cuda" in c for c in calls)
+    assert "the device gather runs" in packed["smoke.log"]
+    for part in ("smollm2", "smollm2-no-graphs", "tests"):
+        assert "exit status 0 after" in packed[f"{part}.log"], packed[f"{part}.log"]
+    assert packed["tests.log"].splitlines()[-1] == "stand-in output"     # the stamp: device, torch, date
+
+
+def test_an_unknown_part_is_refused(tmp_path):
+    run, _, _, _ = gpu_check(tmp_path, ["gpu"], budget=60, part_s=0, smoke_ok=True)
+    assert run.returncode == 2 and "unknown part gpu" in run.stdout
