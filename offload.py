@@ -80,12 +80,16 @@ def host_tensor(shape, dtype, pin):
         cudart = torch.cuda.cudart()
         err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 3)   # portable | mapped
         if int(err) != 0:
-            with contextlib.suppress(RuntimeError):     # the failed call left its error for the next launch
-                torch.zeros(1, device="cuda").add_(1)  # check to find (another row's): found here instead
+            drop_cuda_error()
             raise OffloadError(f"cannot pin {gib(t.numel() * t.element_size())} of host memory "
                                f"(cudaHostRegister error {int(err)})")
         weakref.finalize(t, unpin, t.data_ptr())
     return t
+
+
+def drop_cuda_error():  # a failed cudart call leaves its error for the next launch's check to find (and
+    with contextlib.suppress(RuntimeError):     # blame on another kernel, another row): found here instead
+        torch.zeros(1, device="cuda").add_(1)
 
 
 LATE = []   # blocks freed while a CUDA graph was being recorded (it may not sync): unpinned at the next pin
@@ -102,8 +106,8 @@ def unpin(ptr):  # before the memory goes back: nothing queued may still read it
             torch.cuda.synchronize()
         finally:
             torch.cuda.set_sync_debug_mode(mode)
-        if int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0:   # its error waits for the next launch:
-            torch.zeros(1, device="cuda").add_(1)                     # raised here and dropped, as in pinning
+        if int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0:
+            drop_cuda_error()
     except RuntimeError:                     # CUDA already shut down at exit
         pass
 

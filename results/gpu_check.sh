@@ -64,7 +64,7 @@ import torch
 import kernel
 import offload
 dev = "cuda"
-store = offload.host_tensor((64, 2, 2, 2, 8), torch.float16, pin=dev == "cuda")       # (S, B, Hkv, 2, d)
+store = offload.host_tensor((64, 2, 2, 2, 8), torch.float16, pin=True)                # (S, B, Hkv, 2, d)
 store.copy_(torch.randn(store.shape, dtype=torch.float16))
 idx, ok = torch.randint(0, 64, (2, 2, 5)), torch.rand(2, 2, 5) < 0.7                 # (B, Hkv, n)
 dst = torch.zeros(5, 2, 2, 2, 8, dtype=torch.float16, device=dev)                    # (n, B, Hkv, 2, d)
@@ -74,7 +74,7 @@ for b, h, j in ok.nonzero().tolist():
 kernel.gather_rows(store, idx.to(dev), ok.to(dev), dst)
 new = torch.ones(1, 2, 2, 2, 8, dtype=torch.float16, device=dev)                       # (T, B, Hkv, 2, d)
 kernel.put_rows(new, torch.tensor([3], device=dev), store)                              # into slot 3
-torch.cuda.synchronize() if dev == "cuda" else None
+torch.cuda.synchronize()
 assert torch.equal(dst.cpu(), want) and bool((store[3] == 1).all()), "the kernels moved the wrong rows"
 print("the Triton kernels read and write registered host memory: the device gather runs")
 PY

@@ -13,6 +13,9 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.skipif(not shutil.which("timeout") or not shutil.which("tar"),
+                                reason="needs timeout and tar")
+
 FAKE_PY = r"""#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
 case "$*" in
@@ -45,7 +48,6 @@ def gpu_check(tmp_path, parts, budget, part_s, smoke_ok):
     return run, time.monotonic() - t, packed, calls
 
 
-@pytest.mark.skipif(not shutil.which("timeout") or not shutil.which("tar"), reason="needs timeout and tar")
 def test_a_part_that_runs_long_is_cut_at_the_budget_and_the_rest_skipped(tmp_path):
     run, took, packed, calls = gpu_check(tmp_path, ["gather", "7b", "timeline"], budget=36, part_s=300,
                                          smoke_ok=False)
@@ -61,7 +63,6 @@ def test_a_part_that_runs_long_is_cut_at_the_budget_and_the_rest_skipped(tmp_pat
     assert "timeline: skipped" in packed["timeline.log"]
 
 
-@pytest.mark.skipif(not shutil.which("timeout") or not shutil.which("tar"), reason="needs timeout and tar")
 def test_with_a_working_kernel_every_part_runs_with_the_device_gather(tmp_path):
     run, took, packed, calls = gpu_check(tmp_path, ["smollm2", "tests"], budget=570, part_s=0, smoke_ok=True)
     assert run.returncode == 0, run.stderr
