@@ -112,10 +112,11 @@ def speculate(qp, kpart, scale, allowed=None):
     the log of the attention probability a token gets, summed over the G query heads sharing its KV head
     (allowed (B, 1|Hkv, t) masks the softmax). With G = 1 this is the score minus a constant per head, so
     "within alpha of the best" keeps the paper's meaning; with G > 1 a token that one head needs counts.
-    A float16 product past its range is inf, and inf - inf is NaN: such scores are clamped to the largest
-    finite value, so a selection is never made from NaN."""
+    The queries are scaled before the product, which gives float16 sqrt(d) times more room; a product still
+    past its range is inf, and inf - inf is NaN: such scores are clamped to the largest finite value, so a
+    selection is never made from NaN."""
     big = torch.finfo(qp.dtype).max
-    s = (qp @ kpart.transpose(-1, -2)).float().clamp(-big, big) * scale          # (B, Hkv, G, t)
+    s = ((qp * scale) @ kpart.transpose(-1, -2)).float().clamp(-big, big)        # (B, Hkv, G, t)
     if allowed is not None:
         s = s.masked_fill(~allowed[:, :, None], float("-inf"))
     return s.float().log_softmax(-1).logsumexp(2)

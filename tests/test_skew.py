@@ -305,9 +305,21 @@ def test_needed_share_takes_a_mask_per_kv_head(Hkv, G, Tq, n, seed):
 def test_speculate_never_gives_nan(dtype):
     """Partial scores past float16's range (inf) are clamped, so the selection is made from numbers."""
     qp = torch.full((1, 1, 2, 4), 200.0, dtype=dtype)                        # (B, Hkv, G, m)
-    kpart = torch.full((1, 1, 5, 4), 300.0, dtype=dtype)                     # (B, Hkv, t, m): 240000 each
-    kpart[0, 0, 2] = -300.0
+    kpart = torch.full((1, 1, 5, 4), 3000.0, dtype=dtype)                    # (B, Hkv, t, m): 300000 scaled
+    kpart[0, 0, 2] = -3000.0
     s = SK.speculate(qp, kpart, 0.125)
     assert not s.isnan().any() and s.dtype == torch.float32
     sel = SK.threshold_select(s, math.inf, torch.tensor([4]), torch.ones(1, 1, 5, dtype=torch.bool), 4)
     assert sel[0, 0].tolist() == [True, True, False, True, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_speculate_scales_before_the_product(dtype):
+    """Products past float16's range unscaled (240000, 232000) but not scaled (30000, 29000) keep their order,
+    and float32 gives exactly the scaled product's scores (a power-of-two scale changes no rounding)."""
+    qp = torch.full((1, 1, 1, 4), 200.0, dtype=dtype)                        # (B, Hkv, G, m)
+    kpart = torch.tensor([300.0, 290.0, 0.0])[:, None].expand(3, 4)[None, None].to(dtype)   # (B, Hkv, t, m)
+    s = SK.speculate(qp, kpart, 0.125)[0, 0]                                 # (t,)
+    assert s[0] > s[1] > s[2]
+    if dtype == torch.float32:
+        assert torch.equal(s, torch.tensor([30000.0, 29000.0, 0.0]).log_softmax(-1))
