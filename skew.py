@@ -114,12 +114,13 @@ def speculate(qp, kpart, scale, allowed=None):
     "within alpha of the best" keeps the paper's meaning; with G > 1 a token that one head needs counts.
     The queries are scaled before the product, which gives float16 sqrt(d) times more room; a product still
     past its range is inf, and inf - inf is NaN: such scores are clamped to the largest finite value, so a
-    selection is never made from NaN."""
-    big = torch.finfo(qp.dtype).max
-    s = ((qp * scale) @ kpart.transpose(-1, -2)).float().clamp(-big, big)        # (B, Hkv, G, t)
+    selection is never made from NaN. The scores are float32 (float64 for a float64 model)."""
+    s = (qp * scale) @ kpart.transpose(-1, -2)                                   # (B, Hkv, G, t)
+    big = torch.finfo(s.dtype).max
+    s = s.clamp(-big, big).to(torch.promote_types(s.dtype, torch.float32))
     if allowed is not None:
         s = s.masked_fill(~allowed[:, :, None], float("-inf"))
-    return s.float().log_softmax(-1).logsumexp(2)
+    return s.log_softmax(-1).logsumexp(2)
 
 
 # --- Selection math

@@ -313,13 +313,14 @@ def test_speculate_never_gives_nan(dtype):
     assert sel[0, 0].tolist() == [True, True, False, True, True]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_speculate_scales_before_the_product(dtype):
-    """Products past float16's range unscaled (240000, 232000) but not scaled (30000, 29000) keep their order,
-    and float32 gives exactly the scaled product's scores (a power-of-two scale changes no rounding)."""
+    """Products past float16's range unscaled (240000, 232000) but not scaled (30000, 29000) keep their order;
+    float32 and float64 give exactly the scaled product's scores (a power-of-two scale changes no rounding),
+    in their own precision."""
     qp = torch.full((1, 1, 1, 4), 200.0, dtype=dtype)                        # (B, Hkv, G, m)
     kpart = torch.tensor([300.0, 290.0, 0.0])[:, None].expand(3, 4)[None, None].to(dtype)   # (B, Hkv, t, m)
     s = SK.speculate(qp, kpart, 0.125)[0, 0]                                 # (t,)
     assert s[0] > s[1] > s[2]
-    if dtype == torch.float32:
-        assert torch.equal(s, torch.tensor([30000.0, 29000.0, 0.0]).log_softmax(-1))
+    if dtype != torch.float16:
+        assert torch.equal(s, torch.tensor([30000.0, 29000.0, 0.0], dtype=dtype).log_softmax(-1))
