@@ -653,13 +653,13 @@ def test_random_configs_equal_full(c):
 # --- Every device, dtype and gather: the equalities where the data path differs
 CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}   # logits, relative to max |logit|
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}   # of max |logit|
 
 
 def setups():
-    """(device, dtype, gather): CPU float32 with both gathers (the kernel under Triton's interpreter);
-    on a GPU also float16 and bfloat16."""
-    out = [("cpu", torch.float32, g) for g in ("host", "device")]
+    """(device, dtype, gather): CPU float32 with both gathers (the kernel under Triton's interpreter) and
+    float64 (the host gather: a library user's exact runs); on a GPU also float16 and bfloat16."""
+    out = [("cpu", torch.float32, g) for g in ("host", "device")] + [("cpu", torch.float64, "host")]
     out += [("cuda", dt, g) for dt in (torch.float32, torch.float16, torch.bfloat16)
             for g in ("host", "device")]
     gpu = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
