@@ -444,6 +444,7 @@ def measure(fn, args, row, bw, peer=False):
     is a bug: its traceback is printed, its row says `error`, the other rows still run, and the run fails at
     the end (RowsFailed). A device that cannot even be cleaned up after the row (a sticky CUDA error, as an
     illegal address leaves) can run no more rows: the row says `error` and `fatal`."""
+    t0 = time.perf_counter()
     try:
         s = fn(*args)
     except Exception as e:
@@ -460,7 +461,8 @@ def measure(fn, args, row, bw, peer=False):
     row.update({k: None for k in ROW_KEYS} | s)
     row["copy_wait_s"] = row.pop("copy_wait_per_step_s", None)           # a row's wait is per decode step
     if "skipped" in s or "error" in s:
-        say(f"    {'skipped' if 'skipped' in s else 'ERROR'}: {s.get('skipped') or s['error']}")
+        say(f"    {'skipped' if 'skipped' in s else 'ERROR'}: {s.get('skipped') or s['error']} "
+            f"({time.perf_counter() - t0:.0f} s)")
         return row
     h2d = s.get("h2d_bytes_per_step")
     step = s.get("steady_step_s") or (s["decode_s"] / s["decode_steps"] if s["decode_steps"] else None)
@@ -468,7 +470,8 @@ def measure(fn, args, row, bw, peer=False):
     floor = h2d / bw if h2d and bw else None
     row.update(step_s=round(step, 5) if step else None, pcie_floor_s=round(floor, 5) if floor else None,
                step_over_floor=round(step / floor, 4) if step and floor else None)
-    say(f"    {row.get('tokens_per_s')} tok/s, step {row['step_s']} s, floor {row['pcie_floor_s']} s")
+    say(f"    {row.get('tokens_per_s')} tok/s, step {row['step_s']} s, floor {row['pcie_floor_s']} s "
+        f"(the row took {time.perf_counter() - t0:.0f} s)")
     return row
 
 
@@ -694,8 +697,8 @@ def suite_gather(a):
     info["pinned_h2d_bytes_per_s"] = round(bw) if bw else None
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     path = cli.writable(a.out or results_file("gather", info["device"]))
-    for d in (32, 64, 128):
-        for gather in gathers:
+    for gather in gathers:     # the host's rows first: a failing kernel cannot take them along
+        for d in (32, 64, 128):
             store = KVStore(1, B, S, Hkv, d, dev, dtype, gather=gather)
             gen = torch.Generator(dev).manual_seed(d)                       # made on the device: fast
             store.kv.copy_(torch.randn(store.kv.shape, generator=gen, device=dev, dtype=dtype))

@@ -292,7 +292,9 @@ class KVStore:
         # Two device buffers (even and odd layers): layer i+1's copy lands while layer i reads its own.
         self.buf = [torch.zeros(slots, batch, n_kv, 2, head_dim, dtype=dtype, device=device)
                     for _ in range(2)]                                       # (S, B, Hkv, 2, d)
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        # The copy stream, of high priority: the next layer waits on its rows. (It also keeps it out of the
+        # pool of 32 default-priority streams torch hands out in turn, one of which records CUDA graphs.)
+        self.stream = torch.cuda.Stream(device, priority=-1) if self.cuda else None
         self.ready = [None, None]           # per buffer: the event its last copy recorded (copy stream)
         self.freed = [None, None]           # per buffer: an event after its last reader (compute stream)
         self.appended = [None] * n_layers   # per layer: the event after its last device->host append

@@ -93,12 +93,12 @@ for part in $parts; do
         run suite 540 "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider --continue-on-collection-errors \
             tests
         stamp suite ;;
-    tests)      # every CUDA test, then the summary line with the device, torch and the date
-        run tests 140 "$PY" -m pytest -v -rfE --tb=short -m cuda -p no:cacheprovider \
+    tests)      # every CUDA test, then the summary line with the device, torch and the date (last: the rest)
+        run tests 300 "$PY" -m pytest -v -rfE --tb=short -m cuda -p no:cacheprovider \
             --continue-on-collection-errors --durations=10 tests
         stamp tests ;;
     gather)     # host gather + copy against the kernel, GB/s of useful bytes
-        run gather 50 "$PY" bench.py --suite gather ;;
+        run gather 50 "$PY" bench.py $GATHER --suite gather ;;
     smollm2)    # the SmolLM2 shape, graphs on, then the same rows op by op (their copy waits timed)
         run smollm2 100 "$PY" bench.py $GATHER --suite gpu --models smollm2 --shapes 32x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic

@@ -56,7 +56,7 @@ def test_a_part_that_runs_long_is_cut_at_the_budget_and_the_rest_skipped(tmp_pat
     assert {"machine.log", "smoke.log", "gather.log", "7b.log", "timeline.log"} <= set(packed)
     assert "the benchmark parts use --gather host" in packed["smoke.log"]
     bench = [c for c in calls if c.startswith("bench.py")]
-    assert bench[0] == "bench.py --suite gather"                      # the kernel's own measurement
+    assert bench[0] == "bench.py --gather host --suite gather"        # the kernel cannot run: the host's
     assert bench[1].startswith("bench.py --gather host --suite gpu --models 7b --shapes 8x4096")
     assert len(bench) == 2, "the timeline ran with no time left"
     assert packed["7b.log"].splitlines()[-1].startswith("exit status 124")       # cut at its limit

@@ -293,6 +293,17 @@ def test_host_tensor_is_pinned_at_its_size():
     assert torch.equal(t.to("cuda", non_blocking=True).cpu(), x)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_copy_streams_are_never_the_graphs_capture_stream():
+    """torch hands out its 32 default-priority streams in turn, and records CUDA graphs on one of them: a
+    copy stream drawn from that pool would, every 32 stores, be the capture stream itself (copy and compute
+    in one stream, no overlap). The copy streams have high priority: another pool."""
+    capture = torch.cuda.graph(torch.cuda.CUDAGraph()).capture_stream     # the one every graph records on
+    streams = [KVStore(1, 1, 4, 1, 8, torch.device("cuda"), torch.float16).stream for _ in range(70)]
+    assert all(s.priority < capture.priority and s != capture for s in streams)
+
+
 class FakeCudart:   # the two calls of torch.cuda.cudart() that host_tensor and unpin make, logged
     def __init__(self):
         self.calls = []
