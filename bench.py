@@ -458,11 +458,11 @@ def measure(fn, args, row, bw, peer=False):
     except RuntimeError as e:
         traceback.print_exc()
         s = {"error": s.get("error") or one_line(e), "fatal": True}
+    took = f"{time.perf_counter() - t0:.0f} s"
     row.update({k: None for k in ROW_KEYS} | s)
     row["copy_wait_s"] = row.pop("copy_wait_per_step_s", None)           # a row's wait is per decode step
     if "skipped" in s or "error" in s:
-        say(f"    {'skipped' if 'skipped' in s else 'ERROR'}: {s.get('skipped') or s['error']} "
-            f"({time.perf_counter() - t0:.0f} s)")
+        say(f"    {'skipped' if 'skipped' in s else 'ERROR'}: {s.get('skipped') or s['error']} ({took})")
         return row
     h2d = s.get("h2d_bytes_per_step")
     step = s.get("steady_step_s") or (s["decode_s"] / s["decode_steps"] if s["decode_steps"] else None)
@@ -471,7 +471,7 @@ def measure(fn, args, row, bw, peer=False):
     row.update(step_s=round(step, 5) if step else None, pcie_floor_s=round(floor, 5) if floor else None,
                step_over_floor=round(step / floor, 4) if step and floor else None)
     say(f"    {row.get('tokens_per_s')} tok/s, step {row['step_s']} s, floor {row['pcie_floor_s']} s "
-        f"(the row took {time.perf_counter() - t0:.0f} s)")
+        f"(the row took {took})")
     return row
 
 
