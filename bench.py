@@ -108,6 +108,13 @@ def ours(model, prompts, policy, new, **kw):  # our generate, never stopping ear
     return I.generate(model, prompts, pol, new, stop_ids=(), **kw)
 
 
+def hf_cache_name(hf):
+    """transformers' name for the cache, as a keyword and an output field: `cache` since it renamed
+    `past_key_values` (a FutureWarning in 5.25; the GPU machine's 5.17 knows only the old name)."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
 def hf_generate(hf, ids, new, cache=None):
     """transformers `generate`, greedy, exactly `new` tokens; timed by logits-processor stamps."""
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -124,8 +131,8 @@ def hf_generate(hf, ids, new, cache=None):
     t0 = time.perf_counter()
     with torch.no_grad():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                          min_new_tokens=new, past_key_values=cache, pad_token_id=0,
-                          logits_processor=LogitsProcessorList([Stamp()]))
+                          min_new_tokens=new, pad_token_id=0,
+                          logits_processor=LogitsProcessorList([Stamp()]), **{hf_cache_name(hf): cache})
     steps, decode_s = len(t) - 1, t[-1] - t[0]
     return out[:, ids.shape[1]:].tolist(), {
         "prefill_s": round(t[0] - t0, 4), "decode_s": round(decode_s, 4), "decode_steps": steps,

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import model
+from bench import hf_cache_name
 from helpers import randomize
 from model import Config, DenseCache, ModelError
 
@@ -140,12 +141,12 @@ def test_matches_transformers(case):
         out = hf(input_ids=hf_toks, attention_mask=mask.long(), use_cache=True, **extra)
         mine = ours(our_toks, cache, valid=mask)
         assert_close(mine[mask], out.logits[mask], "prompt")
-        am, last = mask.long(), pos[:, -1]
+        am, last, name = mask.long(), pos[:, -1], hf_cache_name(hf)
         for i in range(steps):
             am, last = torch.cat([am, torch.ones(B, 1, dtype=torch.long)], 1), last + 1
             extra = dict(position_ids=last[:, None]) if arch == "llama" else {}
-            out = hf(input_ids=cont[:, i:i + 1], attention_mask=am, past_key_values=out.past_key_values,
-                     use_cache=True, **extra)
+            past = {name: getattr(out, name)}                              # the cache it returned
+            out = hf(input_ids=cont[:, i:i + 1], attention_mask=am, use_cache=True, **past, **extra)
             mine = ours(cont[:, i:i + 1], cache)
             assert_close(mine, out.logits, f"decode step {i}")
     assert cache.t0 == hf_toks.shape[1] + steps
