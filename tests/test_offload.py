@@ -275,7 +275,7 @@ def test_host_tensor_is_plain_on_a_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_host_tensor_is_pinned_at_its_size():
     """Registered, not taken from torch's pinned pool (which would round 3 MiB + 2 bytes up to 4 MiB)."""
-    def pool():  # every byte count of torch's pinned pool: the key names differ between torch versions
+    def pool():  # every byte count of torch's pinned pool, whatever a torch version names them
         stats = torch.cuda.host_memory_stats()
         return {k: v for k, v in stats.items() if "bytes" in k and k.endswith(".current")}
 
