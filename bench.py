@@ -26,6 +26,7 @@ stamp, which spans the same N-1 decode forwards, and prefill time = first stamp 
 """
 import datetime
 import gc
+import inspect
 import json
 import os
 import platform
@@ -111,7 +112,6 @@ def ours(model, prompts, policy, new, **kw):  # our generate, never stopping ear
 def hf_cache_name(hf):
     """transformers' name for the cache, as a keyword and an output field: `cache` since it renamed
     `past_key_values` (a FutureWarning in 5.25; the GPU machine's 5.17 knows only the old name)."""
-    import inspect
     return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
 
