@@ -46,8 +46,8 @@ def run_script(main):
 class Once(argparse._StoreAction):
     """A flag of one value given twice with two values is refused: the last would silently win."""
     def __call__(self, parser, ns, value, option_string=None):
-        if parser.given.setdefault(self.dest, value) != value:
-            first = parser.given[self.dest]
+        first = parser.given.setdefault(self.dest, value)
+        if first != value and not (first != first and value != value):        # nan, then nan: the same
             parser.error(f"argument {option_string}: given twice ({first!r}, then {value!r})")
         super().__call__(parser, ns, value, option_string)
 

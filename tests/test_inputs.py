@@ -470,8 +470,10 @@ def flag_spec(f):
 
 @st.composite
 def argvs(draw, spec):
-    out = ["--model", spec["--model"][0], "--max-new-tokens", "3"]        # later flags override these
-    for name in draw(st.lists(st.sampled_from(sorted(spec)), max_size=7, unique=True)):
+    names = draw(st.lists(st.sampled_from(sorted(spec)), max_size=7, unique=True))
+    out = [a for flag, v in (("--model", spec["--model"][0]), ("--max-new-tokens", "3")) if flag not in names
+           for a in (flag, v)]               # the tiny model, 3 tokens, unless drawn: a flag is given once
+    for name in names:
         vals = spec[name]
         if vals is None:
             out.append(name)
@@ -486,6 +488,7 @@ def check_outcome(code, out, err, argv):
         assert "Traceback" not in err, (argv, err)
     else:
         one_error(code, err)
+        assert "given twice" not in code, (argv, code)       # every flag is drawn once
 
 
 @settings(max_examples=80, deadline=None, database=None,
@@ -767,6 +770,8 @@ def script_cases(f):
                                                          f["blank"]], "--prompt-file: given twice")
     c["infinigen.py: a flag twice, the same value"] = (
         "infinigen.py", [*tiny, "--prompt", "hi", "--max-new-tokens=2", "--budget=0.1", "--budget=.1"], 0)
+    c["infinigen.py: --budget nan"] = ("infinigen.py", [*tiny, "--prompt", "hi", "--budget", "nan"],
+                                       "impossible budget nan")     # not "given twice (nan, then nan)"
     c["bench.py: a flag twice"] = ("bench.py", [*["--suite", "gpu"] * 2, "--suite", "cpu"], "given twice")
     c["eval.py: --dense-layers past the model's"] = ("eval.py", [*ev, "--text", f["good"], "--dense-layers",
                                                                  "5"], "more than the model's 2 layers")
