@@ -845,8 +845,10 @@ def fuzz_cases(f, n=10, seed=12):
     """n command lines drawn like the in-process fuzz test (a fixed seed: the same ones every run)."""
     spec, rng, out = flag_spec(f), random.Random(seed), {}
     for i in range(n):
-        argv = ["--model", f["tiny"], "--max-new-tokens", "3"]
-        for name in rng.sample(sorted(spec), rng.randint(0, 6)):
+        names = rng.sample(sorted(spec), rng.randint(0, 6))
+        argv = [a for flag, v in (("--model", f["tiny"]), ("--max-new-tokens", "3")) if flag not in names
+                for a in (flag, v)]                                     # as in argvs: each flag once
+        for name in names:
             vals = spec[name]
             if vals is None:
                 argv.append(name)
@@ -901,6 +903,7 @@ def test_fuzzed_command_line_in_a_process(runs, name):
     if r.returncode != 0:
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:"), (r.args[2:], err)
+        assert "given twice" not in lines[0], (r.args[2:], err)
 
 
 def test_streamed_text_equals_the_decoded_text(runs):
