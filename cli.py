@@ -47,7 +47,7 @@ class Once(argparse._StoreAction):
     """A flag of one value given twice with two values is refused: the last would silently win."""
     def __call__(self, parser, ns, value, option_string=None):
         first = parser.given.setdefault(self.dest, value)
-        if first != value and not (first != first and value != value):        # nan, then nan: the same
+        if first != value and not (first != first and value != value):    # nan != nan, even given once
             parser.error(f"argument {option_string}: given twice ({first!r}, then {value!r})")
         super().__call__(parser, ns, value, option_string)
 
