@@ -3,8 +3,9 @@ first 2 windows of 2048 tokens, the last 512 left to the policy, policies at bud
 default of eval.py otherwise). One `eval.py --json` child per row, its output kept in --work, so a run
 that was stopped goes on where it was. Writes results/eval-other-texts.json and prints a table. Made by:
 
-  python results/other_texts.py \
-      --texts gpl=/usr/share/common-licenses/GPL-3,argparse=/usr/lib/python3.11/argparse.py
+  python results/other_texts.py --texts gpl=/usr/share/common-licenses/GPL-3,\
+argparse=/usr/lib/python3.11/argparse.py,pod=/usr/share/perl/5.36.0/Locale/Maketext.pod,\
+nodejs=/usr/share/doc/nodejs/README.md
 """
 import datetime
 import json
