@@ -468,11 +468,16 @@ def flag_spec(f):
             "--json": None, "--no-chat": None, "--measure-recall": None, "--time-copies": None}
 
 
+def base_argv(model, names):
+    """The tiny model and 3 new tokens, unless drawn: each flag is given once (a second value is refused)."""
+    return [a for flag, v in (("--model", model), ("--max-new-tokens", "3")) if flag not in names
+            for a in (flag, v)]
+
+
 @st.composite
 def argvs(draw, spec):
     names = draw(st.lists(st.sampled_from(sorted(spec)), max_size=7, unique=True))
-    out = [a for flag, v in (("--model", spec["--model"][0]), ("--max-new-tokens", "3")) if flag not in names
-           for a in (flag, v)]               # the tiny model, 3 tokens, unless drawn: a flag is given once
+    out = base_argv(spec["--model"][0], names)
     for name in names:
         vals = spec[name]
         if vals is None:
@@ -846,8 +851,7 @@ def fuzz_cases(f, n=10, seed=12):
     spec, rng, out = flag_spec(f), random.Random(seed), {}
     for i in range(n):
         names = rng.sample(sorted(spec), rng.randint(0, 6))
-        argv = [a for flag, v in (("--model", f["tiny"]), ("--max-new-tokens", "3")) if flag not in names
-                for a in (flag, v)]                                     # as in argvs: each flag once
+        argv = base_argv(f["tiny"], names)
         for name in names:
             vals = spec[name]
             if vals is None:
