@@ -23,7 +23,10 @@ help:  ## list the targets
 	touch $@
 
 .venv/.dev: .venv/.core
-	$(PIP) install pytest hypothesis "transformers>=5.17,<5.40" accelerate matplotlib ruff "triton==3.6.*"
+	$(PIP) install pytest hypothesis "transformers>=5.17,<5.40" accelerate matplotlib ruff
+	@# triton: a CUDA build of torch brings the one it was built with (replacing it would break torch's
+	@# own kernels); a CPU build brings none, and the kernels' CPU interpreter takes the GPU machine's
+	.venv/bin/python -c "import triton" 2>/dev/null || $(PIP) install "triton==3.6.*"
 	touch $@
 
 install: .venv/.core  ## make .venv with what the engine and the default model need
