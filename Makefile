@@ -16,6 +16,8 @@ help:  ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .venv/.core:
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || { echo "error: the engine \
+	needs Python 3.10 or newer as python3 (python3 -V: $$(python3 -V 2>&1))" >&2; exit 1; }
 	python3 -m venv .venv
 	$(PIP) install "$(TORCH)"
 	$(PIP) install safetensors tokenizers huggingface-hub numpy gguf

@@ -64,7 +64,7 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         self.given = {}
         ns = super().parse_args(args, namespace)
-        for act in self._actions:          # Python 3.11's argparse turns --flag=-- into []: refuse that
+        for act in self._actions:      # before Python 3.13 argparse turns --flag=-- into []: refuse that
             v = getattr(ns, act.dest, None)
             if isinstance(v, list) and (v == [] or [] in v):
                 self.error(f"argument {'/'.join(act.option_strings)}: expected one argument")
