@@ -44,7 +44,7 @@ import cli
 import infinigen as I
 import model as M
 import prepare
-from offload import KVStore, OffloadError, preflight
+from offload import KVStore, OffloadError, host_tensor, preflight
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 LICENSES = "/usr/share/common-licenses"
@@ -296,11 +296,16 @@ def models_for(name, device, dtype):
 
 
 # --- GPU suite
-def pinned_h2d_bandwidth(dev, n=5):
-    """Bytes/s of host->device copies from a 1 GiB pinned tensor (None on a CPU: no link)."""
+def pinned_h2d_bandwidth(dev, n=5, registered=False):
+    """Bytes/s of host->device copies from a 1 GiB pinned tensor (None on a CPU: no link): pinned by torch's
+    allocator (the link's figure, the floor's), or `registered` as the KV store is (offload.host_tensor),
+    which an IOMMU may make slower."""
     if dev.type != "cuda":
         return None
-    src = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
+    if registered:
+        src = host_tensor((2**30,), torch.uint8, pin=True)
+    else:
+        src = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty_like(src, device=dev)
     dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize(dev)
@@ -548,10 +553,11 @@ def suite_gpu(a):
                                               info["device"]))
     load_rows(path)                                    # a file it cannot add to fails now, not after a row
     say("measuring pinned host->device bandwidth (1 GiB) ..." if cuda else "on a CPU: no PCIe link, no floor")
-    bw = pinned_h2d_bandwidth(dev)
+    bw, reg = pinned_h2d_bandwidth(dev), pinned_h2d_bandwidth(dev, registered=True)
     if bw:
-        say(f"  {bw / 1e9:.1f} GB/s")
-    run = info | {"pinned_h2d_bytes_per_s": round(bw) if bw else None, "new_tokens": new}
+        say(f"  {bw / 1e9:.1f} GB/s (the floors'); {reg / 1e9:.1f} GB/s from registered memory (the store's)")
+    run = info | {"pinned_h2d_bytes_per_s": round(bw) if bw else None,
+                  "registered_h2d_bytes_per_s": round(reg) if reg else None, "new_tokens": new}
     rows = []
 
     def record(fn, args, row, peer=False):  # one row, measured and saved at once
@@ -600,7 +606,7 @@ def suite_gpu(a):
         hf = None
         free_memory()
     print(f"\n{info['device']}, {info['dtype']}, {new} new tokens"
-          + (f", pinned H2D {bw / 1e9:.1f} GB/s" if bw else ""))
+          + (f", pinned H2D {bw / 1e9:.1f} GB/s (registered: {reg / 1e9:.1f})" if bw else ""))
     table(rows, ["model", "impl", "budget", "batch", "context", "tokens_per_s", "h2d_bytes_per_step",
                  "pcie_floor_s", "step_s", "step_over_floor", "copy_wait_s", "cuda_graph", "skipped"])
     say(f"wrote {path}")
@@ -661,7 +667,8 @@ def suite_report(a):
         bw = run.get("pinned_h2d_bytes_per_s")
         tf = f", transformers {run['transformers']}" if run.get("transformers") else ""   # its peer rows
         print(cell(f"{run.get('device')}, {run.get('dtype')}, torch {run.get('torch')}{tf}, "
-                   f"{run.get('date')}: `{run.get('command')}`, pinned H2D {num(bw, '{:.1f}', 1e-9)} GB/s"))
+                   f"{run.get('date')}: `{run.get('command')}`, pinned H2D {num(bw, '{:.1f}', 1e-9)} GB/s"
+                   f" (registered: {num(run.get('registered_h2d_bytes_per_s'), '{:.1f}', 1e-9)})"))
     print("\n| model | batch × context | impl | graph | tokens/s | step ms | H2D MB/step | floor ms | "
           "step / floor | copy wait ms/step |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in data["rows"]:
@@ -700,8 +707,9 @@ def suite_gather(a):
     Hkv, gathers = 32, [a.gather] if a.gather != "auto" else ["host", "device"] if cuda else ["host"]
     info = env_info() | {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "batch": B,
                          "slots": S, "kv_heads": Hkv, "rows": [], "sdpa": {}}
-    bw = pinned_h2d_bandwidth(dev)
+    bw, reg = pinned_h2d_bandwidth(dev), pinned_h2d_bandwidth(dev, registered=True)
     info["pinned_h2d_bytes_per_s"] = round(bw) if bw else None
+    info["registered_h2d_bytes_per_s"] = round(reg) if reg else None       # the store's kind of memory
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     path = cli.writable(a.out or results_file("gather", info["device"]))
     for gather in gathers:     # the host's rows first: a failing kernel cannot take them along

@@ -375,12 +375,13 @@ def test_the_report_prints_every_row_and_target(tmp_path, capsys):
     path = tmp_path / "bench-nvidia-h200.json"
     run = {"device": "NVIDIA H200", "dtype": "float16", "torch": "2.11", "transformers": "5.17.0",
            "date": "2026-12-02T10:00:00",
-           "command": "python bench.py --suite gpu", "pinned_h2d_bytes_per_s": 5.5e10}
+           "command": "python bench.py --suite gpu", "pinned_h2d_bytes_per_s": 5.5e10,
+           "registered_h2d_bytes_per_s": 4.9e10}
     path.write_text(json.dumps({"suite": "gpu", "runs": [run], "rows": REPORTED}))
     bench.main(["--suite", "report", "--results", str(path)])
     out = capsys.readouterr().out
     assert "NVIDIA H200, float16, torch 2.11, transformers 5.17.0, 2026-12-02" in out
-    assert "pinned H2D 55.0 GB/s" in out
+    assert "pinned H2D 55.0 GB/s (registered: 49.0)" in out
     table = [ln for ln in out.splitlines() if " × " in ln][1:]         # the rows: not the header, targets
     assert len(table) == len(REPORTED)
     assert "| 7b | 8 × 4096 | infinigen 0.1 | yes | 100.0 |" in out and "skipped: refused" in out
@@ -631,7 +632,7 @@ def test_the_gather_suites_rates(tmp_path, monkeypatch):
     1 us: bench's clock moves 2 us per call, over 2 fetches), and that rate's share of the pinned
     bandwidth."""
     fake_clock(monkeypatch, 2e-6)
-    monkeypatch.setattr(bench, "pinned_h2d_bandwidth", lambda dev: 50e9)
+    monkeypatch.setattr(bench, "pinned_h2d_bandwidth", lambda dev, registered=False: 50e9)
     out = tmp_path / "gather.json"
     bench.main(["--suite", "gather", "--device", "cpu", "--gather", "host", "--shapes", "2x64",
                 "--out", str(out)])
@@ -658,6 +659,11 @@ def test_pinned_bandwidth_counts_every_copy(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(bench, "free_memory", lambda: None)
     assert bench.pinned_h2d_bandwidth(torch.device("cuda"), n=5) == 5 * 2**30 / 0.25
+    made = []          # registered: the store's kind of memory, made as the store makes it (not torch.empty)
+    monkeypatch.setattr(torch, "empty", None)
+    monkeypatch.setattr(bench, "host_tensor", lambda *a, **kw: made.append((a, kw)) or Fake())
+    assert bench.pinned_h2d_bandwidth(torch.device("cuda"), n=3, registered=True) == 3 * 2**30 / 0.25
+    assert made == [(((2**30,), torch.uint8), {"pin": True})]
 
 
 
