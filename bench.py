@@ -26,6 +26,7 @@ stamp, which spans the same N-1 decode forwards, and prefill time = first stamp 
 """
 import datetime
 import gc
+import importlib.util
 import inspect
 import json
 import os
@@ -67,7 +68,8 @@ def env_info():
         tf = None
     return {"command": " ".join(["python"] + sys.argv),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "torch": torch.__version__, "transformers": tf, "processor": platform.processor(),
+            "torch": torch.__version__, "transformers": tf,
+            "processor": platform.processor() or platform.machine(),              # '' on Linux: the machine
             "cpu_model": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
@@ -178,6 +180,10 @@ def suite_cpu(a):
     text = a.text or default_text()
     dev, dtype = torch.device("cpu"), torch.float32
     path = cli.writable(a.out or os.path.join(ROOT, "results", "bench-cpu.json"))
+    for need in ("transformers", "gguf"):                    # before the minutes of runs, not after them
+        if importlib.util.find_spec(need) is None:
+            raise ValueError(f"--suite cpu compares with transformers reading the GGUF: it needs {need} "
+                             "(make dev installs it)")
     folder = prepare.prepare()
     ids = I.Tok(folder).encode(cli.read_text(text, "--text"), chat=False)
     if len(ids) < n_prompt:                                  # before the minutes of runs, not after them

@@ -245,16 +245,20 @@ def build_parser():
       help="CUDA: run every decode step op by op (default: replay it as a CUDA graph where it can be)")
     add_paper(p)
     a("--time-copies", action="store_true",
-      help="CUDA: time the waits for copies (copy_wait_s) with events, in steps that are not a graph")
+      help="CUDA: time the waits for copies (copy_wait_s) with events, a sync per step; the decode steps "
+           "then run op by op (--no-graphs: a graph's waits cannot be timed)")
     return p
 
 
-def check(args, pol):
+def check(args, pol, dev=None):
     """The numbers and combinations Policy does not check itself: a flag is never silently ignored."""
     if args.prompt_file is not None and args.prompt:
         raise ValueError("--prompt and --prompt-file both given: choose one")
     if args.time_copies and pol.name == "full":
         raise ValueError("--time-copies times the waits for copies from the CPU store: full has none")
+    if args.time_copies and dev is not None and dev.type != "cuda":
+        raise ValueError("--time-copies times CUDA copies with events: on a CPU every copy's wait is timed "
+                         "anyway (copy_wait_s)")
     if args.calib is not None and pol.name != "infinigen":
         raise ValueError(f"--calib calibrates InfiniGen's skew: it needs --policy infinigen, not {pol.name}")
     if not (args.temperature == 0 or 1e-4 <= args.temperature < math.inf):
@@ -277,6 +281,13 @@ def eviction_of(args):
     if args.eviction and not args.cpu_kv_capacity:
         raise ValueError("--eviction chooses what a bounded CPU pool evicts: it needs --cpu-kv-capacity")
     return args.eviction or Policy().eviction
+
+
+def policy_of(args):  # --time-copies: the steps op by op (a graph's waits cannot be timed)
+    return Policy(args.policy, budget_of(args.budget), args.alpha, args.partial_ratio, args.skew,
+                  args.dense_layers, args.recent, capacity=args.cpu_kv_capacity, eviction=eviction_of(args),
+                  measure_recall=args.measure_recall, layer_budget=args.layer_budget, gather=args.gather,
+                  graphs=args.graphs and not args.time_copies)
 
 
 def budget_of(b):  # a token count past any context means all of it (and stays a 64-bit integer)
@@ -335,17 +346,15 @@ class Run:
     """One generation of the command line; what it generated so far survives a Ctrl-C."""
     def __init__(self, args):
         self.args, self.got, self.stream = args, [], None    # got: per step, the token of each sequence
+        self.n = 1 if args.prompt_file is not None else len(args.prompt or [None])     # sequences
         self.busy = self.pending = False
 
     def go(self):
         args = self.args
         dev = device_of(args.device)
         dtype = getattr(torch, args.dtype or ("float16" if dev.type == "cuda" else "float32"))
-        pol = Policy(args.policy, budget_of(args.budget), args.alpha, args.partial_ratio, args.skew,
-                     args.dense_layers, args.recent, capacity=args.cpu_kv_capacity,
-                     eviction=eviction_of(args), measure_recall=args.measure_recall,
-                     layer_budget=args.layer_budget, gather=args.gather, graphs=args.graphs)
-        check(args, pol)
+        pol = policy_of(args)
+        check(args, pol, dev)
         prompts = [read_text(args.prompt_file, "prompt file")] if args.prompt_file is not None else [
             p.encode("utf-8", "surrogateescape").decode("utf-8", "replace")          # bytes argv held
             for p in args.prompt or ["Explain in two sentences why the sky is blue."]]
@@ -381,7 +390,7 @@ class Run:
         self.pending = True
 
     def show(self, out, st=None):
-        args, texts = self.args, [self.tok.decode(o) for o in out]
+        args, texts = self.args, [self.tok.decode(o) if o else "" for o in out]
         if args.json:
             one = len(texts) == 1
             res = {"text": texts[0] if one else texts, "tokens": out[0] if one else out}
@@ -399,8 +408,9 @@ class Run:
                   f"{st['h2d_bytes_per_step'] / 2**20:.2f} MiB host->device per step", file=sys.stderr)
 
     def interrupted(self):
-        """Ctrl-C: print what was generated (the rest of the streamed text, or each sequence), exit 130."""
-        if self.got:
-            rows = [list(r) for r in zip(*self.got)]                                 # per sequence
+        """Ctrl-C: print what was generated (the rest of the streamed text, or each sequence; --json: one
+        object, also before any token), exit 130."""
+        if self.got or self.args.json:
+            rows = [list(r) for r in zip(*self.got)] or [[] for _ in range(self.n)]     # per sequence
             self.show([r[:next((j for j, x in enumerate(r) if x in self.stop), len(r))] for r in rows])
         interrupted(f" after {len(self.got)} new tokens" if self.got else "")

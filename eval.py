@@ -168,8 +168,9 @@ def check_only(args):
     if args.study and args.passkey:
         raise ValueError("--passkey and --study both given: the study's own is --study --only passkey")
     d = cli.parse_args(build_parser(), ["--paper"] if args.paper else [])     # the defaults in force
-    given = [k for k, v in vars(args).items() if v != getattr(d, k) and k not in ("paper", "json")]
     mode = "report" if args.report else "study" if args.study else "passkey" if args.passkey else "text"
+    given = [k for k, v in vars(args).items() if v != getattr(d, k) and k not in ("paper", "json")]
+    given += ["paper"] if args.paper and mode == "report" else []      # elsewhere it sets the defaults
     unread, why = UNREAD.get(mode, (set(given) - {"report"}, "it rebuilds the table from results/"))
     if bad := [k for k in given if k in unread]:
         raise ValueError(f"--{bad[0].replace('_', '-')} is not read by --{mode}: {why}")
@@ -277,12 +278,31 @@ def label(p):
     return f"{p['name']}{extra}" + (" (paper)" if p["name"] == "infinigen" and paper else "")
 
 
+def window_keys(part):  # what makes two parts' numbers one table's: passkey makes its own prompts
+    return ("model",) if part == "passkey" else ("model", "text", "context", "windows", "decode")
+
+
+def keeps_same_windows(args):
+    """--study --only reruns some parts and keeps the others' files for the README's one table: refused before
+    any work when a kept part was measured otherwise (report() would refuse the mix after the run)."""
+    meta = {"model": args.model or "default", "text": os.path.basename(args.text or ""),
+            "context": args.context, "windows": args.windows, "decode": args.decode}
+    new = [p for p in PARTS[:-1] if not args.only or p in args.only.split(",")]
+    new += ["passkey"] if wants_passkey(args) else []
+    for part, res in ((p, load_part(p)) for p in PARTS if p not in new):
+        for k in [k for k in window_keys(part) if res and any(k in window_keys(p) for p in new)]:
+            if (v := res.get(k, "default" if k == "model" else None)) != meta[k]:
+                raise ValueError(f"--only {args.only} would measure {k} {meta[k]}, but "
+                                 f"results/eval-{part}.json, which it keeps, has {v}: one table needs the "
+                                 "same; run the whole --study, or move that file away")
+
+
 def same_windows(parts):
     """One table holds one model's numbers on the same windows: a part measured otherwise (a quick study
     of another model or text) is refused by name, before anything is written."""
     first = {}                                     # setting -> (its value, the part that set it first)
     for part, res in ((p, r) for p, r in parts.items() if r):
-        for k in ("model",) if part == "passkey" else ("model", "text", "context", "windows", "decode"):
+        for k in window_keys(part):
             v = res.get(k, "default" if k == "model" else None)
             was, where = first.setdefault(k, (v, part))
             if v != was:
@@ -418,6 +438,8 @@ def run(args):
     check_only(args)
     if args.report:
         return report()
+    if args.study:
+        keeps_same_windows(args)
     pol = policy_from(args)
     dev = cli.device_of(args.device)
     model, tok = M.load_with_tokenizer(args.model, dev, torch.float32)

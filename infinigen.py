@@ -50,8 +50,8 @@ class Policy:
     def __post_init__(self):  # every impossible setting, refused with one line
         for ok, why in [
             (self.name in POLICIES, f"unknown policy {self.name!r} (choose from {', '.join(POLICIES)})"),
-            (self.budget > 0 and math.isfinite(self.budget),
-             f"impossible budget {self.budget}: give a fraction in (0, 1] or a token count > 1"),
+            (self.budget > 0 and math.isfinite(self.budget) and (self.budget <= 1 or self.budget % 1 == 0),
+             f"impossible budget {self.budget}: give a fraction in (0, 1] or a whole token count > 1"),
             (0 < self.partial_ratio <= 1, f"partial ratio {self.partial_ratio} must be in (0, 1]"),
             (self.alpha >= 0, f"alpha {self.alpha} must be >= 0 (inf: no threshold, the budget decides)"),
             (0 <= self.recent <= 1, f"recent share {self.recent} must be in [0, 1]"),

@@ -214,6 +214,20 @@ def test_bad_flags_give_one_line(args, word):
     assert len(lines) == 1 and lines[0].startswith("error:") and word in lines[0], r.stderr
 
 
+@pytest.mark.parametrize("missing", ["transformers", "gguf"])
+def test_the_cpu_suite_without_its_peer_says_so_before_it_runs(tmp_path, monkeypatch, missing):
+    """It measured the demo's memory for 20 s, then ended in 'No module named transformers'."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing
+                        else real(name, *a))
+    monkeypatch.setattr(bench.prepare, "prepare", lambda *a, **kw: pytest.fail("it went on to the model"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--suite", "cpu", "--out", str(tmp_path / "cpu.json")])
+    assert e.value.code == ("error: --suite cpu compares with transformers reading the GGUF: it needs "
+                            f"{missing} (make dev installs it)")             # the one line sys.exit prints
+
+
 def test_a_row_whose_prompts_cannot_be_held_is_that_rows_result(tmp_path):
     """A huge batch: its random prompts alone (4 TB as lists) are refused as the row's result, not a traceback
     after the warm-up; the next row still runs."""

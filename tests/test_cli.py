@@ -70,6 +70,7 @@ def error_cases(tiny):
         "temperature abc": (["--temperature", "abc", "--prompt", "hi"], "--temperature"),
         "policy nope": (["--policy", "nope", "--prompt", "hi"], "nope"),
         "budget 0": (["--budget", "0", "--prompt", "hi"], "budget"),
+        "budget 1.5": (["--policy", "h2o", "--budget", "1.5", "--prompt", "hi"], "a whole token count"),
         "missing prompt file": (["--prompt-file", str(tiny / "absent.txt")], "absent.txt"),
         "prompt file is a folder": (["--prompt-file", str(tiny)], "not a regular file"),
         "empty prompt": (["--model", str(tiny / "llama"), "--no-chat", "--prompt", ""], "empty prompt"),
@@ -94,6 +95,8 @@ def error_cases(tiny):
     }
     if not CUDA:
         cases["cuda unavailable"] = (["--device", "cuda", "--prompt", "hi"], "CUDA")
+        cases["copies timed on a CPU"] = (["--policy", "offload", "--time-copies", "--prompt", "hi"],
+                                          "on a CPU every copy's wait is timed anyway")
         cases["kernel without its interpreter"] = (
             ["--model", str(tiny / "llama"), "--policy", "offload", "--gather", "device", "--prompt", "hi",
              "--max-new-tokens", "2", "--env", "TRITON_INTERPRET=0"], "TRITON_INTERPRET='0'")

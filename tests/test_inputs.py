@@ -311,10 +311,15 @@ def test_ctrl_c_prints_what_was_generated(files, monkeypatch, mode):
         assert len(out.split()) == 5 and out.endswith("\n")
 
 
-def test_ctrl_c_before_any_token(files, monkeypatch):
+@pytest.mark.parametrize("json_out", [[], ["--json"], ["--json", "--prompt", "ho"]])
+def test_ctrl_c_before_any_token(files, monkeypatch, json_out):
+    """Nothing generated: nothing printed, but --json still prints its one object (it printed none)."""
     monkeypatch.setattr(M, "load_with_tokenizer", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
-    code, out, err = call(cli.main, ["--model", files["tiny"], "--prompt", "hi"])
-    assert code == 130 and err.strip() == "interrupted" and out == ""
+    code, out, err = call(cli.main, ["--model", files["tiny"], "--prompt", "hi", *json_out])
+    assert code == 130 and err.strip() == "interrupted"
+    want = {0: "", 1: '{"text": "", "tokens": [], "interrupted": true}\n',
+            3: '{"text": ["", ""], "tokens": [[], []], "interrupted": true}\n'}[len(json_out)]
+    assert out == want, out
 
 
 # --- Interruption: prepare and results files
@@ -597,7 +602,23 @@ def test_report_refuses_parts_measured_on_other_windows(tmp_path, monkeypatch, p
     assert phrase in code and (tmp_path / "README.md").read_text() == readme, code
 
 
+def test_a_study_of_some_parts_on_other_windows_is_refused_before_it_writes(tmp_path, monkeypatch):
+    """--only ratio on another text overwrote results/eval-ratio.json, and then the report refused the mix
+    (a helper's new-user audit): now refused before any work, the results as they were."""
+    E = study_folder(tmp_path, monkeypatch)
+    text = tmp_path / "prose.txt"
+    text.write_text("hello world. " * 200)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "results").iterdir()}
+    code, _, err = call(E.main, ["--study", "--only", "ratio", "--text", str(text), "--context", "32",
+                                 "--decode", "4"])
+    one_error(code, err)
+    assert "--only ratio would measure text prose.txt, but results/eval-policies.json, which it keeps, has " \
+           "tinyshakespeare.txt" in code, code
+    assert {p.name: p.read_bytes() for p in (tmp_path / "results").iterdir()} == before
+
+
 @pytest.mark.parametrize("argv, phrase", [
+    (["--report", "--paper"], "--paper is not read by --report"),
     (["--report", "--policy", "h2o", "--budget", "0.5"], "--policy is not read by --report"),
     (["--report", "--text", "x.txt"], "--text is not read by --report"),
     (["--report", "--device", "cuda"], "--device is not read by --report"),
@@ -1045,6 +1066,12 @@ def test_check_refuses_sampling_numbers_at_their_edges(flags, phrase):
     for ok in (["--temperature", "1e-4"], ["--seed", str(2**64 - 1)], ["--seed", str(-2**63)],
                ["--top-p", "1"]):
         cli.check(cli.parse_args(cli.build_parser(), ["--prompt", "hi", *ok]), Policy())
+
+
+def test_timed_copies_turn_the_graphs_off():
+    """A graph's waits cannot be timed: --time-copies ran graphed steps on CUDA and timed nothing."""
+    pol = lambda *flags: cli.policy_of(cli.parse_args(cli.build_parser(), ["--policy", "offload", *flags]))
+    assert pol().graphs and not pol("--time-copies").graphs and not pol("--no-graphs").graphs
 
 
 def test_a_budget_past_any_context_is_clamped_to_all_of_it():
