@@ -285,7 +285,9 @@ def window_keys(part):  # what makes two parts' numbers one table's: passkey mak
 def keeps_same_windows(args):
     """--study --only reruns some parts and keeps the others' files for the README's one table: refused before
     any work when a kept part was measured otherwise (report() would refuse the mix after the run)."""
-    meta = {"model": args.model or "default", "text": os.path.basename(args.text or ""),
+    if not args.text:                                               # refused as missing, later
+        return
+    meta = {"model": args.model or "default", "text": os.path.basename(args.text),
             "context": args.context, "windows": args.windows, "decode": args.decode}
     new = [p for p in PARTS[:-1] if not args.only or p in args.only.split(",")]
     new += ["passkey"] if wants_passkey(args) else []

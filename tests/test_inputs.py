@@ -617,6 +617,14 @@ def test_a_study_of_some_parts_on_other_windows_is_refused_before_it_writes(tmp_
     assert {p.name: p.read_bytes() for p in (tmp_path / "results").iterdir()} == before
 
 
+def test_a_study_of_some_parts_without_a_text_says_it_needs_one(tmp_path, monkeypatch):
+    E = study_folder(tmp_path, monkeypatch)
+    monkeypatch.setattr(E.M, "load_with_tokenizer", lambda *a, **kw: (None, None))     # not read before
+    code, _, err = call(E.main, ["--study", "--only", "ratio"])
+    one_error(code, err)
+    assert "--text FILE is required" in code, code
+
+
 @pytest.mark.parametrize("argv, phrase", [
     (["--report", "--paper"], "--paper is not read by --report"),
     (["--report", "--policy", "h2o", "--budget", "0.5"], "--policy is not read by --report"),
