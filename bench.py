@@ -308,8 +308,10 @@ def pinned_h2d_bandwidth(dev, n=5, registered=False):
     which an IOMMU may make slower."""
     if dev.type != "cuda":
         return None
-    if registered:
+    if registered:                          # what pinning costs a row: a 7B-shape store registers 16 GiB
+        t = time.perf_counter()
         src = host_tensor((2**30,), torch.uint8, pin=True)
+        say(f"  registering 1 GiB of host memory took {time.perf_counter() - t:.2f} s")
     else:
         src = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty_like(src, device=dev)
