@@ -426,3 +426,12 @@ def test_solution_ex18_1(lm):
 def test_solution_ex18_2(lm):
     from tutorial import solutions
     assert solutions.ex18_2(lm[0]) == {"offload": False, "host": False, "pool": False, "h2o": True}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--wirte"], ["tutorial/no-such-chapter.md"]])
+def test_the_runner_runs_nothing_on_help_or_a_slip(argv, monkeypatch):
+    """`run.py --help` (or a misspelt flag) ran every chapter: the flags were not parsed."""
+    monkeypatch.setattr(run, "run_chapter", lambda *a, **kw: pytest.fail("it ran a chapter"))
+    with pytest.raises(SystemExit) as e:
+        run.main(argv)
+    assert e.value.code == (0 if argv == ["--help"] else 2)

@@ -7,6 +7,7 @@ namespace, from the repository root (which is on sys.path), on one CPU thread.
 An output block is a ```text fence right after the line `<!-- output -->`; it shows what the
 runnable block before it printed the last time the chapter was run with --write.
 """
+import argparse
 import contextlib
 import io
 import os
@@ -66,11 +67,17 @@ def run_chapter(path, write=False, threads=1, echo=None):
 
 
 def main(argv):
-    write = "--write" in argv
-    paths = [a for a in argv if not a.startswith("--")] or sync.chapters()
-    for p in paths:
-        print(f"== {os.path.relpath(p, ROOT)}", file=sys.stderr)
-        run_chapter(p, write)
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                                epilog="with no chapter: every chapter, in order")
+    p.add_argument("chapters", nargs="*", help="tutorial/NN-*.md files")
+    p.add_argument("--write", action="store_true", help="also refresh the chapters' output blocks")
+    args = p.parse_args(argv)                   # --help, or a flag misspelt, runs nothing
+    for path in args.chapters:
+        if not os.path.isfile(path):
+            p.error(f"no chapter {path}")
+    for path in args.chapters or sync.chapters():
+        print(f"== {os.path.relpath(path, ROOT)}", file=sys.stderr)
+        run_chapter(path, args.write)
 
 
 if __name__ == "__main__":
