@@ -225,6 +225,9 @@ def build_parser():
     d = Policy()
     a("--budget", type=float, default=d.budget, help="past tokens per sparse layer: fraction (<=1) or count")
     a("--alpha", type=float, default=d.alpha, help="infinigen: keep speculated scores above max - alpha")
+    a("--head-count", choices=["own", "mean"], default=d.head_count,
+      help="infinigen: own, each KV head its count within alpha; mean, every head the heads' mean count "
+           "(the authors' rule)")
     a("--partial-ratio", type=float, default=d.partial_ratio,
       help="infinigen: share of head dims in partial keys")
     a("--skew", choices=SK.MODES, default=d.skew)
@@ -287,7 +290,7 @@ def policy_of(args):  # --time-copies: the steps op by op (a graph's waits canno
     return Policy(args.policy, budget_of(args.budget), args.alpha, args.partial_ratio, args.skew,
                   args.dense_layers, args.recent, capacity=args.cpu_kv_capacity, eviction=eviction_of(args),
                   measure_recall=args.measure_recall, layer_budget=args.layer_budget, gather=args.gather,
-                  graphs=args.graphs and not args.time_copies)
+                  graphs=args.graphs and not args.time_copies, head_count=args.head_count)
 
 
 def budget_of(b):  # a token count past any context means all of it (and stays a 64-bit integer)

@@ -186,7 +186,7 @@ def study(model, tok, args):
     """Every comparison of `make eval`, one JSON per part in results/: {"results": the files written}.
     (report() then makes the plots and the README table.)"""
     base = dict(budget=0.1, alpha=args.alpha, partial_ratio=args.partial_ratio, skew=args.skew,
-                layer_budget=args.layer_budget)
+                layer_budget=args.layer_budget, head_count=args.head_count)
     other = "uniform" if args.layer_budget == "prompt" else "prompt"       # the layers part: the other rule
     win = windows_of(tok, args.text, args.context, args.windows)
     parts = {
@@ -325,6 +325,7 @@ def report():
         for r in (parts[part] or {}).get("rows", []):
             p = r["policy"]
             knobs = [f"α={p['alpha']}", f"r={p['partial_ratio']}"] if p["name"] == "infinigen" else []
+            knobs += ["heads: their mean count"] if p.get("head_count") == "mean" else []
             miss = f" ({r['pool_miss_rate']:.2%} of rows missed)" if "pool_miss_rate" in r else ""
             knobs += [f"pool 80% {p['eviction']}{miss}"] if p.get("capacity") else []
             knobs = ", ".join(knobs + ["layers: " + p.get("layer_budget", "uniform")])
@@ -415,7 +416,8 @@ def save(name, obj):  # whole or not at all; returns the path
 def policy_from(args, **over):
     kw = dict(name=args.policy, budget=cli.budget_of(args.budget), alpha=args.alpha,
               partial_ratio=args.partial_ratio, skew=args.skew, dense_layers=args.dense_layers,
-              capacity=args.cpu_kv_capacity, eviction=cli.eviction_of(args), layer_budget=args.layer_budget)
+              capacity=args.cpu_kv_capacity, eviction=cli.eviction_of(args), layer_budget=args.layer_budget,
+              head_count=args.head_count)
     kw.update(over)
     return I.Policy(**kw)
 
@@ -476,6 +478,7 @@ def build_parser():
     a("--policy", choices=I.POLICIES, default="infinigen")
     a("--budget", type=float, default=d.budget)
     a("--alpha", type=float, default=d.alpha)
+    a("--head-count", choices=["own", "mean"], default=d.head_count)
     a("--partial-ratio", type=float, default=d.partial_ratio)
     a("--skew", choices=I.SK.MODES, default=d.skew)
     a("--dense-layers", type=int, default=d.dense_layers)

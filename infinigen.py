@@ -46,6 +46,7 @@ class Policy:
     measure_recall: bool = False
     gather: str = "auto"         # host | device (a kernel reads pinned memory) | auto: device on CUDA
     graphs: bool = True          # CUDA: decode steps replayed as one CUDA graph, where the step allows it
+    head_count: str = "own"      # infinigen: each KV head its count within alpha | mean: the heads' mean
 
     def __post_init__(self):  # every impossible setting, refused with one line
         for ok, why in [
@@ -65,6 +66,7 @@ class Policy:
              "tokens with full attention: not for --policy full"),
             (self.layer_budget in ("uniform", "prompt"),
              f"unknown layer budget {self.layer_budget!r} (uniform or prompt)"),
+            (self.head_count in ("own", "mean"), f"unknown head count {self.head_count!r} (own or mean)"),
             (self.skew in SK.MODES, f"unknown skew mode {self.skew!r} (choose from {', '.join(SK.MODES)})"),
             (self.gather in GATHERS, f"unknown gather {self.gather!r} (choose from {', '.join(GATHERS)})")]:
             if not ok:
@@ -90,10 +92,10 @@ class Policy:
         return k.long().clamp(min=1).minimum(n)
 
 
-# The authors' choices (their speed-up scripts, speedup/scripts/*/run.sh of snu-comparch/InfiniGen):
-# SVD skew (offline there; calibrated on the prompt here unless --calib), partial ratio 0.2, alpha 4,
-# budget 0.2 of the context, the same for every sparse layer.
-PAPER = dict(skew="svd", partial_ratio=0.2, alpha=4.0, budget=0.2, layer_budget="uniform")
+# The authors' choices (speedup/scripts/*/run.sh and kv_selection_controller.py of snu-comparch/InfiniGen):
+# SVD skew (offline there, here on the prompt unless --calib), r 0.2, alpha 4, budget 0.2 for every sparse
+# layer, and every head fetching the heads' mean count within alpha.
+PAPER = dict(skew="svd", partial_ratio=0.2, alpha=4.0, budget=0.2, layer_budget="uniform", head_count="mean")
 
 
 # --- Offloaded caches
@@ -131,9 +133,8 @@ class OffloadCache(M.Cache):
         return self.T == 1 and layer >= self.pol.dense_layers and self.name != "offload"
 
     def set_shares(self, share):
-        """Each layer's share of the budget (L,): on the device for the counts of a step, and on the host
-        the bound of a selection, `kmax` per layer: the count of the longest past a decode step can have
-        (S - 1 tokens), so a decode step's shapes never change."""
+        """Each layer's share of the budget (L,): on the device for a step's counts; on the host `kmax`, each
+        layer's bound of a selection: the count of the longest past (S - 1 tokens), so shapes never change."""
         self.share, self.share_dev = share, share.double().to(self.dev)[:, None]      # (L,), (L, 1)
         self.kmax = self.pol.count(torch.tensor([max(self.S - 1, 1)]), share[:, None])[:, 0].tolist()
 
@@ -272,7 +273,8 @@ class InfiniGen(OffloadCache):
     def select(self, layer, q, x, rope):
         qp = partial_query(x, self.model.layers[layer].attn, rope, self.P[layer], self.Wp[layer])
         s = speculate(qp, self.kpart[layer][:, :, :self.allowed.shape[-1]], self.scale, self.allowed)
-        return threshold_select(s, self.pol.alpha, self.counts[layer], self.allowed, self.kmax[layer])
+        mean = self.pol.head_count == "mean"                         # the authors' rule (chapter 10)
+        return threshold_select(s, self.pol.alpha, self.counts[layer], self.allowed, self.kmax[layer], mean)
 
 
 # --- Baselines
@@ -304,8 +306,7 @@ class H2O(OffloadCache):
     def __init__(self, model, pol, batch, slots, device, dtype):
         super().__init__(model, pol, batch, slots, device, dtype)
         shape = (self.cfg.n_layers, batch, self.cfg.n_kv_heads, slots)          # (L, B, Hkv, S)
-        self.score = torch.zeros(shape, device=device)
-        self.alive = torch.ones(shape, device=device, dtype=torch.bool)
+        self.score, self.alive = torch.zeros(shape, device=device), torch.full(shape, True, device=device)
 
     def device_bytes(self, batch, slots, elt):
         return self.cfg.n_layers * batch * self.cfg.n_kv_heads * slots * 5        # float32 scores, bool alive
@@ -321,9 +322,8 @@ class H2O(OffloadCache):
     def select(self, layer, q, x, rope):
         k = self.counts[layer]
         n_recent = (k.double() * self.pol.recent).long()
-        rank = self.allowed.long().cumsum(-1)
+        rank, w = self.allowed.long().cumsum(-1), self.allowed.shape[-1]
         recent = rank > (self.length - n_recent)[:, None, None]
-        w = self.allowed.shape[-1]
         alive = self.alive[layer, :, :, :w] & self.allowed
         heavy = topk_mask(self.score[layer, :, :, :w], k - n_recent, alive & ~recent, self.kmax[layer])
         sel = heavy | (recent & self.allowed)

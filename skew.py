@@ -154,11 +154,15 @@ def to_index(sel, n=None):
     return first.indices, first.values < S                                              # (B, Hkv, n)
 
 
-def threshold_select(s, alpha, cap, allowed, kmax=None):
-    """Tokens whose score is within alpha of the best, at most cap (B,) of them. (B, Hkv, t) bool."""
+def threshold_select(s, alpha, cap, allowed, kmax=None, mean=False):
+    """Tokens whose score is within alpha of the best, at most cap (B,) of them. (B, Hkv, t) bool.
+    mean: the authors' rule instead, every head its best n, n the mean over the heads of how many of their
+    tokens are within alpha (rounded down, at most cap; their speculate_attention means over the batch)."""
     s = s.masked_fill(~allowed, float("-inf"))
-    near = s >= s.amax(-1, keepdim=True) - alpha
-    return topk_mask(s, cap, near & allowed, kmax)
+    near = (s >= s.amax(-1, keepdim=True) - alpha) & allowed
+    if mean:
+        cap, near = torch.minimum(cap, near.sum(-1).double().mean(-1).long()), allowed    # (B,)
+    return topk_mask(s, cap, near, kmax)
 
 
 # --- Layer shares of the budget

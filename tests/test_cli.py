@@ -200,21 +200,26 @@ def test_paper_preset_sets_the_authors_choices_and_explicit_flags_win():
     import cli
     import eval as E
     import infinigen as I
-    assert I.PAPER == dict(skew="svd", partial_ratio=0.2, alpha=4.0, budget=0.2, layer_budget="uniform")
+    assert I.PAPER == dict(skew="svd", partial_ratio=0.2, alpha=4.0, budget=0.2, layer_budget="uniform",
+                           head_count="mean")
     for build in (cli.build_parser, E.build_parser):
         plain = cli.parse_args(build(), [])
-        assert (plain.skew, plain.partial_ratio, plain.alpha, plain.layer_budget) == \
-            (I.Policy().skew, I.Policy().partial_ratio, I.Policy().alpha, I.Policy().layer_budget)
+        assert (plain.skew, plain.partial_ratio, plain.alpha, plain.layer_budget, plain.head_count) == \
+            (I.Policy().skew, I.Policy().partial_ratio, I.Policy().alpha, I.Policy().layer_budget, "own")
         paper = vars(cli.parse_args(build(), ["--paper"]))
         assert {k: paper[k] for k in I.PAPER} == I.PAPER and paper["policy"] == "infinigen"
         mixed = vars(cli.parse_args(build(), ["--budget", "0.1", "--paper", "--skew", "planes"]))
         assert mixed["budget"] == 0.1 and mixed["skew"] == "planes"          # given: they win
         assert mixed["alpha"] == 4.0 and mixed["partial_ratio"] == 0.2      # not given: the preset
         assert vars(cli.parse_args(build(), ["--paper", "--policy", "h2o"]))["policy"] == "h2o"
+        assert vars(cli.parse_args(build(), ["--paper", "--head-count", "own"]))["head_count"] == "own"
     pol = I.Policy.paper(budget=0.1)
-    assert (pol.name, pol.skew, pol.partial_ratio, pol.alpha, pol.budget, pol.layer_budget) == \
-        ("infinigen", "svd", 0.2, 4.0, 0.1, "uniform")
-    assert "--skew svd --partial-ratio 0.2 --alpha 4.0 --budget 0.2 --layer-budget uniform" in cli.PAPER_FLAGS
+    got = (pol.name, pol.skew, pol.partial_ratio, pol.alpha, pol.budget, pol.layer_budget, pol.head_count)
+    assert got == ("infinigen", "svd", 0.2, 4.0, 0.1, "uniform", "mean")
+    flags = "--skew svd --partial-ratio 0.2 --alpha 4.0 --budget 0.2 --layer-budget uniform --head-count mean"
+    assert flags in cli.PAPER_FLAGS
+    assert cli.policy_of(cli.parse_args(cli.build_parser(), ["--paper"])).head_count == "mean"
+    assert E.policy_from(cli.parse_args(E.build_parser(), ["--paper"])).head_count == "mean"
 
 
 # --- A book as a prompt

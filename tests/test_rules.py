@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import infinigen as IG
+import skew as SK
 from infinigen import Policy
 from test_policies import hf_random, padded
 
@@ -156,3 +157,60 @@ def test_temperature_divides_the_logits(temperature):
     """logits (2, 0): the first token's probability is sigmoid(2 / temperature)."""
     got = draws([2.0, 0.0], temperature, 1.0)
     assert got[0] == pytest.approx(1 / (1 + math.exp(-2 / temperature)), abs=0.02)
+
+
+# --- InfiniGen's count per head: the authors' rule (--head-count mean, in --paper)
+def mean_count_by_hand(s, allowed, alpha, cap):
+    """One sequence (Hkv, t): every head counts its allowed tokens within alpha of its best; each then keeps
+    its best n allowed, n the heads' mean count rounded down, at most cap (speculate_attention's rule)."""
+    counts = []
+    for h in range(s.shape[0]):
+        vals = [float(s[h, t]) for t in range(s.shape[1]) if allowed[t]]
+        counts.append(sum(v >= max(vals) - alpha for v in vals))
+    n = min(int(sum(counts) / len(counts)), cap)
+    keep = []
+    for h in range(s.shape[0]):
+        ranked = sorted((t for t in range(s.shape[1]) if allowed[t]), key=lambda t: -float(s[h, t]))
+        keep.append(set(ranked[:n]))
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("alpha", [0.5, 2.0, 4.0])
+def test_the_authors_count_is_the_heads_mean_for_every_head(seed, alpha):
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, t = 3, 4, 40
+    s = torch.randn(B, Hkv, t, generator=g) * 3
+    allowed = torch.rand(B, 1, t, generator=g) < 0.8
+    cap = torch.tensor([40, 6, 2])
+    got = SK.threshold_select(s, alpha, cap, allowed, kmax=40, mean=True)
+    for b in range(B):
+        want = mean_count_by_hand(s[b], allowed[b, 0], alpha, int(cap[b]))
+        assert [set(got[b, h].nonzero().flatten().tolist()) for h in range(Hkv)] == want, (seed, alpha, b)
+    assert torch.equal(SK.threshold_select(s, math.inf, cap, allowed, 40, mean=True),
+                       SK.threshold_select(s, math.inf, cap, allowed, 40))     # alpha inf: the cap decides
+
+
+def test_the_two_counts_differ_where_the_heads_do():
+    """Head 0 has 1 token within alpha, head 1 has 9: each keeps its own (1 and 9), or both keep 5."""
+    s = torch.full((1, 2, 12), -10.0)
+    s[0, 0, 0], s[0, 1, :9] = 0.0, 0.0
+    s[0, 0, 1:6] = torch.tensor([-5.0, -6.0, -7.0, -8.0, -9.0])        # head 0's next best, outside alpha 1
+    allowed, cap = torch.ones(1, 1, 12, dtype=torch.bool), torch.tensor([12])
+    own, mean = (SK.threshold_select(s, 1.0, cap, allowed, 12, m) for m in (False, True))
+    assert own.sum(-1).tolist() == [[1, 9]] and mean.sum(-1).tolist() == [[5, 5]]
+    assert mean[0, 0, :5].all() and mean[0, 1, :9].sum() == 5
+
+
+def test_infinigen_selects_by_the_policys_head_count(llama, monkeypatch):
+    m, prompts = llama
+    seen = []
+    real = IG.threshold_select
+    monkeypatch.setattr(IG, "threshold_select", lambda *a: seen.append(a[-1]) or real(*a))
+    for rule in ("own", "mean"):
+        pol = Policy("infinigen", budget=0.5, alpha=2.0, head_count=rule)
+        run(m, prompts, IG.make_cache(m, pol, 2, 40), 2)
+    assert seen and set(seen[:len(seen) // 2]) == {False} and set(seen[len(seen) // 2:]) == {True}
+    assert Policy.paper().head_count == "mean" and Policy().head_count == "own"
+    with pytest.raises(ValueError, match="unknown head count"):
+        Policy("infinigen", head_count="max")

@@ -204,7 +204,8 @@ class LayerAhead(NaiveOffload):
             qp = SK.partial_query(x, self.model.layers[i].attn, rope, self.P[i], self.Wp[i])
             s = SK.speculate(qp, self.kpart[i][:, :, :t0], q.shape[-1] ** -0.5, allowed)   # (B, Hkv, t0)
             cap = self.pol.count(self.lengths)                                        # (B,) tokens
-            idx, ok = SK.to_index(SK.threshold_select(s, self.pol.alpha, cap, allowed))  # (B, Hkv, n)
+            sel = SK.threshold_select(s, self.pol.alpha, cap, allowed, mean=self.pol.head_count == "mean")
+            idx, ok = SK.to_index(sel)                                               # (B, Hkv, n)
             rows = lambda c: c[i, :, :, :t0].gather(2, idx[..., None].expand(-1, -1, -1, c.shape[-1]))
             self.ahead[i] = rows(self.k_cpu).to(self.dev), rows(self.v_cpu).to(self.dev), ok  # the prefetch
             self.copied += 2 * int(ok.sum()) * k.shape[-1] * k.element_size()    # padding rows: not sent
