@@ -128,7 +128,7 @@ def test_solution_ex01_2():
     plain = vars(cli.parse_args(cli.build_parser(), []))
     import infinigen as I
     assert solutions.ex01_2() == {k: paper[k] for k in I.PAPER if paper[k] != plain[k]}
-    assert set(solutions.ex01_2()) == {"skew", "partial_ratio", "alpha", "layer_budget"}
+    assert set(solutions.ex01_2()) == {"skew", "partial_ratio", "alpha", "layer_budget", "head_count"}
 
 
 def test_solution_ex02_1(lm):
