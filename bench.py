@@ -15,6 +15,8 @@
   python bench.py --suite gather    the two gathers of KVStore.fetch (host, device kernel) in GB/s of
                                     useful bytes, rows of 128-512 bytes, 5-20% of a layer; and which
                                     attention kernel decode's shapes get.
+  python bench.py --suite profile   one decode step per policy (default full, infinigen:0.1) under torch's
+                                    profiler: device time per kernel, summed by name, the largest first.
   python bench.py --suite report --results FILE
                                     a gpu suite's results file as a Markdown table (the README's), and
                                     issue 10's targets, each measured, its goal, and met or not.
@@ -45,7 +47,7 @@ import cli
 import infinigen as I
 import model as M
 import prepare
-from offload import KVStore, OffloadError, host_tensor, preflight
+from offload import KVStore, OffloadError, device_kernel, host_tensor, preflight, triton_available
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 LICENSES = "/usr/share/common-licenses"
@@ -247,6 +249,7 @@ SHAPES = {  # name -> Hugging Face config fields of a Llama; the rows the GPU su
                  rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5),
 }
 ROWS = {"smollm2": "16x8192,32x4096", "7b": "8x4096,4x8192", "tiny": "2x128"}
+DEFAULT_PER_SM = 1                          # kernel.PER_SM as it ships (kernel.py needs triton)
 ROW_KEYS = ("tokens_per_s", "step_s", "h2d_bytes_per_step", "pcie_floor_s", "step_over_floor", "copy_wait_s")
 POLICIES = "full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded"
 
@@ -410,7 +413,8 @@ def results_file(kind, device):
 NUMBER, TEXT = ((int, float, type(None)), "a number or null"), ((str, type(None)), "a string or null")
 ROW_TYPES = {"model": ((str,), "a string"), "impl": ((str,), "a string"), "batch": ((int,), "an integer"),
              "context": ((int,), "an integer"), "budget": NUMBER, "skipped": TEXT, "error": TEXT, "run": TEXT,
-             "cuda_graph": ((bool, type(None)), "true, false or null"), **{k: NUMBER for k in ROW_KEYS}}
+             "cuda_graph": ((bool, type(None)), "true, false or null"), "gather_per_sm": NUMBER,
+             **{k: NUMBER for k in ROW_KEYS}}
 
 
 def load_rows(path, fix=": move it away or give --out"):
@@ -445,7 +449,7 @@ def save_row(path, run, row):
     if not data["runs"] or data["runs"][-1] != run:
         data["runs"] = [r for r in data["runs"] if r["date"] != run["date"]] + [run]
     key = lambda r: (r["model"], r["impl"], r.get("budget"), r["batch"], r["context"], r.get("gather"),
-                     r.get("cuda_graph"))
+                     r.get("cuda_graph"), r.get("gather_per_sm"))
     data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
     write_json(path, data)
 
@@ -504,14 +508,26 @@ def run_ours(model, shape, pol, new, cuda):
         if cuda:
             torch.cuda.synchronize()
         t.append(time.perf_counter())
-    return ours(model, ids.tolist(), pol, new, time_copies=cuda, on_token=stamp)[1] | steady(t, ids.shape[0])
+    s = ours(model, ids.tolist(), pol, new, time_copies=cuda, on_token=stamp)[1] | steady(t, ids.shape[0])
+    if s.get("gather") == "device":                                    # the kernel's grid (kernel.PER_SM)
+        s["gather_per_sm"] = sys.modules["kernel"].PER_SM
+    return s
+
+
+def no_cudnn_attention():
+    """torch's attention kernels but cuDNN's, which torch 2.11 picks on Hopper and which builds a new plan
+    for every new key length, each decode step of transformers' cache (tens of ms; ours keep fixed shapes):
+    the peer runs at its best (the 2026-12-04 H200 rows ran with it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def make_peer(make_twin, dev):
     """transformers' model, warmed up; or the exception that stopped it (each peer row then says so)."""
     try:
         hf = make_twin()
-        hf_generate(hf, torch.arange(64, device=dev)[None], 4)
+        with no_cudnn_attention():
+            hf_generate(hf, torch.arange(64, device=dev)[None], 4)
         return hf
     except Exception as e:
         free_memory()
@@ -530,7 +546,8 @@ def run_peer(hf, cfg, shape, new, offloading, dev):
     peer_preflight(cfg, B, ctx, offloading, dev)
     ids = prompts_for(cfg, B, ctx, new)
     cache = DynamicCache(config=hf.config, offloading=offloading)
-    s = hf_generate(hf, ids.to(dev), new, cache)[1]
+    with no_cudnn_attention():
+        s = hf_generate(hf, ids.to(dev), new, cache)[1]
     if offloading:   # estimated: every layer's whole past comes back each step (mean past length)
         kv_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2
         s.update(h2d_bytes_per_step=kv_token * B * (ids.shape[1] + new // 2), h2d_estimated=True)
@@ -629,7 +646,8 @@ def suite_gpu(a):
 def best(rows, model, impl, budget, shape):
     """The fastest measured row of impl (at budget) on model at shape (B, context): graphs or not."""
     got = [r for r in rows if r["model"].split("-")[0] == model and r["impl"] == impl
-           and r.get("budget") == budget and (r["batch"], r["context"]) == shape and r.get("tokens_per_s")]
+           and r.get("budget") == budget and (r["batch"], r["context"]) == shape and r.get("tokens_per_s")
+           and r.get("gather_per_sm") in (None, DEFAULT_PER_SM)]                # the engine as it ships
     return max(got, key=lambda r: r["tokens_per_s"], default=None)
 
 
@@ -663,6 +681,11 @@ def targets(rows):
     return [(what, v, f"{op} {goal}", met(v, op, goal)) for what, v, op, goal in out]
 
 
+def grid_note(per_sm):  # a row whose gather kernel ran on another grid than the engine's
+    return "" if per_sm in (None, DEFAULT_PER_SM) else (
+        " (gather: a program per block of rows)" if per_sm == 0 else f" (gather: {per_sm} programs per SM)")
+
+
 def suite_report(a):
     if not a.results:
         raise ValueError("--suite report reads a results file: give --results FILE")
@@ -680,7 +703,8 @@ def suite_report(a):
     print("\n| model | batch × context | impl | graph | tokens/s | step ms | H2D MB/step | floor ms | "
           "step / floor | copy wait ms/step |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in data["rows"]:
-        impl = cell(r["impl"] + (f" {r['budget']}" if r.get("budget") is not None else ""))
+        impl = cell(r["impl"] + (f" {r['budget']}" if r.get("budget") is not None else "")
+                    + grid_note(r.get("gather_per_sm")))
         head = f"| {cell(r['model'])} | {r['batch']} × {r['context']} | {impl} |"
         if r.get("skipped") or r.get("error"):
             why = cell("skipped: " + r["skipped"] if r.get("skipped") else "ERROR: " + r["error"])
@@ -720,7 +744,11 @@ def suite_gather(a):
     info["registered_h2d_bytes_per_s"] = round(reg) if reg else None       # the store's kind of memory
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     path = cli.writable(a.out or results_file("gather", info["device"]))
-    for gather in gathers:     # the host's rows first: a failing kernel cannot take them along
+    kernel = sys.modules["kernel"] if "device" in gathers and device_kernel("gather_rows") else None
+    grids = {"host": [None], "device": [DEFAULT_PER_SM, 4, 0]}   # the kernel's programs per SM (0: per block)
+    for gather, per_sm in [(g, k) for g in gathers for k in grids[g]]:   # the host's rows first: a failing
+        if kernel:                                                         # kernel cannot take them along
+            kernel.PER_SM = DEFAULT_PER_SM if per_sm is None else per_sm
         for d in (32, 64, 128):
             store = KVStore(1, B, S, Hkv, d, dev, dtype, gather=gather)
             gen = torch.Generator(dev).manual_seed(d)                       # made on the device: fast
@@ -740,13 +768,13 @@ def suite_gather(a):
                 sync()
                 dt = (time.perf_counter() - t) / reps
                 useful = B * Hkv * n * store.row_bytes
-                row = {"row_bytes": store.row_bytes, "fraction": frac, "gather": gather,
+                row = {"row_bytes": store.row_bytes, "fraction": frac, "gather": gather, "per_sm": per_sm,
                        "ms": round(dt * 1e3, 3), "useful_gb_per_s": round(useful / dt / 1e9, 2),
                        "of_pinned_bandwidth": round(useful / dt / bw, 3) if bw else None}
                 info["rows"].append(row)
                 write_json(path, info)                                   # a run cut short keeps its rows
-                say(f"  rows of {store.row_bytes} B, {frac:.0%}, {gather}: {row['ms']} ms, "
-                    f"{row['useful_gb_per_s']} GB/s")
+                say(f"  rows of {store.row_bytes} B, {frac:.0%}, {gather}{grid_note(per_sm)}: "
+                    f"{row['ms']} ms, {row['useful_gb_per_s']} GB/s")
             store = None
             free_memory()
     for name, (H, Hkv, d, n) in {"7b": (32, 32, 128, 820), "smollm2": (9, 3, 64, 820)}.items():
@@ -758,8 +786,113 @@ def suite_gather(a):
             "gqa_with_mask": sdpa_backend(q, k, k, mask.repeat_interleave(G, 1), G > 1),
             "folded_into_queries": sdpa_backend(q.view(B, Hkv, G, d), k, k, mask.expand(B, Hkv, G, n), False)}
         say(f"  decode attention, {name} shape: {info['sdpa'][name]}")
-    table(info["rows"], ["row_bytes", "fraction", "gather", "ms", "useful_gb_per_s", "of_pinned_bandwidth"])
+    if kernel:
+        info["beside_compute"] = [beside_compute(kernel, k, dev, B, S, Hkv) for k in (DEFAULT_PER_SM, 4, 0)]
+        kernel.PER_SM = DEFAULT_PER_SM
+    table(info["rows"], ["row_bytes", "fraction", "gather", "per_sm", "ms", "useful_gb_per_s",
+                         "of_pinned_bandwidth"])
+    if info.get("beside_compute"):
+        table(info["beside_compute"], ["per_sm", "gather_ms", "compute_ms", "both_ms", "overlap"])
     write_json(path, info)
+    say(f"wrote {path}")
+
+
+def beside_compute(kernel, per_sm, dev, B, S, Hkv, layers=8):
+    """The device gather (rows of 512 B, 10% of a layer) on the copy stream while matmuls of about its
+    length run on the compute stream, as in a decode step: layer i+1's fetch, layer i's matmuls, then the
+    wait for the rows. ms per layer of each alone and of both; overlap = (gather + compute - both) / the
+    shorter: 1 when the shorter hid entirely under the longer, 0 when they took turns."""
+    kernel.PER_SM = per_sm
+    store = KVStore(1, B, S, Hkv, 128, dev, torch.float16, gather="device")
+    n = S // 10
+    idx = torch.rand(B, Hkv, S, device=dev).argsort(-1)[..., :n].sort(-1).values
+    ok = torch.ones(B, Hkv, n, dtype=torch.bool, device=dev)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda dev: None)
+    x = torch.randn(B, 4096, device=dev, dtype=torch.float16 if cuda else torch.float32)
+    w = torch.randn(4096, 16384 if cuda else 256, device=dev, dtype=x.dtype)
+
+    def per_layer(gather, reps):                  # ms per layer: `reps` matmuls beside (or without) a gather
+        for _ in range(2):                        # the first round warms up
+            sync(dev)
+            t = time.perf_counter()
+            for _ in range(layers):
+                h = store.fetch(0, S, idx, ok) if gather else None
+                for _ in range(reps):
+                    x @ w
+                if h:
+                    store.take(h)
+            store.step_done()
+            sync(dev)
+        return (time.perf_counter() - t) / layers * 1e3
+    g, one = per_layer(True, 0), per_layer(False, 1)
+    reps = max(1, round(g / one))                                        # matmuls about as long as the gather
+    m = per_layer(False, reps)
+    both = per_layer(True, reps)
+    row = {"per_sm": per_sm, "row_bytes": store.row_bytes, "fraction": 0.1, "matmuls": reps,
+           "gather_ms": round(g, 3), "compute_ms": round(m, 3), "both_ms": round(both, 3),
+           "overlap": round((g + m - both) / min(g, m), 3)}
+    say(f"  beside compute{grid_note(per_sm)}: gather {row['gather_ms']} ms, compute {row['compute_ms']} ms, "
+        f"both {row['both_ms']} ms per layer (overlap {row['overlap']})")
+    store = None
+    free_memory()
+    return row
+
+
+# --- Profile: where a decode step's device time goes, kernel by kernel
+def suite_profile(a):
+    """One decode step of each policy, op by op, under torch's profiler: the device time of every kernel
+    (CUDA) or the self time of every op (CPU) summed by name over the step, the largest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    dev = cli.device_of(a.device or "auto")
+    cuda = dev.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    name = a.models or "smollm2"
+    if name not in SHAPES:
+        raise ValueError(f"--models: the profile takes one model, one of {', '.join(SHAPES)}; got {name!r}")
+    B, ctx = one_shape(shapes_for(name, a.shapes or ("1x1024" if not cuda else ROWS[name].split(",")[-1]),
+                                  4), "profile")
+    pols = once([parse_policy(p) for p in a.policies.split(",")], "--policies", a.policies)
+    if any(p.startswith("hf") for p, _ in pols):
+        raise ValueError("--policies: the profile runs the engine's policies, not transformers'")
+    device_name = torch.cuda.get_device_name(dev) if cuda else "cpu"
+    path = cli.writable(a.out or results_file(f"profile-{name}", device_name))
+    model, _, real = models_for(name, dev, dtype)
+    ids = torch.randint(0, model.cfg.vocab_size, (B, ctx - 4), generator=torch.Generator().manual_seed(0))
+    out = env_info() | {"device": device_name, "model": name, "real_weights": real, "batch": B,
+                        "context": ctx, "policies": {}}
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    for pol, budget in pols:
+        say(f"profile: {pol} {budget or ''}, batch {B}, context {ctx} ...")
+        p = I.Policy(pol, **({"budget": budget} if budget is not None else {}), gather=a.gather, graphs=False)
+        cache = I.make_cache(model, p, B, ctx)
+        I.prefill(model, cache, ids.to(dev), torch.ones(ids.shape, dtype=torch.bool))
+        tok = ids[:, -1].to(dev)
+        for _ in range(2):                                               # warm up
+            I.decode_one(model, cache, tok)
+        sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            I.decode_one(model, cache, tok)
+            sync()
+        where = DeviceType.CUDA if cuda else DeviceType.CPU
+        us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+        spent = sorted(((us(e), e.count, e.key) for e in prof.key_averages()
+                        if e.device_type == where and us(e) > 0), reverse=True)
+        total = sum(t for t, _, _ in spent)
+        out["policies"][f"{pol} {budget}" if budget is not None else pol] = {
+            "total_ms": round(total / 1e3, 3), "kernels": len(spent), "launches": sum(c for _, c, _ in spent),
+            "top": [{"name": k[:100], "ms": round(t / 1e3, 3), "count": c, "share": round(t / total, 3)}
+                    for t, c, k in spent[:15]]}
+        say(f"  {total / 1e3:.2f} ms of {'kernels' if cuda else 'ops'} in one step, "
+            f"{out['policies'][list(out['policies'])[-1]]['launches']} {'launches' if cuda else 'calls'}; "
+            "the largest:")
+        for t, c, k in spent[:8]:
+            say(f"    {t / 1e3:8.3f} ms  {c:5d} x  {k[:90]}")
+        write_json(path, out)
+        cache = None
+        free_memory()
     say(f"wrote {path}")
 
 
@@ -881,9 +1014,12 @@ def plot_timeline(out, path):
 
 # --- Command line
 USES = {"cpu": ("text", "prompt_tokens", "new_tokens", "out"),      # the flags each suite reads
-        "gpu": ("new_tokens", "models", "shapes", "policies", "gather", "graphs", "device", "out"),
-        "timeline": ("models", "shapes", "gather", "device", "out"),
-        "gather": ("shapes", "gather", "device", "out"), "report": ("results",)}
+        "gpu": ("new_tokens", "models", "shapes", "policies", "gather", "graphs", "device", "out",
+                "gather_per_sm"),
+        "timeline": ("models", "shapes", "gather", "device", "out", "gather_per_sm"),
+        "gather": ("shapes", "gather", "device", "out"), "report": ("results",),
+        "profile": ("models", "shapes", "policies", "gather", "device", "out")}
+PROFILED = "full,infinigen:0.1"                                     # the profile suite's policies
 DEFAULTS = {"prompt_tokens": 512, "policies": POLICIES, "gather": "auto", "graphs": True}
 
 
@@ -903,12 +1039,23 @@ def check_flags(a):
         raise ValueError(f"--{empty.replace('_', '-')} is empty")
     for k, v in DEFAULTS.items():
         if getattr(a, k) is None:
-            setattr(a, k, v)
+            setattr(a, k, PROFILED if (a.suite, k) == ("profile", "policies") else v)
+    if a.gather_per_sm is not None:            # the device gather kernel's grid, for this run
+        if not triton_available():
+            raise ValueError("--gather-per-sm sets the device gather's grid, which needs triton")
+        device_kernel("gather_rows")                          # imports kernel.py as the engine does
+        sys.modules["kernel"].PER_SM = a.gather_per_sm
+
+
+def per_sm(s):
+    if not s.isdecimal() or int(s) > 64:
+        raise cli.argparse.ArgumentTypeError(f"expected a whole number from 0 to 64, got {s[:40]!r}")
+    return int(s)
 
 
 def main(argv=None):
     p = cli.Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=["cpu", "gpu", "timeline", "gather", "report"],
+    p.add_argument("--suite", choices=["cpu", "gpu", "timeline", "gather", "report", "profile"],
                    default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--text", help="cpu: the prompt's source text (default: GPL-3 in "
                    "/usr/share/common-licenses)")
@@ -916,20 +1063,25 @@ def main(argv=None):
                    help="cpu: prompt length in tokens (default 512)")
     p.add_argument("--new-tokens", type=cli.positive_int,
                    help="cpu, gpu: at least 2; default 128 (cpu), 16 (gpu)")
-    p.add_argument("--models", help=f"gpu (default smollm2,7b), timeline (one; default smollm2): from "
-                                    f"{', '.join(SHAPES)}")
-    p.add_argument("--shapes", help="gpu, timeline (one), gather (one): BATCHxCONTEXT,... (context = "
-                   f"prompt + new tokens; the timeline decodes {TRACED}); default per model: {ROWS}")
+    p.add_argument("--models", help=f"gpu (default smollm2,7b), timeline and profile (one; default smollm2): "
+                                    f"from {', '.join(SHAPES)}")
+    p.add_argument("--shapes", help="gpu, timeline (one), gather (one), profile (one): BATCHxCONTEXT,... "
+                   f"(context = prompt + new tokens; the timeline decodes {TRACED}); default per model: "
+                   f"{ROWS}")
     p.add_argument("--policies",
-                   help=f"gpu: POLICY[:BUDGET],... and hf-dynamic, hf-offloaded (default {POLICIES})")
+                   help=f"gpu: POLICY[:BUDGET],... and hf-dynamic, hf-offloaded (default {POLICIES}); "
+                        f"profile: the engine's (default {PROFILED})")
     p.add_argument("--gather", choices=I.GATHERS,
-                   help="gpu, timeline: how sparse rows are gathered (default auto); gather: the gather "
-                        "measured (auto: both on CUDA, host on a CPU)")
+                   help="gpu, timeline, profile: how sparse rows are gathered (default auto); gather: the "
+                        "gather measured (auto: both on CUDA, host on a CPU)")
     p.add_argument("--no-graphs", dest="graphs", action="store_const", const=False,
                    help="gpu: decode steps op by op, their copy waits timed (default: CUDA graphs where "
                         "they can be)")
     p.add_argument("--device", choices=["cuda", "cpu"],
                    help="gpu, timeline, gather: default cuda when present")
+    p.add_argument("--gather-per-sm", type=per_sm,
+                   help=f"gpu, timeline: the device gather kernel's programs per SM (default "
+                        f"{DEFAULT_PER_SM}; 0: a program per block of 32 rows, as in the 2026-12-04 run)")
     p.add_argument("--out", help="the results file (default results/bench-cpu.json, bench-<gpu>.json "
                    "(bench-gpu-suite-cpu.json on a CPU), timeline-<device>.json and .png, "
                    "gather-<device>.json)")
@@ -940,7 +1092,7 @@ def main(argv=None):
             cli.read_text(a.text, "--text")
         check_flags(a)
         suites = {"cpu": suite_cpu, "gpu": suite_gpu, "timeline": suite_timeline, "gather": suite_gather,
-                  "report": suite_report}
+                  "report": suite_report, "profile": suite_profile}
         suites[a.suite](a)
     except (*cli.KNOWN, RowsFailed) as e:                  # OSError: files
         cli.fail(e)

@@ -181,8 +181,7 @@ class OffloadCache(M.Cache):
         nxt = self.plan(layer + 1, x=x, rope=rope) if ahead else None   # speculate layer i+1 first
         T, span = self.T, self.span
         if layer < self.first:                              # resident, as in the full policy
-            self.rk[layer].index_copy_(2, self.at, k)
-            self.rv[layer].index_copy_(2, self.at, v)
+            self.rk[layer].index_copy_(2, self.at, k), self.rv[layer].index_copy_(2, self.at, v)
             out = M.attention(q, self.rk[layer, :, :, :span], self.rv[layer, :, :, :span], self.mask)
             if ahead:
                 self.issue(layer + 1, nxt)
@@ -191,9 +190,10 @@ class OffloadCache(M.Cache):
             self.issue(layer, self.plan(layer, q=q))
         kb, vb, n, ok = self.store.take(self.handles.pop(layer))
         kb[n:n + T], vb[n:n + T] = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)    # (T, B, Hkv, d)
-        kd, vd = kb[:n + T].permute(1, 2, 0, 3), vb[:n + T].permute(1, 2, 0, 3)     # (B, Hkv, n+T, d)
-        if ok is None:                                      # dense: rows are slots 0..t0+T
-            mask, slots = self.mask[..., :n + T], None
+        rows = span if ok is None else n + T     # dense: slots 0..span (at decode all S: fixed shapes)
+        kd, vd = kb[:rows].permute(1, 2, 0, 3), vb[:rows].permute(1, 2, 0, 3)       # (B, Hkv, rows, d)
+        if ok is None:                                      # (slots not yet written are masked)
+            mask, slots = self.mask, None
             self.fetched[layer] += 1.0 if self.decoding else 0.0
         else:                                               # by index: a mask per KV head
             ok = ok.to(self.dev, non_blocking=True)                                    # pinned on CUDA

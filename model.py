@@ -174,7 +174,7 @@ def attention(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
     mask = mask.view(B, Hkv, G, -1) if mask.shape[1] == H else mask.expand(B, Hkv, G, mask.shape[-1])
     out = F.scaled_dot_product_attention(q.reshape(B, Hkv, G, d), k, v, attn_mask=mask)   # (B, Hkv, G, d)
-    return out.view(B, H, 1, d)
+    return out.reshape(B, H, 1, d)                     # (CUDA's kernels may return it in another layout)
 
 
 def attention_probs(q, k, mask):

@@ -144,9 +144,9 @@ def device_kernel(name, cuda=False):
     if cuda or not gpu:
         return fn
 
-    def on_copies(*args):                   # (..., dst): the kernels write only their last argument
+    def on_copies(*args, **kw):             # (..., dst): the kernels write only their last argument
         dev = [a.cuda() if torch.is_tensor(a) else a for a in args]
-        fn(*dev)
+        fn(*dev, **kw)
         args[-1].copy_(dev[-1])
     return on_copies
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 9, 10 and 12 in one call of a GPU machine (at most 9.5 minutes: the parts' limits),
 # with that machine's own python3 and CUDA torch; no .venv, no default model (random weights of its shape).
-#   bash results/gpu_check.sh [PART ...]    parts: gather 7b smollm2 timeline tests (the default), suite
-# (`suite`: the whole test suite, CPU tests included, in a call of its own: at most 9 minutes)
+#   bash results/gpu_check.sh [PART ...]   parts (default): gather 7b smollm2 timeline tests profile grid;
+#                                          or suite
+# (`suite`: the whole test suite, CPU tests included, in four processes at once, in a call of its own right
+# after the first, while the machine is warm: BUDGET_S=240 bash results/gpu_check.sh suite)
 # Each part has its own time limit; what it measured is written as it goes: the results files under
-# results/ (bench-<gpu>.json, gather-<gpu>.json, timeline-<gpu>.json/.png) and the logs under $LOGS.
+# results/ (bench-<gpu>.json, gather-<gpu>.json, timeline-<gpu>.json/.png, profile-<model>-<gpu>.json) and
+# the logs under $LOGS.
 # All of them are packed into one file, $OUT/gpu-check.tgz (the device tool brings back at most 8 files),
 # after every part and every 20 s while one runs, so a call cut short keeps the rows written so far.
 # The parts most wanted run first: the 7B-shape rows right after the short gather measurement.
@@ -22,12 +25,12 @@ export PYTHONUNBUFFERED=1                    # a part killed at its limit keeps 
 # starts far lower: the preflight plans with this many GiB instead (offload.host_available).
 export INFINIGEN_HOST_GIB=${INFINIGEN_HOST_GIB:-110}
 mkdir -p "$OUT" "$LOGS"
-parts=${*:-gather 7b smollm2 timeline tests}
+parts=${*:-gather 7b smollm2 timeline tests profile grid}
 DEADLINE=$((SECONDS + ${BUDGET_S:-570}))
 
 pack() {  # every log and GPU results file so far, into one archive, replaced whole
-    cp results/bench-*.json results/gather-*.json results/timeline-*.json results/timeline-*.png "$LOGS"/ \
-        2>/dev/null
+    cp results/bench-*.json results/gather-*.json results/timeline-*.json results/timeline-*.png \
+        results/profile-*.json "$LOGS"/ 2>/dev/null
     rm -f "$LOGS"/*-cpu.json "$LOGS"/*-cpu.png                 # the CPU files travel with the tree
     local tmp="$OUT/gpu-check.tgz.$BASHPID"                     # its own name: the packer may run beside it
     tar --warning=no-file-changed -czf "$tmp" -C "$LOGS" . 2>/dev/null    # status 1: a log grew meanwhile
@@ -89,9 +92,17 @@ packer=$!
 trap 'kill $packer 2>/dev/null' EXIT
 for part in $parts; do
     case $part in
-    suite)      # every test, then the same summary line
-        run suite 540 "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider --continue-on-collection-errors \
-            tests
+    suite)      # every test, the files dealt to four processes at once (16 cores), then their summary lines
+        i=0
+        for f in tests/test_*.py; do echo "$f" >>"$LOGS/suite-files-$((i % 4))"; i=$((i + 1)); done
+        pids=()
+        for k in 0 1 2 3; do
+            OMP_NUM_THREADS=4 run suite-$k 540 "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider \
+                --continue-on-collection-errors $(cat "$LOGS/suite-files-$k") &
+            pids+=($!)
+        done
+        wait "${pids[@]}"                                      # (not the packer)
+        grep -h -E "^(=+ )?[0-9]+ (passed|failed)|^exit status" "$LOGS"/suite-[0-3].log >"$LOGS/suite.log"
         stamp suite ;;
     tests)      # every CUDA test, then the summary line with the device, torch and the date (last: the rest)
         run tests 300 "$PY" -m pytest -v -rfE --tb=short -m cuda -p no:cacheprovider \
@@ -107,10 +118,24 @@ for part in $parts; do
             --policies full,infinigen:0.1 ;;
     timeline)   # layer i+1's copy inside layer i's compute, on the Llama-2-7B shape
         run timeline 80 "$PY" bench.py $GATHER --suite timeline --models 7b --shapes 8x4096 ;;
+    profile)    # where a decode step's device time goes, kernel by kernel (op by op, one step)
+        run profile-smollm2 40 "$PY" bench.py $GATHER --suite profile --models smollm2 --shapes 32x4096 \
+            --policies full,offload,infinigen:0.1
+        run profile-7b 50 "$PY" bench.py $GATHER --suite profile --models 7b --shapes 8x4096 \
+            --policies infinigen:0.1 ;;
+    grid)       # the same rows with the gather kernel's grid of the 2026-12-04 run (a program per block)
+        if [ -n "$GATHER" ]; then
+            echo "== grid: skipped, no device gather here" | tee "$LOGS/grid.log"
+            continue
+        fi
+        run grid-7b 60 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 --gather-per-sm 0 \
+            --policies infinigen:0.1,infinigen:0.2
+        run grid-smollm2 40 "$PY" bench.py $GATHER --suite gpu --models smollm2 --shapes 32x4096 \
+            --gather-per-sm 0 --policies infinigen:0.1 ;;
     7b)         # the Llama-2-7B shape at 8 x 4096
         run 7b 150 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;
-    *) echo "unknown part $part (gather 7b smollm2 timeline tests suite)"; exit 2 ;;
+    *) echo "unknown part $part (gather 7b smollm2 timeline tests profile grid suite)"; exit 2 ;;
     esac
     pack
 done

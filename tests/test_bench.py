@@ -3,6 +3,7 @@ soon as it is measured and rows of earlier runs stay; a row that does not fit is
 any other error of ours fails the run after the other rows; the transformers peer is refused before it
 could exhaust host memory; bad flags give one line. (The numbers themselves are measured on a GPU, never
 asserted.)"""
+import argparse
 import importlib.util
 import json
 import os
@@ -273,11 +274,49 @@ def test_gather_suite_on_a_cpu(tmp_path):
     pytest.importorskip("triton")
     data = suite_json(tmp_path, "gather", "--gather", "device")
     assert {(x["row_bytes"], x["gather"]) for x in data["rows"]} == {(b, "device") for b in (128, 256, 512)}
+    assert {x["per_sm"] for x in data["rows"]} == {bench.DEFAULT_PER_SM, 4, 0}     # the kernel's grids
     assert all(x["useful_gb_per_s"] >= 0 for x in data["rows"])
+    beside = data["beside_compute"]                  # the gather beside matmuls (they take turns on a CPU)
+    assert [x["per_sm"] for x in beside] == [bench.DEFAULT_PER_SM, 4, 0]
+    assert all(x["gather_ms"] > 0 and x["compute_ms"] > 0 and x["both_ms"] > 0 for x in beside)
     assert set(data["sdpa"]) == {"7b", "smollm2"}
     host = tmp_path / "host.json"
     bench.main(["--suite", "gather", "--device", "cpu", "--shapes", "1x64", "--out", str(host)])
     assert {x["gather"] for x in json.loads(host.read_text())["rows"]} == {"host"}
+
+
+def test_the_gather_grid_flag_sets_the_kernel_and_the_default_is_the_kernels(monkeypatch):
+    """bench's DEFAULT_PER_SM (read without triton) is kernel.PER_SM as it ships; --gather-per-sm sets it for
+    the run, and refuses what is not a whole number from 0 to 64."""
+    pytest.importorskip("triton")
+    import offload
+    offload.device_kernel("gather_rows")                                 # imports kernel.py as bench does
+    kernel = sys.modules["kernel"]
+    assert kernel.PER_SM == bench.DEFAULT_PER_SM
+    monkeypatch.setattr(kernel, "PER_SM", kernel.PER_SM)                  # restored after the test
+    p = cli.Parser()
+    p.add_argument("--gather-per-sm", type=bench.per_sm)
+    a = argparse.Namespace(**{k: None for k in ("text", "prompt_tokens", "new_tokens", "models", "shapes",
+                                                 "policies", "gather", "graphs", "device", "out", "results")},
+                           suite="gpu", gather_per_sm=0)
+    bench.check_flags(a)
+    assert kernel.PER_SM == 0
+    for bad in ("65", "-1", "x", ""):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--gather-per-sm", bad])
+
+
+def test_profile_suite_on_a_cpu(tmp_path):
+    """One decode step per policy under torch's profiler: each op's self time summed by name (a CPU has no
+    kernels), the largest first, their shares of the step's total."""
+    data = suite_json(tmp_path, "profile", "--models", "tiny")
+    assert set(data["policies"]) == {"full", "infinigen 0.1"} and data["batch"] == 1
+    for p in data["policies"].values():
+        top = p["top"]
+        assert p["total_ms"] > 0 and p["launches"] >= p["kernels"] >= len(top) > 0
+        assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+        assert sum(t["share"] for t in top) <= 1 + 1e-3
+        assert top[0]["share"] == pytest.approx(top[0]["ms"] / p["total_ms"], abs=2e-3)
 
 
 # --- A model that does not fit; flags a suite does not use
@@ -318,7 +357,11 @@ TIMELINE = ["--suite", "timeline", "--device", "cpu", "--models", "tiny"]
 
 
 @pytest.mark.parametrize("args,phrase", [
-    (["--suite", "cpu", "--models", "tiny"], "--models is not used by the cpu suite (only by gpu, timeline)"),
+    (["--suite", "cpu", "--models", "tiny"], "--models is not used by the cpu suite (only by gpu, timeline, "
+                                             "profile)"),
+    (["--suite", "profile", "--no-graphs"], "--no-graphs is not used by the profile suite (only by gpu)"),
+    (["--suite", "profile", "--device", "cpu", "--models", "tiny", "--policies", "full,hf-dynamic"],
+     "the profile runs the engine's policies, not transformers'"),
     (["--suite", "cpu", "--shapes", "1x64"], "--shapes is not used by the cpu suite"),
     (["--suite", "cpu", "--policies", "full"], "--policies is not used by the cpu suite"),
     (["--suite", "cpu", "--device", "cuda"], "--device is not used by the cpu suite"),

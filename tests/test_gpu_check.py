@@ -32,6 +32,9 @@ esac
 def gpu_check(tmp_path, parts, budget, part_s, smoke_ok):
     repo, out, logs = tmp_path / "repo", tmp_path / "out", tmp_path / "logs"
     os.makedirs(repo / "results")
+    os.makedirs(repo / "tests")
+    for name in "abcdef":                                 # test files for the `suite` part to deal out
+        (repo / "tests" / f"test_{name}.py").write_text("")
     shutil.copy(os.path.join(ROOT, "results", "gpu_check.sh"), repo / "results")
     py = tmp_path / "python3"
     py.write_text(FAKE_PY)
@@ -76,6 +79,22 @@ def test_with_a_working_kernel_every_part_runs_with_the_device_gather(tmp_path):
     for part in ("smollm2", "smollm2-no-graphs", "tests"):
         assert "exit status 0 after" in packed[f"{part}.log"], packed[f"{part}.log"]
     assert packed["tests.log"].splitlines()[-1] == "stand-in output"     # the stamp: device, torch, date
+
+
+def test_the_profile_and_grid_parts_and_the_suite_in_four_processes(tmp_path):
+    run, took, packed, calls = gpu_check(tmp_path, ["profile", "grid", "suite"], budget=570, part_s=0,
+                                         smoke_ok=True)
+    assert run.returncode == 0, run.stderr
+    bench = [c for c in calls if c.startswith("bench.py")]
+    assert [c.split(" --models ")[0] for c in bench[:2]] == ["bench.py --suite profile"] * 2
+    assert len(bench) == 4 and all("--gather-per-sm 0" in c for c in bench[2:])
+    assert [c.split(" --models ")[1].split()[0] for c in bench] == ["smollm2", "7b", "7b", "smollm2"]
+    suites = [c for c in calls if c.startswith("-m pytest") and "-m cuda" not in c]
+    files = sorted(f for c in suites for f in c.split() if f.startswith("tests/test_"))
+    assert len(suites) == 4 and files == [f"tests/test_{n}.py" for n in "abcdef"]   # each once, in one of 4
+    assert packed["suite.log"].count("exit status 0 after") == 4
+    _, _, packed, calls = gpu_check(tmp_path / "host", ["grid"], budget=570, part_s=0, smoke_ok=False)
+    assert "grid: skipped" in packed["grid.log"] and not [c for c in calls if "--gather-per-sm" in c]
 
 
 def test_an_unknown_part_is_refused(tmp_path):

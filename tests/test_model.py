@@ -13,6 +13,7 @@ import tempfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -182,6 +183,21 @@ def test_attention_probs_are_the_weights_attention_applies(Tq, mask_heads):
     assert torch.allclose(p.sum(-1), torch.ones(B, H, Tq))
     got = p @ v.repeat_interleave(H // Hkv, 1)
     assert torch.allclose(got, model.attention(q, k, v, mask), atol=1e-5)
+
+
+def test_attention_takes_the_kernels_output_in_any_layout(monkeypatch):
+    """CUDA's memory-efficient kernel returns decode's folded output (B, Hkv, G, d) in another memory layout
+    (float32 on an H200: `.view` failed there); attention gives the same result as a contiguous one."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, Tk, d = 2, 6, 2, 7, 16
+    q, k, v = (torch.randn(*shape, generator=g) for shape in ((B, H, 1, d), (B, Hkv, Tk, d), (B, Hkv, Tk, d)))
+    mask = torch.rand(B, 1, 1, Tk, generator=g) < 0.6
+    mask[..., 0] = True
+    want, plain = model.attention(q, k, v, mask), F.scaled_dot_product_attention
+    strided = lambda *a, **kw: plain(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2)   # noqa: E731
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention", strided)
+    assert not strided(q.reshape(B, Hkv, 3, d), k, v, attn_mask=mask.expand(B, Hkv, 3, Tk)).is_contiguous()
+    assert torch.equal(model.attention(q, k, v, mask), want)
 
 
 # --- 2. Ours cached (chunked, padded) == ours uncached == each sequence alone

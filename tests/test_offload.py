@@ -174,10 +174,12 @@ def gathered_by_indexing(src, idx, ok, dst):
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 3), Hkv=st.integers(1, 4), S=st.integers(1, 40), n=st.integers(0, 40),
        d=st.sampled_from([1, 8, 40, 64, 128]), seed=st.integers(0, 2**16),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
-def test_gather_kernel_against_indexing(B, Hkv, S, n, d, dtype, seed):
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       programs=st.sampled_from([None, 0, 1, 3]))
+def test_gather_kernel_against_indexing(B, Hkv, S, n, d, dtype, seed, programs):
     """kernel.gather_rows on CPU tensors (Triton's interpreter) against plain indexing: rows of any width
-    (2d need not be a power of two), rows not wanted left untouched."""
+    (2d need not be a power of two), rows not wanted left untouched, whatever the grid (a program loops
+    over blocks of rows: one program, three, the default, or one per block)."""
     gather_rows = offload.device_kernel("gather_rows")
     g = torch.Generator().manual_seed(seed)
     src = torch.randn(S, B, Hkv, 2, d, generator=g).to(dtype)                   # (S, B, Hkv, 2, d)
@@ -185,7 +187,7 @@ def test_gather_kernel_against_indexing(B, Hkv, S, n, d, dtype, seed):
     ok = torch.rand(B, Hkv, n, generator=g) < 0.7
     dst = torch.full((n + 1, B, Hkv, 2, d), 7.0, dtype=dtype)
     want = gathered_by_indexing(src, idx, ok, dst)
-    gather_rows(src, idx, ok, dst)
+    gather_rows(src, idx, ok, dst, programs=programs)
     assert torch.equal(dst, want)
 
 
@@ -255,10 +257,11 @@ def test_kernels_compile_for_hopper_with_16_byte_rows(name, dtype, d):
     first = {"gather_rows_kernel": ["src", "idx", "ok", "dst", "n", "BH"],
              "put_rows_kernel": ["src", "at", "dst", "T", "BH"]}[name]
     types = {"src": f"*{dtype}", "dst": f"*{dtype}", "idx": "*i64", "at": "*i64", "ok": "*i1"}
-    sig = {a: types.get(a, "i32") for a in first} | dict.fromkeys(["R", "RP", "BLOCK"], "constexpr")
+    const = {"R": 2 * d, "RP": triton.next_power_of_2(2 * d), "BLOCK": 32}
+    const |= {"STEPS": 4} if name == "gather_rows_kernel" else {}          # the gather loops over blocks
+    sig = {a: types.get(a, "i32") for a in first} | dict.fromkeys(const, "constexpr")
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(first) if a in types}
-    src = ASTSource(fn=fn, signature=sig, constexprs={"R": 2 * d, "RP": triton.next_power_of_2(2 * d),
-                                                      "BLOCK": 32}, attrs=aligned)
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=aligned)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["cubin"]
     ops = set(re.findall(r"(?:ld|st)\.global[\w.]*", compiled.asm["ptx"]))

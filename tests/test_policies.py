@@ -271,6 +271,22 @@ def test_offload_equals_full(case):
     assert stats["h2d_bytes_per_step"] == expected_offload_h2d(case.m, case.prompts[:1], N_NEW)
 
 
+def test_every_decode_step_attends_over_the_same_shapes(llama, monkeypatch):
+    """A decode step reads every slot, the ones not yet written masked (the fetch copies only the past): its
+    shapes never change, so a kernel that plans per shape (cuDNN's attention: 35 ms a step at the 7B shape
+    on an H200, where `offload` read a longer past each step) plans once; prefill reads what it needs."""
+    m, prompts, plain = llama.m, llama.prompts, model.attention
+    for pol in (Policy("offload"), Policy("infinigen", budget=0.5), Policy("h2o", budget=0.5)):
+        seen = []
+        monkeypatch.setattr(model, "attention", lambda q, k, v, mask, seen=seen: seen.append(
+            (q.shape[2], k.shape, mask.shape)) or plain(q, k, v, mask))
+        IG.generate(m, prompts, pol, max_new=6, stop_ids=())
+        decode, L = [s for s in seen if s[0] == 1], m.cfg.n_layers
+        assert len(decode) == 5 * L and decode == decode[:L] * 5, pol.name       # each layer: one shape
+        if pol.name == "offload":                                  # every slot: the prompt's and 6 new
+            assert {k[2] for _, k, _ in decode} == {max(map(len, prompts)) + 6}
+
+
 # --- Sparse policies at full budget == full
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_full_budget_equals_full(case, variant):

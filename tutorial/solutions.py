@@ -342,9 +342,12 @@ def ex17_1():
     return int(changed.sum()), int(ok.sum())
 
 
-def ex17_2(n=410, B=32, Hkv=3, block=32):
-    """(programs the kernel launches, bytes each row moves for the default model in float16)."""
-    return math.ceil(n * B * Hkv / block), 2 * 64 * 2
+def ex17_2(n=410, B=32, Hkv=3, block=32, sms=132):
+    """(programs the kernel launches on a GPU of `sms` SMs, blocks of rows each moves, bytes each row moves
+    for the default model in float16)."""
+    blocks = math.ceil(n * B * Hkv / block)                             # 1230 blocks of 32 rows
+    steps = 2 ** math.ceil(math.log2(math.ceil(blocks / min(blocks, sms))))      # 10 a program -> 16
+    return math.ceil(blocks / steps), steps, 2 * 64 * 2
 
 
 # --- Chapter 18: CUDA graphs
