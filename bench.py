@@ -745,7 +745,7 @@ def suite_gather(a):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     path = cli.writable(a.out or results_file("gather", info["device"]))
     kernel = sys.modules["kernel"] if "device" in gathers and device_kernel("gather_rows") else None
-    grids = {"host": [None], "device": [DEFAULT_PER_SM, 4, 0]}   # the kernel's programs per SM (0: per block)
+    grids = {"host": [None], "device": [DEFAULT_PER_SM, 0.25, 0.5, 4, 0]}   # the kernel's programs per SM
     for gather, per_sm in [(g, k) for g in gathers for k in grids[g]]:   # the host's rows first: a failing
         if kernel:                                                         # kernel cannot take them along
             kernel.PER_SM = DEFAULT_PER_SM if per_sm is None else per_sm
@@ -787,7 +787,8 @@ def suite_gather(a):
             "folded_into_queries": sdpa_backend(q.view(B, Hkv, G, d), k, k, mask.expand(B, Hkv, G, n), False)}
         say(f"  decode attention, {name} shape: {info['sdpa'][name]}")
     if kernel:
-        info["beside_compute"] = [beside_compute(kernel, k, dev, B, S, Hkv) for k in (DEFAULT_PER_SM, 4, 0)]
+        info["beside_compute"] = [beside_compute(kernel, k, dev, B, S, Hkv)
+                                  for k in (DEFAULT_PER_SM, 0.25, 0.5, 0)]
         kernel.PER_SM = DEFAULT_PER_SM
     table(info["rows"], ["row_bytes", "fraction", "gather", "per_sm", "ms", "useful_gb_per_s",
                          "of_pinned_bandwidth"])
@@ -1048,9 +1049,13 @@ def check_flags(a):
 
 
 def per_sm(s):
-    if not s.isdecimal() or int(s) > 64:
-        raise cli.argparse.ArgumentTypeError(f"expected a whole number from 0 to 64, got {s[:40]!r}")
-    return int(s)
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v <= 64:                                                   # NaN too
+        raise cli.argparse.ArgumentTypeError(f"expected a number from 0 to 64, got {s[:40]!r}")
+    return int(v) if v.is_integer() else v
 
 
 def main(argv=None):
@@ -1080,7 +1085,7 @@ def main(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"],
                    help="gpu, timeline, gather: default cuda when present")
     p.add_argument("--gather-per-sm", type=per_sm,
-                   help=f"gpu, timeline: the device gather kernel's programs per SM (default "
+                   help=f"gpu, timeline: the device gather kernel's programs per SM, a fraction too (default "
                         f"{DEFAULT_PER_SM}; 0: a program per block of 32 rows, as in the 2026-12-04 run)")
     p.add_argument("--out", help="the results file (default results/bench-cpu.json, bench-<gpu>.json "
                    "(bench-gpu-suite-cpu.json on a CPU), timeline-<device>.json and .png, "

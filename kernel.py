@@ -36,8 +36,8 @@ def gather_rows_kernel(src, idx, ok, dst, n, BH, R: tl.constexpr, RP: tl.constex
 
 # A program's loads wait about a microsecond on PCIe, holding its place on an SM all the while. One program
 # per block of rows (thousands) filled every SM, and the compute stream's kernels queued behind the copy
-# (measured on an H200: a 7B layer took its copy's time plus its own). A few programs per SM leave room.
-PER_SM = 1        # the gather's programs per SM (0: one per BLOCK rows); bench.py --gather-per-sm
+# (measured on an H200: a 7B layer took its copy's time plus its own). A program per SM or fewer leaves room.
+PER_SM = 1        # programs per SM, a fraction too (0: one per BLOCK rows); bench.py --gather-per-sm
 
 
 @functools.cache
@@ -48,12 +48,13 @@ def sm_count(device):  # streaming multiprocessors of a GPU; the interpreter (CP
 def gather_rows(src, idx, ok, dst, block=32, programs=None):
     """src (S, B, Hkv, 2, d) one layer of the store; idx, ok (B, Hkv, n) slots and which are wanted;
     dst (>= n, B, Hkv, 2, d) on the device: dst[j, b, h] = src[idx[b, h, j], b, h] where ok.
-    programs: at most this many (None: PER_SM per SM of the device; 0: one per `block` rows)."""
+    programs: at most this many (None: PER_SM per SM of the device, at least one; 0: one per `block` rows)."""
     B, Hkv, n = idx.shape
     R = src.shape[-2] * src.shape[-1]
     if n == 0:
         return
-    programs = PER_SM * sm_count(dst.device) if programs is None else programs
+    if programs is None:
+        programs = max(1, round(PER_SM * sm_count(dst.device))) if PER_SM else 0
     blocks = triton.cdiv(n * B * Hkv, block)
     steps = triton.next_power_of_2(triton.cdiv(blocks, min(blocks, programs or blocks)))   # 2^k: few compiles
     gather_rows_kernel[(triton.cdiv(blocks, steps),)](src, idx.contiguous(), ok.contiguous(), dst, n, B * Hkv,

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 9, 10 and 12 in one call of a GPU machine (at most 9.5 minutes: the parts' limits),
 # with that machine's own python3 and CUDA torch; no .venv, no default model (random weights of its shape).
-#   bash results/gpu_check.sh [PART ...]   parts (default): gather 7b smollm2 timeline tests profile grid;
-#                                          or suite
-# (`suite`: the whole test suite, CPU tests included, in four processes at once, in a call of its own right
-# after the first, while the machine is warm: BUDGET_S=240 bash results/gpu_check.sh suite)
+#   bash results/gpu_check.sh [PART ...]  parts (default): gather 7b smollm2 timeline tests profile grid suite
+# (`suite`: the whole test suite, CPU tests included, in four processes at once, with what the call has left;
+# where that was too little, again in a second call at once, while the machine is warm: a fresh one would not
+# start on what is left of a session's 15 minutes: BUDGET_S=240 bash results/gpu_check.sh suite)
 # Each part has its own time limit; what it measured is written as it goes: the results files under
 # results/ (bench-<gpu>.json, gather-<gpu>.json, timeline-<gpu>.json/.png, profile-<model>-<gpu>.json) and
 # the logs under $LOGS.
@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED=1                    # a part killed at its limit keeps 
 # starts far lower: the preflight plans with this many GiB instead (offload.host_available).
 export INFINIGEN_HOST_GIB=${INFINIGEN_HOST_GIB:-110}
 mkdir -p "$OUT" "$LOGS"
-parts=${*:-gather 7b smollm2 timeline tests profile grid}
+parts=${*:-gather 7b smollm2 timeline tests profile grid suite}
 DEADLINE=$((SECONDS + ${BUDGET_S:-570}))
 
 pack() {  # every log and GPU results file so far, into one archive, replaced whole
@@ -123,7 +123,7 @@ for part in $parts; do
             --policies full,offload,infinigen:0.1
         run profile-7b 50 "$PY" bench.py $GATHER --suite profile --models 7b --shapes 8x4096 \
             --policies infinigen:0.1 ;;
-    grid)       # the same rows with the gather kernel's grid of the 2026-12-04 run (a program per block)
+    grid)       # rows again on the old gather grid (a program per block of rows), then on a smaller one
         if [ -n "$GATHER" ]; then
             echo "== grid: skipped, no device gather here" | tee "$LOGS/grid.log"
             continue
@@ -131,7 +131,9 @@ for part in $parts; do
         run grid-7b 60 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 --gather-per-sm 0 \
             --policies infinigen:0.1,infinigen:0.2
         run grid-smollm2 40 "$PY" bench.py $GATHER --suite gpu --models smollm2 --shapes 32x4096 \
-            --gather-per-sm 0 --policies infinigen:0.1 ;;
+            --gather-per-sm 0 --policies infinigen:0.1
+        run grid-7b-quarter 45 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
+            --gather-per-sm 0.25 --policies infinigen:0.1 ;;       # fewer programs than SMs
     7b)         # the Llama-2-7B shape at 8 x 4096
         run 7b 150 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;

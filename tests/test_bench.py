@@ -274,10 +274,10 @@ def test_gather_suite_on_a_cpu(tmp_path):
     pytest.importorskip("triton")
     data = suite_json(tmp_path, "gather", "--gather", "device")
     assert {(x["row_bytes"], x["gather"]) for x in data["rows"]} == {(b, "device") for b in (128, 256, 512)}
-    assert {x["per_sm"] for x in data["rows"]} == {bench.DEFAULT_PER_SM, 4, 0}     # the kernel's grids
+    assert {x["per_sm"] for x in data["rows"]} == {bench.DEFAULT_PER_SM, 0.25, 0.5, 4, 0}   # the grids
     assert all(x["useful_gb_per_s"] >= 0 for x in data["rows"])
     beside = data["beside_compute"]                  # the gather beside matmuls (they take turns on a CPU)
-    assert [x["per_sm"] for x in beside] == [bench.DEFAULT_PER_SM, 4, 0]
+    assert [x["per_sm"] for x in beside] == [bench.DEFAULT_PER_SM, 0.25, 0.5, 0]
     assert all(x["gather_ms"] > 0 and x["compute_ms"] > 0 and x["both_ms"] > 0 for x in beside)
     assert set(data["sdpa"]) == {"7b", "smollm2"}
     host = tmp_path / "host.json"
@@ -287,7 +287,7 @@ def test_gather_suite_on_a_cpu(tmp_path):
 
 def test_the_gather_grid_flag_sets_the_kernel_and_the_default_is_the_kernels(monkeypatch):
     """bench's DEFAULT_PER_SM (read without triton) is kernel.PER_SM as it ships; --gather-per-sm sets it for
-    the run, and refuses what is not a whole number from 0 to 64."""
+    the run, and refuses what is not a number from 0 to 64 (a fraction: fewer programs than SMs)."""
     pytest.importorskip("triton")
     import offload
     offload.device_kernel("gather_rows")                                 # imports kernel.py as bench does
@@ -301,9 +301,11 @@ def test_the_gather_grid_flag_sets_the_kernel_and_the_default_is_the_kernels(mon
                            suite="gpu", gather_per_sm=0)
     bench.check_flags(a)
     assert kernel.PER_SM == 0
-    for bad in ("65", "-1", "x", ""):
+    for bad in ("65", "-1", "x", "", "nan", "inf"):
         with pytest.raises(SystemExit):
             p.parse_args(["--gather-per-sm", bad])
+    assert [p.parse_args(["--gather-per-sm", v]).gather_per_sm for v in ("0", "0.25", "2", "64")] == \
+        [0, 0.25, 2, 64]
 
 
 def test_profile_suite_on_a_cpu(tmp_path):
