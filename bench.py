@@ -449,7 +449,7 @@ def save_row(path, run, row):
     if not data["runs"] or data["runs"][-1] != run:
         data["runs"] = [r for r in data["runs"] if r["date"] != run["date"]] + [run]
     key = lambda r: (r["model"], r["impl"], r.get("budget"), r["batch"], r["context"], r.get("gather"),
-                     r.get("cuda_graph"), r.get("gather_per_sm"))
+                     r.get("cuda_graph"), r.get("gather_per_sm", DEFAULT_PER_SM))
     data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
     write_json(path, data)
 
@@ -509,7 +509,7 @@ def run_ours(model, shape, pol, new, cuda):
             torch.cuda.synchronize()
         t.append(time.perf_counter())
     s = ours(model, ids.tolist(), pol, new, time_copies=cuda, on_token=stamp)[1] | steady(t, ids.shape[0])
-    if s.get("gather") == "device":                                    # the kernel's grid (kernel.PER_SM)
+    if s.get("gather") == "device" and pol.name != "offload":          # the kernel's grid (kernel.PER_SM)
         s["gather_per_sm"] = sys.modules["kernel"].PER_SM
     return s
 
@@ -787,8 +787,10 @@ def suite_gather(a):
             "folded_into_queries": sdpa_backend(q.view(B, Hkv, G, d), k, k, mask.expand(B, Hkv, G, n), False)}
         say(f"  decode attention, {name} shape: {info['sdpa'][name]}")
     if kernel:
-        info["beside_compute"] = [beside_compute(kernel, k, dev, B, S, Hkv)
-                                  for k in (DEFAULT_PER_SM, 0.25, 0.5, 0)]
+        info["beside_compute"] = []
+        for k in (DEFAULT_PER_SM, 0.25, 0.5, 0):
+            info["beside_compute"].append(beside_compute(kernel, k, dev, B, S, Hkv))
+            write_json(path, info)                                       # a run cut short keeps its rows
         kernel.PER_SM = DEFAULT_PER_SM
     table(info["rows"], ["row_bytes", "fraction", "gather", "per_sm", "ms", "useful_gb_per_s",
                          "of_pinned_bandwidth"])
@@ -879,8 +881,8 @@ def suite_profile(a):
             sync()
         where = DeviceType.CUDA if cuda else DeviceType.CPU
         us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-        spent = sorted(((us(e), e.count, e.key) for e in prof.key_averages()
-                        if e.device_type == where and us(e) > 0), reverse=True)
+        spent = sorted(((us(e), e.count, e.key) for e in prof.key_averages() if e.device_type == where
+                        and us(e) > 0 and not getattr(e, "is_user_annotation", False)), reverse=True)
         total = sum(t for t, _, _ in spent)
         out["policies"][f"{pol} {budget}" if budget is not None else pol] = {
             "total_ms": round(total / 1e3, 3), "kernels": len(spent), "launches": sum(c for _, c, _ in spent),
@@ -978,6 +980,8 @@ def suite_timeline(a):
                             "attention_ms": [(i, ms(s), ms(e)) for i, s, e in attn], "copy_ms": copy,
                             "copy_during_previous_layer_ms": overlap, "step_ms": step,
                             "copy_wait_ms_per_step": waits, "gather": cache.store.gather,
+                            "gather_per_sm": sys.modules["kernel"].PER_SM
+                            if cache.store.gather == "device" and pol != "offload" else None,
                             "breakdown_ms": {"step": round(step, 3), "attention": round(attention, 3),
                                              "copy": round(copy, 3), "copy_wait": round(wait, 3),
                                              "rest": round(step - attention - wait, 3)}}

@@ -190,10 +190,10 @@ class OffloadCache(M.Cache):
             self.issue(layer, self.plan(layer, q=q))
         kb, vb, n, ok = self.store.take(self.handles.pop(layer))
         kb[n:n + T], vb[n:n + T] = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)    # (T, B, Hkv, d)
-        rows = span if ok is None else n + T     # dense: slots 0..span (at decode all S: fixed shapes)
+        rows = span if ok is None and self.decoding else n + T   # decode's dense read: all S (fixed shapes)
         kd, vd = kb[:rows].permute(1, 2, 0, 3), vb[:rows].permute(1, 2, 0, 3)       # (B, Hkv, rows, d)
         if ok is None:                                      # (slots not yet written are masked)
-            mask, slots = self.mask, None
+            mask, slots = self.mask[..., :rows], None
             self.fetched[layer] += 1.0 if self.decoding else 0.0
         else:                                               # by index: a mask per KV head
             ok = ok.to(self.dev, non_blocking=True)                                    # pinned on CUDA

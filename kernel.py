@@ -56,10 +56,10 @@ def gather_rows(src, idx, ok, dst, block=32, programs=None):
     if programs is None:
         programs = max(1, round(PER_SM * sm_count(dst.device))) if PER_SM else 0
     blocks = triton.cdiv(n * B * Hkv, block)
-    steps = triton.next_power_of_2(triton.cdiv(blocks, min(blocks, programs or blocks)))   # 2^k: few compiles
-    gather_rows_kernel[(triton.cdiv(blocks, steps),)](src, idx.contiguous(), ok.contiguous(), dst, n, B * Hkv,
-                                                      R=R, RP=triton.next_power_of_2(R), BLOCK=block,
-                                                      STEPS=steps)
+    grid = min(blocks, programs or blocks)
+    steps = triton.next_power_of_2(triton.cdiv(blocks, grid))   # 2^k: few compiles (extra ones masked)
+    gather_rows_kernel[(grid,)](src, idx.contiguous(), ok.contiguous(), dst, n, B * Hkv,
+                                R=R, RP=triton.next_power_of_2(R), BLOCK=block, STEPS=steps)
 
 
 # --- Put kernel

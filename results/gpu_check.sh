@@ -94,6 +94,7 @@ for part in $parts; do
     case $part in
     suite)      # every test, the files dealt to four processes at once (16 cores), then their summary lines
         i=0
+        rm -f "$LOGS"/suite-files-*                           # (a second call on a warm machine: anew)
         for f in tests/test_*.py; do echo "$f" >>"$LOGS/suite-files-$((i % 4))"; i=$((i + 1)); done
         pids=()
         for k in 0 1 2 3; do
@@ -109,7 +110,7 @@ for part in $parts; do
             --continue-on-collection-errors --durations=10 tests
         stamp tests ;;
     gather)     # host gather + copy against the kernel, GB/s of useful bytes
-        run gather 50 "$PY" bench.py $GATHER --suite gather ;;
+        run gather 70 "$PY" bench.py $GATHER --suite gather ;;
     smollm2)    # the SmolLM2 shape, graphs on, then the same rows op by op (their copy waits timed)
         run smollm2 100 "$PY" bench.py $GATHER --suite gpu --models smollm2 --shapes 32x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic

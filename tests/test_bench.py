@@ -501,6 +501,13 @@ def test_save_row_replaces_only_the_same_row_and_keeps_one_entry_per_run(tmp_pat
     again = first | {"command": "python bench.py --suite gpu"}     # another call in the same second as first
     bench.save_row(path, again, shaped("7b", "offload", 8, 4096, 3.0))
     assert json.load(open(path))["runs"] == [second, again]         # a row's "run" names one run: its date
+    # The gather kernel's grid: a row of the shipped grid replaces one that predates the key; another grid
+    # is a row of its own.
+    rows = lambda: [r for r in json.load(open(path))["rows"] if r["impl"] == "h2o"]     # noqa: E731
+    bench.save_row(path, second, shaped("7b", "h2o", 8, 4096, 4.0, 0.1) | {"gather_per_sm": 1})
+    assert [r["tokens_per_s"] for r in rows()] == [4.0]
+    bench.save_row(path, second, shaped("7b", "h2o", 8, 4096, 5.0, 0.1) | {"gather_per_sm": 0})
+    assert sorted(r["tokens_per_s"] for r in rows()) == [4.0, 5.0]
 
 
 @pytest.mark.parametrize("device, name", [("NVIDIA H200", "bench-nvidia-h200.json"),

@@ -287,6 +287,19 @@ def test_every_decode_step_attends_over_the_same_shapes(llama, monkeypatch):
             assert {k[2] for _, k, _ in decode} == {max(map(len, prompts)) + 6}
 
 
+def test_a_one_token_prompt_is_calibrated_on_its_own_key(llama):
+    """A one-token prompt is a prefill of T = 1 (no decode step, though its shapes are a decode step's):
+    InfiniGen learns its skew from that token's key and puts that key in its partial key cache, not a slot
+    of the buffer past it."""
+    m = llama.m
+    cache = IG.make_cache(m, Policy("infinigen", budget=0.5), 1, 8)
+    IG.prefill(m, cache, torch.tensor([[5]]), torch.ones(1, 1, dtype=torch.bool))
+    for layer in range(cache.first, m.cfg.n_layers):
+        k = cache.store.keys(layer, 1, torch.device("cpu"))                          # (B, Hkv, 1, d)
+        assert k.abs().sum() > 0
+        assert torch.allclose(cache.kpart[layer][:, :, :1], k @ cache.P[layer][None], atol=1e-6), layer
+
+
 # --- Sparse policies at full budget == full
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_full_budget_equals_full(case, variant):

@@ -346,8 +346,9 @@ def ex17_2(n=410, B=32, Hkv=3, block=32, sms=132):
     """(programs the kernel launches on a GPU of `sms` SMs, blocks of rows each moves, bytes each row moves
     for the default model in float16)."""
     blocks = math.ceil(n * B * Hkv / block)                             # 1230 blocks of 32 rows
-    steps = 2 ** math.ceil(math.log2(math.ceil(blocks / min(blocks, sms))))      # 10 a program -> 16
-    return math.ceil(blocks / steps), steps, 2 * 64 * 2
+    grid = min(blocks, sms)                                             # a program per SM
+    steps = 2 ** math.ceil(math.log2(math.ceil(blocks / grid)))         # 10 a program -> 16 (6 masked)
+    return grid, steps, 2 * 64 * 2
 
 
 # --- Chapter 18: CUDA graphs
