@@ -843,19 +843,25 @@ def beside_compute(kernel, per_sm, dev, B, S, Hkv, layers=8):
 
 
 # --- Profile: where a decode step's device time goes, kernel by kernel
+def one_model(a, suite, new, which):
+    """A suite of one model on one shape: the device, float16 on CUDA (else float32), the model's name and
+    (B, context); the shape by default 1x1024 on a CPU, else the model's `which`-th default row."""
+    dev = cli.device_of(a.device or "auto")
+    cuda = dev.type == "cuda"
+    name = a.models or "smollm2"
+    if name not in SHAPES:
+        raise ValueError(f"--models: the {suite} takes one model, one of {', '.join(SHAPES)}; got {name!r}")
+    shape = a.shapes or ("1x1024" if not cuda else ROWS[name].split(",")[which])
+    B, ctx = one_shape(shapes_for(name, shape, new), suite)
+    return dev, cuda, torch.float16 if cuda else torch.float32, name, B, ctx
+
+
 def suite_profile(a):
     """One decode step of each policy, op by op, under torch's profiler: the device time of every kernel
     (CUDA) or the self time of every op (CPU) summed by name over the step, the largest first."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    dev = cli.device_of(a.device or "auto")
-    cuda = dev.type == "cuda"
-    dtype = torch.float16 if cuda else torch.float32
-    name = a.models or "smollm2"
-    if name not in SHAPES:
-        raise ValueError(f"--models: the profile takes one model, one of {', '.join(SHAPES)}; got {name!r}")
-    B, ctx = one_shape(shapes_for(name, a.shapes or ("1x1024" if not cuda else ROWS[name].split(",")[-1]),
-                                  4), "profile")
+    dev, cuda, dtype, name, B, ctx = one_model(a, "profile", 4, -1)
     pols = once([parse_policy(p) for p in a.policies.split(",")], "--policies", a.policies)
     if any(p.startswith("hf") for p, _ in pols):
         raise ValueError("--policies: the profile runs the engine's policies, not transformers'")
@@ -907,14 +913,7 @@ def suite_timeline(a):
     """Traced decode steps of `offload` and `infinigen`: when each layer computed (compute stream) and
     when each layer's K, V copy ran (copy stream, or the host on a CPU); the copy wait of each step."""
     from offload import mark
-    dev = cli.device_of(a.device or "auto")
-    cuda = dev.type == "cuda"
-    dtype = torch.float16 if cuda else torch.float32
-    name = a.models or "smollm2"
-    if name not in SHAPES:
-        raise ValueError(f"--models: the timeline traces one model, one of {', '.join(SHAPES)}; got {name!r}")
-    B, ctx = one_shape(shapes_for(name, a.shapes or ("1x1024" if not cuda else ROWS[name].split(",")[0]),
-                                  TRACED), "timeline")
+    dev, cuda, dtype, name, B, ctx = one_model(a, "timeline", TRACED, 0)
     device_name = torch.cuda.get_device_name(dev) if cuda else "cpu"
     path = cli.writable(a.out or results_file("timeline", device_name))
     png = cli.writable(os.path.splitext(path)[0] + ".png", "timeline picture")
