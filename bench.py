@@ -249,7 +249,7 @@ SHAPES = {  # name -> Hugging Face config fields of a Llama; the rows the GPU su
                  rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5),
 }
 ROWS = {"smollm2": "16x8192,32x4096", "7b": "8x4096,4x8192", "tiny": "2x128"}
-DEFAULT_PER_SM = 1                          # kernel.PER_SM as it ships (kernel.py needs triton)
+DEFAULT_PER_SM = 0.25                       # kernel.PER_SM as it ships (kernel.py needs triton)
 ROW_KEYS = ("tokens_per_s", "step_s", "h2d_bytes_per_step", "pcie_floor_s", "step_over_floor", "copy_wait_s")
 POLICIES = "full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded"
 
@@ -683,7 +683,7 @@ def targets(rows):
 
 def grid_note(per_sm):  # a row whose gather kernel ran on another grid than the engine's
     return "" if per_sm in (None, DEFAULT_PER_SM) else (
-        " (gather: a program per block of rows)" if per_sm == 0 else f" (gather: {per_sm} programs per SM)")
+        " (gather: a program per block of rows)" if per_sm == 0 else f" (gather: {per_sm} per SM)")
 
 
 def suite_report(a):
@@ -745,7 +745,7 @@ def suite_gather(a):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     path = cli.writable(a.out or results_file("gather", info["device"]))
     kernel = sys.modules["kernel"] if "device" in gathers and device_kernel("gather_rows") else None
-    grids = {"host": [None], "device": [DEFAULT_PER_SM, 0.25, 0.5, 4, 0]}   # the kernel's programs per SM
+    grids = {"host": [None], "device": [DEFAULT_PER_SM, 0.5, 1, 4, 0]}   # the kernel's programs per SM
     for gather, per_sm in [(g, k) for g in gathers for k in grids[g]]:   # the host's rows first: a failing
         if kernel:                                                         # kernel cannot take them along
             kernel.PER_SM = DEFAULT_PER_SM if per_sm is None else per_sm
@@ -788,7 +788,7 @@ def suite_gather(a):
         say(f"  decode attention, {name} shape: {info['sdpa'][name]}")
     if kernel:
         info["beside_compute"] = []
-        for k in (DEFAULT_PER_SM, 0.25, 0.5, 0):
+        for k in (DEFAULT_PER_SM, 0.5, 1, 0):
             info["beside_compute"].append(beside_compute(kernel, k, dev, B, S, Hkv))
             write_json(path, info)                                       # a run cut short keeps its rows
         kernel.PER_SM = DEFAULT_PER_SM

@@ -36,8 +36,10 @@ def gather_rows_kernel(src, idx, ok, dst, n, BH, R: tl.constexpr, RP: tl.constex
 
 # A program's loads wait about a microsecond on PCIe, holding its place on an SM all the while. One program
 # per block of rows (thousands) filled every SM, and the compute stream's kernels queued behind the copy
-# (measured on an H200: a 7B layer took its copy's time plus its own). A program per SM or fewer leaves room.
-PER_SM = 1        # programs per SM, a fraction too (0: one per BLOCK rows); bench.py --gather-per-sm
+# (H200: a 7B layer took its copy's time plus its own). With a quarter of a program per SM the gather alone
+# moves as much (42 GB/s, 256-byte rows), and the 7B step at 10% fell from 1.86x its PCIe floor (one per SM)
+# to 1.29x.
+PER_SM = 0.25     # programs per SM, a fraction too (0: one per BLOCK rows); bench.py --gather-per-sm
 
 
 @functools.cache

@@ -133,8 +133,8 @@ for part in $parts; do
             --policies infinigen:0.1,infinigen:0.2
         run grid-smollm2 40 "$PY" bench.py $GATHER --suite gpu --models smollm2 --shapes 32x4096 \
             --gather-per-sm 0 --policies infinigen:0.1
-        run grid-7b-quarter 45 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
-            --gather-per-sm 0.25 --policies infinigen:0.1 ;;       # fewer programs than SMs
+        run grid-7b-one-per-sm 45 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
+            --gather-per-sm 1 --policies infinigen:0.1 ;;          # one program per SM
     7b)         # the Llama-2-7B shape at 8 x 4096
         run 7b 150 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;

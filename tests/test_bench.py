@@ -274,10 +274,10 @@ def test_gather_suite_on_a_cpu(tmp_path):
     pytest.importorskip("triton")
     data = suite_json(tmp_path, "gather", "--gather", "device")
     assert {(x["row_bytes"], x["gather"]) for x in data["rows"]} == {(b, "device") for b in (128, 256, 512)}
-    assert {x["per_sm"] for x in data["rows"]} == {bench.DEFAULT_PER_SM, 0.25, 0.5, 4, 0}   # the grids
+    assert {x["per_sm"] for x in data["rows"]} == {bench.DEFAULT_PER_SM, 0.5, 1, 4, 0}   # the grids
     assert all(x["useful_gb_per_s"] >= 0 for x in data["rows"])
     beside = data["beside_compute"]                  # the gather beside matmuls (they take turns on a CPU)
-    assert [x["per_sm"] for x in beside] == [bench.DEFAULT_PER_SM, 0.25, 0.5, 0]
+    assert [x["per_sm"] for x in beside] == [bench.DEFAULT_PER_SM, 0.5, 1, 0]
     assert all(x["gather_ms"] > 0 and x["compute_ms"] > 0 and x["both_ms"] > 0 for x in beside)
     assert set(data["sdpa"]) == {"7b", "smollm2"}
     host = tmp_path / "host.json"
@@ -504,7 +504,8 @@ def test_save_row_replaces_only_the_same_row_and_keeps_one_entry_per_run(tmp_pat
     # The gather kernel's grid: a row of the shipped grid replaces one that predates the key; another grid
     # is a row of its own.
     rows = lambda: [r for r in json.load(open(path))["rows"] if r["impl"] == "h2o"]     # noqa: E731
-    bench.save_row(path, second, shaped("7b", "h2o", 8, 4096, 4.0, 0.1) | {"gather_per_sm": 1})
+    shipped = {"gather_per_sm": bench.DEFAULT_PER_SM}
+    bench.save_row(path, second, shaped("7b", "h2o", 8, 4096, 4.0, 0.1) | shipped)
     assert [r["tokens_per_s"] for r in rows()] == [4.0]
     bench.save_row(path, second, shaped("7b", "h2o", 8, 4096, 5.0, 0.1) | {"gather_per_sm": 0})
     assert sorted(r["tokens_per_s"] for r in rows()) == [4.0, 5.0]

@@ -87,7 +87,7 @@ def test_the_profile_and_grid_parts_and_the_suite_in_four_processes(tmp_path):
     assert run.returncode == 0, run.stderr
     bench = [c for c in calls if c.startswith("bench.py")]
     assert [c.split(" --models ")[0] for c in bench[:2]] == ["bench.py --suite profile"] * 2
-    assert [c.split("--gather-per-sm ")[1].split()[0] for c in bench[2:]] == ["0", "0", "0.25"]
+    assert [c.split("--gather-per-sm ")[1].split()[0] for c in bench[2:]] == ["0", "0", "1"]
     assert [c.split(" --models ")[1].split()[0] for c in bench] == ["smollm2", "7b", "7b", "smollm2", "7b"]
     suites = [c for c in calls if c.startswith("-m pytest") and "-m cuda" not in c]
     files = sorted(f for c in suites for f in c.split() if f.startswith("tests/test_"))
