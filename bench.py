@@ -27,6 +27,7 @@ on CUDA) each time it is called, i.e. once after every forward; decode time = la
 stamp, which spans the same N-1 decode forwards, and prefill time = first stamp - start.
 """
 import datetime
+import functools
 import gc
 import importlib.util
 import inspect
@@ -856,6 +857,33 @@ def one_model(a, suite, new, which):
     return dev, cuda, torch.float16 if cuda else torch.float32, name, B, ctx
 
 
+VIEWS = set("view _unsafe_view _reshape_alias reshape expand slice select permute transpose t unsqueeze "
+            "squeeze as_strided alias detach split unbind lift_fresh".split())   # views: no kernel
+
+
+def count_ops(step):
+    """The tensor operations one call of step() runs that launch a kernel on a GPU (views do not), counted
+    by name on any device. The gather and put kernels are not in it (under the CPU's interpreter their
+    insides run as tensor operations; on a GPU they are one launch each per offloaded layer)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    kernel_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.py")
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name, f = func.overloadpacket.__name__, sys._getframe(1)
+            while f is not None and f.f_code.co_filename != kernel_py:
+                f = f.f_back
+            if name not in VIEWS and f is None:
+                seen[name] += 1
+            return func(*args, **(kwargs or {}))
+    seen = Counter()
+    with Count():
+        step()
+    return seen
+
+
 def suite_profile(a):
     """One decode step of each policy, op by op, under torch's profiler: the device time of every kernel
     (CUDA) or the self time of every op (CPU) summed by name over the step, the largest first."""
@@ -880,6 +908,7 @@ def suite_profile(a):
         tok = ids[:, -1].to(dev)
         for _ in range(2):                                               # warm up
             I.decode_one(model, cache, tok)
+        ops = count_ops(functools.partial(I.decode_one, model, cache, tok))     # a third step, counted
         sync()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
@@ -892,11 +921,12 @@ def suite_profile(a):
         total = sum(t for t, _, _ in spent)
         out["policies"][f"{pol} {budget}" if budget is not None else pol] = {
             "total_ms": round(total / 1e3, 3), "kernels": len(spent), "launches": sum(c for _, c, _ in spent),
+            "ops": sum(ops.values()), "ops_by_name": dict(ops.most_common()),
             "top": [{"name": k[:100], "ms": round(t / 1e3, 3), "count": c, "share": round(t / total, 3)}
                     for t, c, k in spent[:15]]}
         say(f"  {total / 1e3:.2f} ms of {'kernels' if cuda else 'ops'} in one step, "
-            f"{out['policies'][list(out['policies'])[-1]]['launches']} {'launches' if cuda else 'calls'}; "
-            "the largest:")
+            f"{out['policies'][list(out['policies'])[-1]]['launches']} {'launches' if cuda else 'calls'}, "
+            f"{sum(ops.values())} tensor operations that launch a kernel on a GPU; the largest:")
         for t, c, k in spent[:8]:
             say(f"    {t / 1e3:8.3f} ms  {c:5d} x  {k[:90]}")
         write_json(path, out)

@@ -24,7 +24,7 @@ import model as M
 import skew as SK
 from model import Tok  # noqa: F401  (re-exported for scripts: I.Tok)
 from offload import GATHERS, GraphError, KVStore, Pool, preflight, stats_of
-from skew import partial_query, speculate, threshold_select, to_index, topk_mask
+from skew import partial_query, speculate, threshold_slots, to_index, top_slots, topk_mask
 
 POLICIES = ("full", "offload", "infinigen", "h2o", "streaming", "oracle")
 
@@ -102,8 +102,8 @@ PAPER = dict(skew="svd", partial_ratio=0.2, alpha=4.0, budget=0.2, layer_budget=
 class OffloadCache(M.Cache):
     """K, V of layers `first`.. in the CPU store, each attending over what its fetch brought plus the
     new tokens; the layers before `first` (the sparse policies' dense layers) stay whole on the device.
-    Alone it is the `offload` policy; subclasses choose `select(layer, q, x, rope)` (at most
-    `kmax[layer]` tokens per KV head), and `ahead` says whether that runs one layer early or at the layer."""
+    Alone it is the `offload` policy; subclasses choose `select(layer, q, x, rope)` (a mask, or slots, of at
+    most `kmax[layer]` tokens per KV head) and `ahead`: whether that runs one layer early or at the layer."""
     name, ahead = "offload", True
 
     def __init__(self, model, pol: Policy, batch, slots, device, dtype):
@@ -115,9 +115,8 @@ class OffloadCache(M.Cache):
         res = (self.first, batch, cfg.n_kv_heads, slots, cfg.head_dim)          # (first, B, Hkv, S, d)
         elt = torch.tensor([], dtype=dtype).element_size()
         extra = 2 * math.prod(res) * elt + self.device_bytes(batch, slots, elt)
-        cap = pol.capacity if pol.capacity > 1 else max(round(pol.capacity * slots), pol.capacity > 0)  # >= 1
-        n_off = cfg.n_layers - self.first
-        pool = Pool(n_off, batch, slots, int(cap), pol.eviction) if 0 < cap < slots else None
+        cap = int(pol.capacity if pol.capacity > 1 else max(round(pol.capacity * slots), pol.capacity > 0))
+        pool = Pool(cfg.n_layers - self.first, batch, slots, cap, pol.eviction) if 0 < cap < slots else None
         self.store = KVStore(cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim, device, dtype, pool,
                              pol.gather, self.first, extra)
         self.rk, self.rv = (torch.zeros(res, device=device, dtype=dtype) for _ in "kv")  # resident K, V
@@ -147,6 +146,7 @@ class OffloadCache(M.Cache):
         w = self.S if T == 1 else self.t0                                # a decode step reads every slot
         self.allowed = (self.valid[:, :w] & (self.slot[:w] < self.next))[:, None]    # (B, 1, w) the past
         self.counts = self.pol.count(self.length, self.share_dev)                     # (L, B) tokens to keep
+        self.per_row = (1 / (self.B * self.cfg.n_kv_heads * self.length.clamp(min=1)))[:, None, None]
         self.new_mask = self.mask.index_select(-1, self.at)                   # (B, 1, T, T) among new tokens
         if self.ahead and self.first == 0:
             self.issue(0, self.plan(0))
@@ -158,15 +158,16 @@ class OffloadCache(M.Cache):
         the host gather they are already on their way to host memory, and the event says when."""
         if self.t0 == 0 or (not self.sparse(layer) and self.store.pool is None):
             return None
-        if self.sparse(layer):
-            sel, n = self.select(layer, q, x, rope) & self.allowed, self.kmax[layer]   # (B, Hkv, w)
-        else:  # dense, but a bounded pool scatters tokens: fetch every past token by index
-            sel, n = self.allowed.expand(-1, self.cfg.n_kv_heads, -1), max(self.t0, 1)
-        idx, ok = to_index(sel, n)                               # n: a bound, no device sync
-        self.idx[layer] = idx
-        if self.store.gather == "host":                                          # pinned, async on CUDA
-            idx, ok = idx.to("cpu", non_blocking=True), ok.to("cpu", non_blocking=True)
-        return idx, ok, torch.cuda.current_stream(self.dev).record_event() if self.store.cuda else None
+        with self.store.aside(q, x, *(rope or ())):     # CUDA, device gather: on the copy stream
+            if self.sparse(layer):               # select gives slots (idx, ok), or a mask (B, Hkv, w)
+                sel = self.select(layer, q, x, rope)
+                idx, ok = sel if isinstance(sel, tuple) else to_index(sel & self.allowed, self.kmax[layer])
+            else:  # dense, but a bounded pool scatters tokens: fetch every past token by index
+                idx, ok = to_index(self.allowed.expand(-1, self.cfg.n_kv_heads, -1), max(self.t0, 1))
+            self.idx[layer] = idx
+            if self.store.gather == "host":                                      # pinned, async on CUDA
+                idx, ok = idx.to("cpu", non_blocking=True), ok.to("cpu", non_blocking=True)
+            return idx, ok, torch.cuda.current_stream(self.dev).record_event() if self.store.cuda else None
 
     def issue(self, layer, plan):
         """Start copying what `plan` chose for `layer`."""
@@ -194,14 +195,13 @@ class OffloadCache(M.Cache):
         kd, vd = kb[:rows].permute(1, 2, 0, 3), vb[:rows].permute(1, 2, 0, 3)       # (B, Hkv, rows, d)
         if ok is None:                                      # (slots not yet written are masked)
             mask, slots = self.mask[..., :rows], None
-            self.fetched[layer] += 1.0 if self.decoding else 0.0
         else:                                               # by index: a mask per KV head
             ok = ok.to(self.dev, non_blocking=True)                                    # pinned on CUDA
             new = self.new_mask.expand(-1, ok.shape[1], -1, -1)                         # (B, Hkv, T, T)
             mask = torch.cat([ok[:, :, None].expand(-1, -1, T, -1), new], -1)          # (B, Hkv, T, n+T)
             slots = torch.cat([self.idx.pop(layer), self.at.expand(*ok.shape[:2], T)], -1)    # (B, Hkv, n+T)
-            if T == 1:
-                self.fetched[layer] += (ok.sum((1, 2)) / (ok.shape[1] * self.length.clamp(min=1))).mean()
+        if self.decoding:                                   # the share of each sequence's past fetched
+            self.fetched[layer].add_(1.0 if ok is None else (ok * self.per_row).sum())
         out = M.attention(q, kd, vd, mask)                  # queued before the host gathers for i+1
         if T > 1 and layer >= self.pol.dense_layers and self.pol.layer_budget == "prompt":   # at prefill
             qn, last = q[:, :, -SK.NEED_QUERIES:], mask[..., -SK.NEED_QUERIES:, :]    # its last queries
@@ -274,7 +274,7 @@ class InfiniGen(OffloadCache):
         qp = partial_query(x, self.model.layers[layer].attn, rope, self.P[layer], self.Wp[layer])
         s = speculate(qp, self.kpart[layer][:, :, :self.allowed.shape[-1]], self.scale, self.allowed)
         mean = self.pol.head_count == "mean"                         # the authors' rule (chapter 10)
-        return threshold_select(s, self.pol.alpha, self.counts[layer], self.allowed, self.kmax[layer], mean)
+        return threshold_slots(s, self.pol.alpha, self.counts[layer], self.kmax[layer], mean)   # (idx, ok)
 
 
 # --- Baselines
@@ -284,7 +284,7 @@ class Oracle(OffloadCache):
     def select(self, layer, q, x, rope):
         kall = self.store.keys(layer, self.allowed.shape[-1], self.dev).to(q.dtype)       # (B, Hkv, w, d)
         s = speculate(q.view(self.B, -1, self.G, q.shape[-1]), kall, self.scale, self.allowed)  # (B, Hkv, w)
-        return topk_mask(s, self.counts[layer], self.allowed, self.kmax[layer])
+        return top_slots(s, self.counts[layer], self.kmax[layer])                      # (idx, ok)
 
 
 class Streaming(OffloadCache):

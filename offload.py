@@ -157,9 +157,8 @@ class Ledger:
     host knows are plain ints; rows a device gather moved are counted on the device (no sync)."""
     def __init__(self, n_layers, device, row_bytes):
         self.h2d, self.d2h = [0] * n_layers, [0] * n_layers
-        self.rows = torch.zeros(n_layers, dtype=torch.long, device=device)   # (L,) rows a kernel gathered
-        self.row_bytes, self.decoding, self.decode_h2d = row_bytes, False, 0
-        self.decode_rows = torch.zeros((), dtype=torch.long, device=device)
+        self.rows = torch.zeros(2, n_layers, dtype=torch.long, device=device)   # rows a kernel gathered:
+        self.row_bytes, self.decoding, self.decode_h2d = row_bytes, False, 0    # (2, L) at prefill, in steps
         self.wait_s = self.decode_wait_s = 0.0    # the compute stream's waits for copies: in all, in steps
 
     def add(self, layer, nbytes=0, rows=None):
@@ -168,9 +167,7 @@ class Ledger:
             self.h2d[layer] += nbytes
             self.decode_h2d += nbytes if self.decoding else 0
         else:
-            self.rows[layer] += rows
-            if self.decoding:
-                self.decode_rows += rows
+            self.rows[int(self.decoding), layer].add_(rows)      # one addition, in place
 
     def waited(self, seconds):
         self.wait_s += seconds
@@ -186,10 +183,10 @@ class Ledger:
         self.decode_h2d += delta[-1]
 
     def h2d_per_layer(self):  # (reads the device counters: after the run)
-        return [h + r * self.row_bytes for h, r in zip(self.h2d, self.rows.tolist())]
+        return [h + r * self.row_bytes for h, r in zip(self.h2d, self.rows.sum(0).tolist())]
 
     def decode_bytes(self):
-        return self.decode_h2d + int(self.decode_rows) * self.row_bytes
+        return self.decode_h2d + int(self.rows[1].sum()) * self.row_bytes
 
 
 # --- Bounded pool
@@ -336,11 +333,23 @@ class KVStore:
         """Every past key of a layer as stored, (B, Hkv, t0, d) on `device`: for the oracle and recall,
         which read everything (so they refuse a bounded pool, whose slots are not token order)."""
         block = self.kv[self.local(layer), :t0]                              # (t0, B, Hkv, 2, d)
-        if device.type == "cuda":   # the whole block, queued after the append on the same stream
+        if device.type == "cuda":   # the whole block, queued after the append (or after a wait for it: aside)
             block = block.to(device, non_blocking=True)
         elif self.appended[layer] is not None:
             self.appended[layer].synchronize()
         return block[:, :, :, 0].permute(1, 2, 0, 3)
+
+    # --- Aside
+    def aside(self, *used):
+        """Where a selection runs: on CUDA with the device gather, the copy stream, after the compute stream's
+        work so far (which goes on meanwhile; the fetch follows in order), the compute stream's tensors `used`
+        marked as read there (their memory waits for it before its next use). Elsewhere: where it is."""
+        if not (self.cuda and self.gather == "device"):
+            return contextlib.nullcontext()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        for t in (t for t in used if t is not None):
+            t.record_stream(self.stream)
+        return torch.cuda.stream(self.stream)
 
     # --- Fetch
     def fetch(self, layer, t0, idx=None, ok=None, after=None):
@@ -372,7 +381,7 @@ class KVStore:
                     idx, ok = slots.clamp(min=0), ok.cpu() & (slots >= 0)
                 if self.gather == "device":
                     idx, ok = idx.to(self.device, non_blocking=True), ok.to(self.device, non_blocking=True)
-                    if self.cuda:           # read on both streams: made on the compute one (the pool's: this)
+                    if self.cuda:           # read on both streams (made on either one)
                         for s in (self.stream, cur):
                             idx.record_stream(s), ok.record_stream(s)
                     device_kernel("gather_rows", self.cuda)(store, idx, ok, self.buf[buf])

@@ -5,6 +5,8 @@ With A from the SVD of a head's calibration queries (Q = U S V^T, A = V) the col
 their energy in decreasing order, and a few of them predict the scores. Shapes: N calibration
 tokens, H query heads, Hkv key/value heads, G = H // Hkv, d head dim, m partial columns.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -119,11 +121,55 @@ def speculate(qp, kpart, scale, allowed=None):
     big = torch.finfo(s.dtype).max
     s = s.clamp(-big, big).to(torch.promote_types(s.dtype, torch.float32))
     if allowed is not None:
-        s = s.masked_fill(~allowed[:, :, None], float("-inf"))
+        s = torch.where(allowed[:, :, None], s, float("-inf"))
     return s.log_softmax(-1).logsumexp(2)
 
 
 # --- Selection math
+CHECK_BOUNDS = True   # on a CPU, a bound the host gives is checked (reading the count would sync CUDA)
+
+
+def top_slots(s, k, kmax, alpha=math.inf):
+    """s (B, Hkv, w) scores, -inf where not allowed; k (B,) per sequence -> idx, ok (B, Hkv, n): each head's
+    best k tokens among those within alpha of its best, their slots in ascending order, then padding (ok
+    False, slot w - 1). n = min(kmax, w), at least 1: kmax bounds k on the host, so no shape waits for the
+    device. One top-k over w and one sort over n: the engine's selection, a handful of kernels."""
+    w = s.shape[-1]
+    if CHECK_BOUNDS and not s.is_cuda and k.numel() and min(int(k.max()), w) > kmax:
+        raise ValueError(f"a selection of {int(k.max())} tokens per KV head exceeds its bound of {kmax}")
+    n = max(min(kmax, w), 1)
+    top, slot = s.topk(n, dim=-1)                                                   # (B, Hkv, n) best first
+    least = (top[..., :1] - alpha).clamp(min=torch.finfo(top.dtype).min)        # -inf (not allowed): never
+    keep = (torch.arange(n, device=s.device) < k[:, None, None]) & (top >= least)
+    key = torch.where(keep, slot, w).sort(-1).values                          # kept slots first, in order
+    return key.clamp(max=w - 1), key < w                                                       # (B, Hkv, n)
+
+
+def threshold_slots(s, alpha, cap, kmax, mean=False):
+    """Tokens whose score is within alpha of the best, at most cap (B,) of them: top_slots' (idx, ok).
+    s (B, Hkv, t): -inf where not allowed. mean: the authors' rule instead, every head its best n, n the
+    mean over the heads of how many of their tokens are within alpha (rounded down, at most cap; their
+    speculate_attention means over the batch)."""
+    if mean:
+        near = (s >= s.amax(-1, keepdim=True) - alpha) & (s > float("-inf"))                 # (B, Hkv, t)
+        cap, alpha = torch.minimum(cap, near.sum(-1).double().mean(-1).long()), math.inf    # (B,)
+    return top_slots(s, cap, kmax, alpha)
+
+
+# --- Selections as masks (H2O, streaming, the tutorial's labs)
+def as_mask(idx, ok, w):
+    """Slots (B, Hkv, n) where ok -> (B, Hkv, w) bool: the padding lands in an extra column, dropped."""
+    mask = torch.zeros(*idx.shape[:-1], w + 1, dtype=torch.bool, device=idx.device)
+    return mask.scatter_(-1, torch.where(ok, idx, w), True)[..., :w]
+
+
+def threshold_select(s, alpha, cap, allowed, kmax=None, mean=False):
+    """threshold_slots as a mask (B, Hkv, t) bool, allowed (B, 1|Hkv, t) masking s."""
+    s = s.masked_fill(~allowed, float("-inf"))
+    kmax = (int(cap.max()) if cap.numel() else 0) if kmax is None else kmax
+    return as_mask(*threshold_slots(s, alpha, cap, kmax, mean), s.shape[-1])
+
+
 def topk_mask(scores, k, allowed, kmax=None):
     """scores (B, Hkv, S), k (B,) per sequence, allowed (B, 1|Hkv, S) -> bool (B, Hkv, S), k best allowed.
     kmax: k.max() if the caller knows it on the host (reading it from a device k waits for the device)."""
@@ -136,13 +182,10 @@ def topk_mask(scores, k, allowed, kmax=None):
     return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, keep) & allowed
 
 
-CHECK_BOUNDS = True   # on a CPU, to_index checks a bound it is given (reading the count would sync CUDA)
-
-
 def to_index(sel, n=None):
-    """sel (B, Hkv, S) bool -> idx (B, Hkv, n), ok (B, Hkv, n): each head's selected slots in ascending
-    order, then (ok False) the lowest others as padding; n = the max count, or a bound on it known on
-    the host."""
+    """sel (B, Hkv, S) bool -> idx, ok (B, Hkv, n): each head's selected slots in ascending order, then
+    (ok False) the lowest others as padding; n = the max count, or a bound on it known on the host.
+    (A policy whose rule is a top-k gives top_slots' slots instead: no mask, no second top-k.)"""
     S = sel.shape[-1]
     if n is None or (CHECK_BOUNDS and not sel.is_cuda):   # reading the count waits for the device
         most = int(sel.sum(-1).max())
@@ -152,17 +195,6 @@ def to_index(sel, n=None):
     key = torch.where(sel, 0, S) + torch.arange(S, device=sel.device)      # selected first, each in order
     first = key.topk(n, dim=-1, largest=False)                              # ascending: sorted by key
     return first.indices, first.values < S                                              # (B, Hkv, n)
-
-
-def threshold_select(s, alpha, cap, allowed, kmax=None, mean=False):
-    """Tokens whose score is within alpha of the best, at most cap (B,) of them. (B, Hkv, t) bool.
-    mean: the authors' rule instead, every head its best n, n the mean over the heads of how many of their
-    tokens are within alpha (rounded down, at most cap; their speculate_attention means over the batch)."""
-    s = s.masked_fill(~allowed, float("-inf"))
-    near = (s >= s.amax(-1, keepdim=True) - alpha) & allowed
-    if mean:
-        cap, near = torch.minimum(cap, near.sum(-1).double().mean(-1).long()), allowed    # (B,)
-    return topk_mask(s, cap, near, kmax)
 
 
 # --- Layer shares of the budget

@@ -17,6 +17,7 @@ import bench
 import cli
 import helpers
 import model
+import offload
 import prepare
 from offload import OffloadError
 
@@ -319,6 +320,26 @@ def test_profile_suite_on_a_cpu(tmp_path):
         assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
         assert sum(t["share"] for t in top) <= 1 + 1e-3
         assert top[0]["share"] == pytest.approx(top[0]["ms"] / p["total_ms"], abs=2e-3)
+        assert p["ops"] == sum(p["ops_by_name"].values()) > 0 and not set(p["ops_by_name"]) & bench.VIEWS
+    full, ig = data["policies"]["full"], data["policies"]["infinigen 0.1"]
+    assert ig["ops_by_name"].get("topk") == ig["ops_by_name"].get("sort") == 2     # one each per sparse layer
+    assert "topk" not in full["ops_by_name"] and ig["ops"] > full["ops"]
+
+
+def test_count_ops_counts_what_launches_a_kernel():
+    """Views launch nothing; the gather kernel's insides (tensor operations under the CPU's interpreter) are
+    not the step's operations."""
+    x = torch.arange(12.0).view(3, 4)
+    got = bench.count_ops(lambda: (x.view(4, 3).t() + 1).sum())
+    assert got == {"add": 1, "sum": 1}
+    pytest.importorskip("triton")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")        # the kernel where it runs
+    gather = offload.device_kernel("gather_rows", cuda=dev.type == "cuda")
+    src, dst = torch.randn(6, 1, 1, 2, 4, device=dev), torch.zeros(2, 1, 1, 2, 4, device=dev)
+    idx, ok = torch.tensor([[[4, 1]]], device=dev), torch.tensor([[[True, True]]], device=dev)
+    gather(src, idx, ok, dst)                                    # compiled (on a GPU) before it is counted
+    got = bench.count_ops(lambda: (gather(src, idx, ok, dst), dst.mul_(2)))
+    assert got == {"mul_": 1} and torch.equal(dst, 2 * src[[4, 1]])
 
 
 # --- A model that does not fit; flags a suite does not use

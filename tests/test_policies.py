@@ -188,7 +188,7 @@ def check_top(sel, scores, allowed, want_counts):
 def test_topk_mask(c, extra):
     """k best allowed per row; the same with kmax, a host-side bound >= k.max(), given."""
     scores, k, allowed = c
-    sel = IG.topk_mask(scores, k, allowed, None if extra is None else int(k.max()) + extra)
+    sel = SK.topk_mask(scores, k, allowed, None if extra is None else int(k.max()) + extra)
     assert sel.shape == scores.shape and sel.dtype == torch.bool
     check_top(sel, scores, allowed, torch.minimum(k[:, None], allowed.expand_as(scores).sum(-1)))
 
@@ -197,12 +197,51 @@ def test_topk_mask(c, extra):
 @given(c=scored(), alpha=st.sampled_from([0.0, 0.15, 0.5, 2.0, math.inf]))
 def test_threshold_select(c, alpha):
     scores, k, allowed = c
-    sel = IG.threshold_select(scores, alpha, k, allowed)
+    sel = SK.threshold_select(scores, alpha, k, allowed)
     a = allowed.expand_as(scores)
     best = scores.masked_fill(~a, float("-inf")).amax(-1, keepdim=True)
     near = a & (scores >= best - alpha)
     assert not (sel & ~near).any(), "selected a token further than alpha from the best"
     check_top(sel, scores, near, torch.minimum(k[:, None], near.sum(-1)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(c=scored(), alpha=st.sampled_from([0.0, 0.15, 0.5, 2.0, math.inf]), extra=st.integers(0, 3),
+       distinct=st.booleans())
+def test_top_slots_are_the_threshold_rule_as_slots(c, alpha, extra, distinct):
+    """The engine's selection in one top-k and one sort: each head's best k within alpha, slots ascending,
+    then padding (ok False, a valid slot); the same tokens as the mask path (topk_mask over the tokens within
+    alpha, to_index), slot for slot when no scores tie; a bound below k refused on the CPU."""
+    scores, k, allowed = c
+    if distinct:                                                     # no ties: one right answer
+        scores = torch.randperm(scores.numel(), generator=torch.Generator().manual_seed(k.sum().item()))
+        scores = scores.view_as(scores.new_empty(c[0].shape)).float() / 7
+    a = allowed.expand_as(scores)
+    s = scores.masked_fill(~a, float("-inf"))
+    kmax, w = int(k.max()) + extra, scores.shape[-1]
+    idx, ok = SK.top_slots(s, k, kmax, alpha)
+    n = max(min(kmax, w), 1)
+    assert idx.shape == ok.shape == (*scores.shape[:2], n) and ((idx >= 0) & (idx < w)).all()
+    assert (ok[..., :-1] >= ok[..., 1:]).all(), "the selected slots come first"
+    assert (idx[..., 1:] > idx[..., :-1])[ok[..., 1:]].all(), "each in slot order"
+    near = a & (s >= s.amax(-1, keepdim=True) - alpha)
+    sel = SK.as_mask(idx, ok, w)
+    assert not (sel & ~near).any(), "selected a token further than alpha from the best"
+    check_top(sel, scores, near, torch.minimum(k[:, None], near.sum(-1)))
+    if distinct:
+        want_idx, want_ok = SK.to_index(SK.topk_mask(scores, k, near, kmax), kmax)
+        assert torch.equal(ok, want_ok) and torch.equal(idx[ok], want_idx[want_ok])
+    if int(k.max()) > 0 and int(k.max()) <= w:
+        with pytest.raises(ValueError, match="exceeds its bound"):
+            SK.top_slots(s, k, int(k.max()) - 1, alpha)
+
+
+def test_top_slots_keep_nothing_of_a_head_with_no_past():
+    """A head whose every score is -inf (nothing allowed) or NaN keeps nothing: padding only."""
+    s = torch.tensor([[[0.5, -1.0, 2.0], [float("-inf")] * 3, [float("nan")] * 3]])       # (1, 3, 3)
+    idx, ok = SK.top_slots(s, torch.tensor([2]), 2)
+    assert ok.tolist() == [[[True, True], [False, False], [False, False]]]
+    assert idx[0, 0].tolist() == [0, 2] and ((idx >= 0) & (idx < 3)).all()
 
 
 @st.composite

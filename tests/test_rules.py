@@ -205,8 +205,8 @@ def test_the_two_counts_differ_where_the_heads_do():
 def test_infinigen_selects_by_the_policys_head_count(llama, monkeypatch):
     m, prompts = llama
     seen = []
-    real = IG.threshold_select
-    monkeypatch.setattr(IG, "threshold_select", lambda *a: seen.append(a[-1]) or real(*a))
+    real = IG.threshold_slots
+    monkeypatch.setattr(IG, "threshold_slots", lambda *a: seen.append(a[-1]) or real(*a))
     for rule in ("own", "mean"):
         pol = Policy("infinigen", budget=0.5, alpha=2.0, head_count=rule)
         run(m, prompts, IG.make_cache(m, pol, 2, 40), 2)

@@ -261,6 +261,7 @@ def run(llama, name, monkeypatch, gather="device", record=True, forget=True, ign
                           tokens.shape[1] + 8)
     tok = torch.full((len(prompts),), 5)
     with simulated(cache, monkeypatch, ignore=ignore) as sim:
+        sim.cache = cache
         sim.made("host", valid)                           # generate keeps the prompt's mask on the host
         IG.prefill(m, cache, tokens, valid)
         for _ in range(3):
@@ -279,6 +280,18 @@ def test_the_streams_never_race_and_a_step_can_be_recorded(llama, name, monkeypa
     assert sim.copy.vc.get(sim.copy, 0) > 0, "nothing ran on the copy stream"
     assert not sim.races, sim.races[:3]
     assert not sim.errors, sim.errors[:3]
+
+
+@pytest.mark.parametrize("gather", ["device", "host"])
+def test_the_selection_runs_beside_the_compute(llama, gather, monkeypatch):
+    """With the device gather, InfiniGen's selection is queued on the copy stream: it reads the partial key
+    cache there (the compute stream writes it) while the compute stream goes on. The host gather selects on
+    the compute stream: the host waits for the indices anyway."""
+    sim = run(llama, "infinigen", monkeypatch, gather=gather, record=False)
+    who = {(str(s), k) for s, k, *_ in sim.acc[sim.cache.kpart[-1].untyped_storage().data_ptr()]}
+    assert ("compute", "w") in who and ("copy", "w") not in who
+    assert (("copy", "r") in who) == (gather == "device")
+    assert not sim.races, sim.races[:3]
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["unbounded", "pool"])
@@ -301,7 +314,7 @@ RUNS = [(n, g, pool) for n in POLICIES for g in ("device", "host") for pool in (
 NEEDED = {   # tutorial chapter 17's table: a wait ignored by one party -> the runs that then race
     ("ready", "compute"): lambda n, g, pool: True,
     ("freed", "copy"): lambda n, g, pool: n == "offload" and not pool,
-    ("selection", "copy"): lambda n, g, pool: g == "device" and n in ("oracle", "h2o", "streaming"),
+    ("selection", "copy"): lambda n, g, pool: False,
     ("selection", "host"): lambda n, g, pool: g == "host" and (n != "offload" or pool),
     ("appended", "copy"): lambda n, g, pool: False,
     ("appended", "host"): lambda n, g, pool: False,
@@ -311,9 +324,9 @@ NEEDED = {   # tutorial chapter 17's table: a wait ignored by one party -> the r
 @pytest.mark.parametrize("drop, who", list(NEEDED))
 def test_each_wait_is_needed_where_the_tutorial_says(llama, drop, who, monkeypatch):
     """The check can fail: a wait ignored by `who` (a stream, or the host) leaves accesses unordered in
-    exactly the runs chapter 17's table names: a buffer's `ready` and `freed`, and the event after a
-    selection (made in the layer itself: oracle, h2o, streaming; InfiniGen selects a layer ahead, and
-    `freed` orders that); with the host gather, the host's wait for the indices. Ignoring `appended`
+    exactly the runs chapter 17's table names: a buffer's `ready` and `freed`; with the host gather, the
+    host's wait for the indices. The copy stream's wait for the selection's event orders nothing more:
+    with the device gather the selection is queued on the copy stream itself. Ignoring `appended`
     leaves no race anywhere, nor does the host's wait on `ready` before it refills the staging rows:
     `freed` (device gather) or the host's wait for the selection orders them already, since the
     selection was queued after the last append and after the compute stream waited for that staging's
