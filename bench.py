@@ -47,6 +47,7 @@ import torch
 import cli
 import infinigen as I
 import model as M
+import offload
 import prepare
 from offload import KVStore, OffloadError, device_kernel, host_tensor, preflight, triton_available
 
@@ -415,6 +416,7 @@ NUMBER, TEXT = ((int, float, type(None)), "a number or null"), ((str, type(None)
 ROW_TYPES = {"model": ((str,), "a string"), "impl": ((str,), "a string"), "batch": ((int,), "an integer"),
              "context": ((int,), "an integer"), "budget": NUMBER, "skipped": TEXT, "error": TEXT, "run": TEXT,
              "cuda_graph": ((bool, type(None)), "true, false or null"), "gather_per_sm": NUMBER,
+             "select_on": TEXT,
              **{k: NUMBER for k in ROW_KEYS}}
 
 
@@ -450,7 +452,7 @@ def save_row(path, run, row):
     if not data["runs"] or data["runs"][-1] != run:
         data["runs"] = [r for r in data["runs"] if r["date"] != run["date"]] + [run]
     key = lambda r: (r["model"], r["impl"], r.get("budget"), r["batch"], r["context"], r.get("gather"),
-                     r.get("cuda_graph"), r.get("gather_per_sm", DEFAULT_PER_SM))
+                     r.get("cuda_graph"), r.get("gather_per_sm", DEFAULT_PER_SM), r.get("select_on", "copy"))
     data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
     write_json(path, data)
 
@@ -511,7 +513,7 @@ def run_ours(model, shape, pol, new, cuda):
         t.append(time.perf_counter())
     s = ours(model, ids.tolist(), pol, new, time_copies=cuda, on_token=stamp)[1] | steady(t, ids.shape[0])
     if s.get("gather") == "device" and pol.name != "offload":          # the kernel's grid (kernel.PER_SM)
-        s["gather_per_sm"] = sys.modules["kernel"].PER_SM
+        s["gather_per_sm"], s["select_on"] = sys.modules["kernel"].PER_SM, offload.SELECT_ON
     return s
 
 
@@ -648,7 +650,7 @@ def best(rows, model, impl, budget, shape):
     """The fastest measured row of impl (at budget) on model at shape (B, context): graphs or not."""
     got = [r for r in rows if r["model"].split("-")[0] == model and r["impl"] == impl
            and r.get("budget") == budget and (r["batch"], r["context"]) == shape and r.get("tokens_per_s")
-           and r.get("gather_per_sm") in (None, DEFAULT_PER_SM)]                # the engine as it ships
+           and r.get("gather_per_sm") in (None, DEFAULT_PER_SM) and r.get("select_on") in (None, "copy")]
     return max(got, key=lambda r: r["tokens_per_s"], default=None)
 
 
@@ -682,9 +684,10 @@ def targets(rows):
     return [(what, v, f"{op} {goal}", met(v, op, goal)) for what, v, op, goal in out]
 
 
-def grid_note(per_sm):  # a row whose gather kernel ran on another grid than the engine's
-    return "" if per_sm in (None, DEFAULT_PER_SM) else (
+def grid_note(per_sm, select_on=None):  # a row whose gather ran on another grid, or selected elsewhere
+    grid = "" if per_sm in (None, DEFAULT_PER_SM) else (
         " (gather: a program per block of rows)" if per_sm == 0 else f" (gather: {per_sm} per SM)")
+    return grid + (" (selection on the compute stream)" if select_on == "compute" else "")
 
 
 def suite_report(a):
@@ -705,7 +708,7 @@ def suite_report(a):
           "step / floor | copy wait ms/step |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in data["rows"]:
         impl = cell(r["impl"] + (f" {r['budget']}" if r.get("budget") is not None else "")
-                    + grid_note(r.get("gather_per_sm")))
+                    + grid_note(r.get("gather_per_sm"), r.get("select_on")))
         head = f"| {cell(r['model'])} | {r['batch']} × {r['context']} | {impl} |"
         if r.get("skipped") or r.get("error"):
             why = cell("skipped: " + r["skipped"] if r.get("skipped") else "ERROR: " + r["error"])
@@ -1049,7 +1052,7 @@ def plot_timeline(out, path):
 # --- Command line
 USES = {"cpu": ("text", "prompt_tokens", "new_tokens", "out"),      # the flags each suite reads
         "gpu": ("new_tokens", "models", "shapes", "policies", "gather", "graphs", "device", "out",
-                "gather_per_sm"),
+                "gather_per_sm", "select_on"),
         "timeline": ("models", "shapes", "gather", "device", "out", "gather_per_sm"),
         "gather": ("shapes", "gather", "device", "out"), "report": ("results",),
         "profile": ("models", "shapes", "policies", "gather", "device", "out")}
@@ -1079,6 +1082,8 @@ def check_flags(a):
             raise ValueError("--gather-per-sm sets the device gather's grid, which needs triton")
         device_kernel("gather_rows")                          # imports kernel.py as the engine does
         sys.modules["kernel"].PER_SM = a.gather_per_sm
+    if a.select_on is not None:                # where the device gather's selections run, for this run
+        offload.SELECT_ON = a.select_on
 
 
 def per_sm(s):
@@ -1120,6 +1125,9 @@ def main(argv=None):
     p.add_argument("--gather-per-sm", type=per_sm,
                    help=f"gpu, timeline: the device gather kernel's programs per SM, a fraction too (default "
                         f"{DEFAULT_PER_SM}; 0: a program per block of 32 rows, as in the 2026-12-04 run)")
+    p.add_argument("--select-on", choices=["copy", "compute"],
+                   help="gpu: the stream the device gather's selections run on, with CUDA (default copy: "
+                        "beside the compute; compute: before the layer, as until 2026-12-04)")
     p.add_argument("--out", help="the results file (default results/bench-cpu.json, bench-<gpu>.json "
                    "(bench-gpu-suite-cpu.json on a CPU), timeline-<device>.json and .png, "
                    "gather-<device>.json)")

@@ -20,6 +20,7 @@ import weakref
 import torch
 
 GATHERS = ("auto", "host", "device")
+SELECT_ON = "copy"     # CUDA, device gather: where selections run, "copy" (its stream) or "compute"; bench.py
 
 
 class OffloadError(Exception):
@@ -344,7 +345,7 @@ class KVStore:
         """Where a selection runs: on CUDA with the device gather, the copy stream, after the compute stream's
         work so far (which goes on meanwhile; the fetch follows in order), the compute stream's tensors `used`
         marked as read there (their memory waits for it before its next use). Elsewhere: where it is."""
-        if not (self.cuda and self.gather == "device"):
+        if not (self.cuda and self.gather == "device" and SELECT_ON == "copy"):
             return contextlib.nullcontext()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         for t in (t for t in used if t is not None):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 9, 10 and 12 in one call of a GPU machine (at most 9.5 minutes: the parts' limits),
 # with that machine's own python3 and CUDA torch; no .venv, no default model (random weights of its shape).
-#   bash results/gpu_check.sh [PART ...]  parts (default): gather 7b smollm2 timeline tests profile grid suite
+#   bash results/gpu_check.sh [PART ...]  parts (default): gather 7b smollm2 timeline tests profile aside suite
+# (and `grid`: InfiniGen rows on other gather grids, measured at 83b3924)
 # (`suite`: the whole test suite, CPU tests included, in four processes at once, with what the call has left;
 # where that was too little, again in a second call at once, while the machine is warm: a fresh one would not
 # start on what is left of a session's 15 minutes: BUDGET_S=240 bash results/gpu_check.sh suite)
@@ -25,7 +26,7 @@ export PYTHONUNBUFFERED=1                    # a part killed at its limit keeps 
 # starts far lower: the preflight plans with this many GiB instead (offload.host_available).
 export INFINIGEN_HOST_GIB=${INFINIGEN_HOST_GIB:-110}
 mkdir -p "$OUT" "$LOGS"
-parts=${*:-gather 7b smollm2 timeline tests profile grid suite}
+parts=${*:-gather 7b smollm2 timeline tests profile aside suite}
 DEADLINE=$((SECONDS + ${BUDGET_S:-570}))
 
 pack() {  # every log and GPU results file so far, into one archive, replaced whole
@@ -135,10 +136,20 @@ for part in $parts; do
             --gather-per-sm 0 --policies infinigen:0.1
         run grid-7b-one-per-sm 45 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --gather-per-sm 1 --policies infinigen:0.1 ;;          # one program per SM
+    aside)      # InfiniGen with its selection on the compute stream, as until 2026-12-04: what the copy
+                # stream's selection (the default now) gains, beside the rows of parts 7b and smollm2
+        if [ -n "$GATHER" ]; then
+            echo "== aside: skipped, no device gather here" | tee "$LOGS/aside.log"
+            continue
+        fi
+        run aside-7b 50 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 --select-on compute \
+            --policies infinigen:0.1
+        run aside-smollm2 40 "$PY" bench.py $GATHER --suite gpu --models smollm2 --shapes 32x4096 \
+            --select-on compute --policies infinigen:0.1 ;;
     7b)         # the Llama-2-7B shape at 8 x 4096
         run 7b 150 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;
-    *) echo "unknown part $part (gather 7b smollm2 timeline tests profile grid suite)"; exit 2 ;;
+    *) echo "unknown part $part (gather 7b smollm2 timeline tests profile aside grid suite)"; exit 2 ;;
     esac
     pack
 done

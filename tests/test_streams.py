@@ -282,16 +282,18 @@ def test_the_streams_never_race_and_a_step_can_be_recorded(llama, name, monkeypa
     assert not sim.errors, sim.errors[:3]
 
 
-@pytest.mark.parametrize("gather", ["device", "host"])
-def test_the_selection_runs_beside_the_compute(llama, gather, monkeypatch):
+@pytest.mark.parametrize("gather, on", [("device", "copy"), ("host", "copy"), ("device", "compute")])
+def test_the_selection_runs_beside_the_compute(llama, gather, on, monkeypatch):
     """With the device gather, InfiniGen's selection is queued on the copy stream: it reads the partial key
     cache there (the compute stream writes it) while the compute stream goes on. The host gather selects on
-    the compute stream: the host waits for the indices anyway."""
-    sim = run(llama, "infinigen", monkeypatch, gather=gather, record=False)
+    the compute stream: the host waits for the indices anyway; so does the device gather with
+    offload.SELECT_ON = "compute" (bench.py --select-on compute), and without races either."""
+    monkeypatch.setattr(offload, "SELECT_ON", on)
+    sim = run(llama, "infinigen", monkeypatch, gather=gather, record=gather == "device")
     who = {(str(s), k) for s, k, *_ in sim.acc[sim.cache.kpart[-1].untyped_storage().data_ptr()]}
     assert ("compute", "w") in who and ("copy", "w") not in who
-    assert (("copy", "r") in who) == (gather == "device")
-    assert not sim.races, sim.races[:3]
+    assert (("copy", "r") in who) == (gather == "device" and on == "copy")
+    assert not sim.races and not sim.errors, (sim.races + sim.errors)[:3]
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["unbounded", "pool"])
