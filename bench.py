@@ -49,6 +49,7 @@ import infinigen as I
 import model as M
 import offload
 import prepare
+import skew as SK
 from offload import KVStore, OffloadError, device_kernel, host_tensor, preflight, triton_available
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -866,8 +867,9 @@ VIEWS = set("view _unsafe_view _reshape_alias reshape expand slice select permut
 
 def count_ops(step):
     """The tensor operations one call of step() runs that launch a kernel on a GPU (views do not), counted
-    by name on any device. The gather and put kernels are not in it (under the CPU's interpreter their
-    insides run as tensor operations; on a GPU they are one launch each per offloaded layer)."""
+    by name on any device, with the CPU's own bound checks off (skew.CHECK_BOUNDS: a GPU has none). The
+    gather and put kernels are not in it (under the CPU's interpreter their insides run as tensor
+    operations; on a GPU they are one launch each per offloaded layer)."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -881,9 +883,13 @@ def count_ops(step):
             if name not in VIEWS and f is None:
                 seen[name] += 1
             return func(*args, **(kwargs or {}))
-    seen = Counter()
-    with Count():
-        step()
+    seen, checks = Counter(), SK.CHECK_BOUNDS
+    SK.CHECK_BOUNDS = False
+    try:
+        with Count():
+            step()
+    finally:
+        SK.CHECK_BOUNDS = checks
     return seen
 
 

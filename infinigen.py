@@ -164,7 +164,7 @@ class OffloadCache(M.Cache):
                 idx, ok = sel if isinstance(sel, tuple) else to_index(sel & self.allowed, self.kmax[layer])
             else:  # dense, but a bounded pool scatters tokens: fetch every past token by index
                 idx, ok = to_index(self.allowed.expand(-1, self.cfg.n_kv_heads, -1), max(self.t0, 1))
-            self.idx[layer] = idx
+            self.idx[layer] = idx               # kept: freed by the next plan, after the copy stream waits
             if self.store.gather == "host":                                      # pinned, async on CUDA
                 idx, ok = idx.to("cpu", non_blocking=True), ok.to("cpu", non_blocking=True)
             return idx, ok, torch.cuda.current_stream(self.dev).record_event() if self.store.cuda else None
@@ -199,7 +199,7 @@ class OffloadCache(M.Cache):
             ok = ok.to(self.dev, non_blocking=True)                                    # pinned on CUDA
             new = self.new_mask.expand(-1, ok.shape[1], -1, -1)                         # (B, Hkv, T, T)
             mask = torch.cat([ok[:, :, None].expand(-1, -1, T, -1), new], -1)          # (B, Hkv, T, n+T)
-            slots = torch.cat([self.idx.pop(layer), self.at.expand(*ok.shape[:2], T)], -1)    # (B, Hkv, n+T)
+            slots = torch.cat([self.idx[layer], self.at.expand(*ok.shape[:2], T)], -1)    # (B, Hkv, n+T)
         if self.decoding:                                   # the share of each sequence's past fetched
             self.fetched[layer].add_(1.0 if ok is None else (ok * self.per_row).sum())
         out = M.attention(q, kd, vd, mask)                  # queued before the host gathers for i+1

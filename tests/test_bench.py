@@ -324,6 +324,7 @@ def test_profile_suite_on_a_cpu(tmp_path):
     full, ig = data["policies"]["full"], data["policies"]["infinigen 0.1"]
     assert ig["ops_by_name"].get("topk") == ig["ops_by_name"].get("sort") == 2     # one each per sparse layer
     assert "topk" not in full["ops_by_name"] and ig["ops"] > full["ops"]
+    assert "_local_scalar_dense" not in ig["ops_by_name"]        # no device value read (CPU checks off)
 
 
 def test_count_ops_counts_what_launches_a_kernel():

@@ -313,22 +313,25 @@ def test_the_host_and_the_streams_never_race(llama, name, gather, pool, monkeypa
 
 RUNS = [(n, g, pool) for n in POLICIES for g in ("device", "host") for pool in (False, True)
         if not (pool and n == "oracle")]                         # 18 runs: the oracle refuses a pool
-NEEDED = {   # tutorial chapter 17's table: a wait ignored by one party -> the runs that then race
-    ("ready", "compute"): lambda n, g, pool: True,
-    ("freed", "copy"): lambda n, g, pool: n == "offload" and not pool,
-    ("selection", "copy"): lambda n, g, pool: False,
-    ("selection", "host"): lambda n, g, pool: g == "host" and (n != "offload" or pool),
-    ("appended", "copy"): lambda n, g, pool: False,
-    ("appended", "host"): lambda n, g, pool: False,
-    ("ready", "host"): lambda n, g, pool: False}
+NEEDED = {   # tutorial chapter 17's table: a wait ignored by one party (selections on) -> the runs that race
+    ("ready", "compute", "copy"): lambda n, g, pool: True,
+    ("freed", "copy", "copy"): lambda n, g, pool: n == "offload" and not pool,
+    ("selection", "copy", "copy"): lambda n, g, pool: False,
+    ("selection", "copy", "compute"): lambda n, g, _: g == "device" and n in ("oracle", "h2o", "streaming"),
+    ("selection", "host", "copy"): lambda n, g, pool: g == "host" and (n != "offload" or pool),
+    ("appended", "copy", "copy"): lambda n, g, pool: False,
+    ("appended", "host", "copy"): lambda n, g, pool: False,
+    ("ready", "host", "copy"): lambda n, g, pool: False}
 
 
-@pytest.mark.parametrize("drop, who", list(NEEDED))
-def test_each_wait_is_needed_where_the_tutorial_says(llama, drop, who, monkeypatch):
+@pytest.mark.parametrize("drop, who, on", list(NEEDED))
+def test_each_wait_is_needed_where_the_tutorial_says(llama, drop, who, on, monkeypatch):
     """The check can fail: a wait ignored by `who` (a stream, or the host) leaves accesses unordered in
     exactly the runs chapter 17's table names: a buffer's `ready` and `freed`; with the host gather, the
-    host's wait for the indices. The copy stream's wait for the selection's event orders nothing more:
-    with the device gather the selection is queued on the copy stream itself. Ignoring `appended`
+    host's wait for the indices. The copy stream's wait for the selection's event orders nothing more
+    where the device gather's selection is queued on the copy stream itself (`on`: offload.SELECT_ON); with
+    the selections on the compute stream it orders those made in the layer itself (oracle, h2o, streaming;
+    InfiniGen selects a layer ahead, and `freed` orders that). Ignoring `appended`
     leaves no race anywhere, nor does the host's wait on `ready` before it refills the staging rows:
     `freed` (device gather) or the host's wait for the selection orders them already, since the
     selection was queued after the last append and after the compute stream waited for that staging's
@@ -350,10 +353,11 @@ def test_each_wait_is_needed_where_the_tutorial_says(llama, drop, who, monkeypat
         return str(by) == who and any(ev is e for e in evs)
     monkeypatch.setattr(IG.OffloadCache, "plan", plan_and_keep)
     monkeypatch.setattr(offload.KVStore, "__init__", init_and_keep)
+    monkeypatch.setattr(offload, "SELECT_ON", on)
     racing = {(n, g, pool): run(llama, n, monkeypatch, gather=g, record=False, ignore=ignore,
                                 **(POOL if pool else {})).races for n, g, pool in RUNS}
-    assert {r for r, races in racing.items() if races} == {r for r in RUNS if NEEDED[drop, who](*r)}
-    assert all(any(f" {who} " in x for x in racing[r]) for r in RUNS if NEEDED[drop, who](*r))
+    assert {r for r, races in racing.items() if races} == {r for r in RUNS if NEEDED[drop, who, on](*r)}
+    assert all(any(f" {who} " in x for x in racing[r]) for r in RUNS if NEEDED[drop, who, on](*r))
 
 
 def test_a_step_with_the_host_gather_cannot_be_recorded(llama, monkeypatch):
