@@ -139,7 +139,8 @@ def top_slots(s, k, kmax, alpha=math.inf):
         raise ValueError(f"a selection of {int(k.max())} tokens per KV head exceeds its bound of {kmax}")
     n = max(min(kmax, w), 1)
     top, slot = s.topk(n, dim=-1)                                                   # (B, Hkv, n) best first
-    least = (top[..., :1] - alpha).clamp(min=torch.finfo(top.dtype).min)        # -inf (not allowed): never
+    lo = torch.finfo(top.dtype).min                                              # -inf (not allowed): never
+    least = lo if alpha == math.inf else (top[..., :1] - alpha).clamp(min=lo)     # alpha inf: the cap decides
     keep = (torch.arange(n, device=s.device) < k[:, None, None]) & (top >= least)
     key = torch.where(keep, slot, w).sort(-1).values                          # kept slots first, in order
     return key.clamp(max=w - 1), key < w                                                       # (B, Hkv, n)
