@@ -513,9 +513,15 @@ def run_ours(model, shape, pol, new, cuda):
             torch.cuda.synchronize()
         t.append(time.perf_counter())
     s = ours(model, ids.tolist(), pol, new, time_copies=cuda, on_token=stamp)[1] | steady(t, ids.shape[0])
-    if s.get("gather") == "device" and pol.name != "offload":          # the kernel's grid (kernel.PER_SM)
-        s["gather_per_sm"], s["select_on"] = sys.modules["kernel"].PER_SM, offload.SELECT_ON
-    return s
+    return s | device_gather_setting(s.get("gather"), pol.name)
+
+
+def device_gather_setting(gather, policy):
+    """How a policy's device gather ran, for its row: the kernel's grid (kernel.PER_SM) and the stream its
+    selections ran on (offload.SELECT_ON); nothing for the host gather, or `offload` (no selection)."""
+    if gather != "device" or policy == "offload":
+        return {}
+    return {"gather_per_sm": sys.modules["kernel"].PER_SM, "select_on": offload.SELECT_ON}
 
 
 def no_cudnn_attention():
@@ -1018,8 +1024,7 @@ def suite_timeline(a):
                             "attention_ms": [(i, ms(s), ms(e)) for i, s, e in attn], "copy_ms": copy,
                             "copy_during_previous_layer_ms": overlap, "step_ms": step,
                             "copy_wait_ms_per_step": waits, "gather": cache.store.gather,
-                            "gather_per_sm": sys.modules["kernel"].PER_SM
-                            if cache.store.gather == "device" and pol != "offload" else None,
+                            **device_gather_setting(cache.store.gather, pol),
                             "breakdown_ms": {"step": round(step, 3), "attention": round(attention, 3),
                                              "copy": round(copy, 3), "copy_wait": round(wait, 3),
                                              "rest": round(step - attention - wait, 3)}}
