@@ -452,8 +452,8 @@ def save_row(path, run, row):
     data = load_rows(path)
     if not data["runs"] or data["runs"][-1] != run:
         data["runs"] = [r for r in data["runs"] if r["date"] != run["date"]] + [run]
-    key = lambda r: (r["model"], r["impl"], r.get("budget"), r["batch"], r["context"], r.get("gather"),
-                     r.get("cuda_graph"), r.get("gather_per_sm", DEFAULT_PER_SM), r.get("select_on", "copy"))
+    key = lambda r: (r["model"], r["impl"], r.get("budget"), r["batch"], r["context"], r.get("gather"), r.get(
+        "cuda_graph"), r.get("gather_per_sm", DEFAULT_PER_SM), r.get("select_on", "compute"))
     data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
     write_json(path, data)
 
@@ -657,7 +657,7 @@ def best(rows, model, impl, budget, shape):
     """The fastest measured row of impl (at budget) on model at shape (B, context): graphs or not."""
     got = [r for r in rows if r["model"].split("-")[0] == model and r["impl"] == impl
            and r.get("budget") == budget and (r["batch"], r["context"]) == shape and r.get("tokens_per_s")
-           and r.get("gather_per_sm") in (None, DEFAULT_PER_SM) and r.get("select_on") in (None, "copy")]
+           and r.get("gather_per_sm") in (None, DEFAULT_PER_SM) and r.get("select_on") in (None, "compute")]
     return max(got, key=lambda r: r["tokens_per_s"], default=None)
 
 
@@ -694,7 +694,7 @@ def targets(rows):
 def grid_note(per_sm, select_on=None):  # a row whose gather ran on another grid, or selected elsewhere
     grid = "" if per_sm in (None, DEFAULT_PER_SM) else (
         " (gather: a program per block of rows)" if per_sm == 0 else f" (gather: {per_sm} per SM)")
-    return grid + (" (selection on the compute stream)" if select_on == "compute" else "")
+    return grid + (" (selection on the copy stream)" if select_on == "copy" else "")
 
 
 def suite_report(a):
@@ -1136,9 +1136,9 @@ def main(argv=None):
     p.add_argument("--gather-per-sm", type=per_sm,
                    help=f"gpu, timeline: the device gather kernel's programs per SM, a fraction too (default "
                         f"{DEFAULT_PER_SM}; 0: a program per block of 32 rows, as in the 2026-12-04 run)")
-    p.add_argument("--select-on", choices=["copy", "compute"],
-                   help="gpu: the stream the device gather's selections run on, with CUDA (default copy: "
-                        "beside the compute; compute: before the layer, as until 2026-12-04)")
+    p.add_argument("--select-on", choices=["compute", "copy"],
+                   help="gpu: the stream the device gather's selections run on, with CUDA (default compute: "
+                        "before the layer's own work; copy: beside it, measured slower on an H200)")
     p.add_argument("--out", help="the results file (default results/bench-cpu.json, bench-<gpu>.json "
                    "(bench-gpu-suite-cpu.json on a CPU), timeline-<device>.json and .png, "
                    "gather-<device>.json)")

@@ -158,7 +158,7 @@ class OffloadCache(M.Cache):
         the host gather they are already on their way to host memory, and the event says when."""
         if self.t0 == 0 or (not self.sparse(layer) and self.store.pool is None):
             return None
-        with self.store.aside(q, x, *(rope or ())):     # CUDA, device gather: on the copy stream
+        with self.store.aside(q, x, *(rope or ())):     # on the copy stream, if SELECT_ON says so
             if self.sparse(layer):               # select gives slots (idx, ok), or a mask (B, Hkv, w)
                 sel = self.select(layer, q, x, rope)
                 idx, ok = sel if isinstance(sel, tuple) else to_index(sel & self.allowed, self.kmax[layer])

@@ -20,7 +20,7 @@ import weakref
 import torch
 
 GATHERS = ("auto", "host", "device")
-SELECT_ON = "copy"     # CUDA, device gather: where selections run, "copy" (its stream) or "compute"; bench.py
+SELECT_ON = "compute"  # CUDA, device gather: where selections run, "compute" or "copy" (its stream); bench.py
 
 
 class OffloadError(Exception):
@@ -342,9 +342,9 @@ class KVStore:
 
     # --- Aside
     def aside(self, *used):
-        """Where a selection runs: on CUDA with the device gather, the copy stream, after the compute stream's
-        work so far (which goes on meanwhile; the fetch follows in order), the compute stream's tensors `used`
-        marked as read there (their memory waits for it before its next use). Elsewhere: where it is."""
+        """Where a selection runs: where it is, or (SELECT_ON "copy", CUDA, device gather; slower on the H200)
+        on the copy stream after the compute stream's work so far (which goes on meanwhile; the fetch follows
+        in order), the compute stream's tensors `used` marked as read there (their memory waits for it)."""
         if not (self.cuda and self.gather == "device" and SELECT_ON == "copy"):
             return contextlib.nullcontext()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))

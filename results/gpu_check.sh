@@ -3,7 +3,7 @@
 # with that machine's own python3 and CUDA torch; no .venv, no default model (random weights of its shape).
 #   bash results/gpu_check.sh [PART ...]  parts (default): gather 7b smollm2 timeline tests profile aside suite
 # (and `grid`: InfiniGen rows on other gather grids, measured at 83b3924)
-# (`suite`: the whole test suite, CPU tests included, in four processes at once, with what the call has left;
+# (`suite`: the whole test suite, CPU tests included, in PROCS (8) processes at once, with what the call has left;
 # where that was too little, again in a second call at once, while the machine is warm: a fresh one would not
 # start on what is left of a session's 15 minutes: BUDGET_S=240 bash results/gpu_check.sh suite)
 # Each part has its own time limit; what it measured is written as it goes: the results files under
@@ -93,18 +93,20 @@ packer=$!
 trap 'kill $packer 2>/dev/null' EXIT
 for part in $parts; do
     case $part in
-    suite)      # every test, the files dealt to four processes at once (16 cores), then their summary lines
-        i=0
-        rm -f "$LOGS"/suite-files-*                           # (a second call on a warm machine: anew)
-        for f in tests/test_*.py; do echo "$f" >>"$LOGS/suite-files-$((i % 4))"; i=$((i + 1)); done
+    suite)      # every test, the files dealt to $PROCS processes at once (16 cores), then their summary lines
+        files=(tests/test_*.py)
+        procs=${PROCS:-8}
+        [ "${#files[@]}" -lt "$procs" ] && procs=${#files[@]}
+        rm -f "$LOGS"/suite-files-* "$LOGS"/suite-*.log       # (a second call on a warm machine: anew)
+        for i in "${!files[@]}"; do echo "${files[$i]}" >>"$LOGS/suite-files-$((i % procs))"; done
         pids=()
-        for k in 0 1 2 3; do
-            OMP_NUM_THREADS=4 run suite-$k 540 "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider \
-                --continue-on-collection-errors $(cat "$LOGS/suite-files-$k") &
+        for ((k = 0; k < procs; k++)); do
+            OMP_NUM_THREADS=$((16 / procs)) run suite-$k 540 "$PY" -m pytest -q -rfE --tb=short \
+                -p no:cacheprovider --continue-on-collection-errors $(cat "$LOGS/suite-files-$k") &
             pids+=($!)
         done
         wait "${pids[@]}"                                      # (not the packer)
-        grep -h -E "^(=+ )?[0-9]+ (passed|failed)|^exit status" "$LOGS"/suite-[0-3].log >"$LOGS/suite.log"
+        grep -h -E "^(=+ )?[0-9]+ (passed|failed)|^exit status" "$LOGS"/suite-[0-9]*.log >"$LOGS/suite.log"
         stamp suite ;;
     tests)      # every CUDA test, then the summary line with the device, torch and the date (last: the rest)
         run tests 300 "$PY" -m pytest -v -rfE --tb=short -m cuda -p no:cacheprovider \
@@ -136,16 +138,16 @@ for part in $parts; do
             --gather-per-sm 0 --policies infinigen:0.1
         run grid-7b-one-per-sm 45 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --gather-per-sm 1 --policies infinigen:0.1 ;;          # one program per SM
-    aside)      # InfiniGen with its selection on the compute stream, as until 2026-12-04: what the copy
-                # stream's selection (the default now) gains, beside the rows of parts 7b and smollm2
+    aside)      # InfiniGen with its selection on the copy stream, beside the compute (slower on the H200,
+                # 2026-12-04), against the default rows of parts 7b and smollm2 (the compute stream)
         if [ -n "$GATHER" ]; then
             echo "== aside: skipped, no device gather here" | tee "$LOGS/aside.log"
             continue
         fi
-        run aside-7b 50 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 --select-on compute \
+        run aside-7b 50 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 --select-on copy \
             --policies infinigen:0.1
         run aside-smollm2 40 "$PY" bench.py $GATHER --suite gpu --models smollm2 --shapes 32x4096 \
-            --select-on compute --policies infinigen:0.1 ;;
+            --select-on copy --policies infinigen:0.1 ;;
     7b)         # the Llama-2-7B shape at 8 x 4096
         run 7b 150 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;

@@ -407,7 +407,9 @@ def test_a_flag_a_suite_would_ignore_is_refused(tmp_path, args, phrase):
 
 def test_the_cpu_suite_writes_its_out(tmp_path, monkeypatch):
     """--out of the cpu suite is the results file (it wrote results/bench-cpu.json whatever --out said);
-    run here on a tiny model standing in for the default one (no child processes)."""
+    run here on a tiny model standing in for the default one (no child processes). The suite refuses to
+    start without gguf (its peer reads the GGUF), so this needs it too."""
+    pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM
     folder = helpers.tiny_llama(tmp_path / "tiny", 64)
     text = tmp_path / "t.txt"
@@ -531,34 +533,34 @@ def test_save_row_replaces_only_the_same_row_and_keeps_one_entry_per_run(tmp_pat
     assert [r["tokens_per_s"] for r in rows()] == [4.0]
     bench.save_row(path, second, shaped("7b", "h2o", 8, 4096, 5.0, 0.1) | {"gather_per_sm": 0})
     assert sorted(r["tokens_per_s"] for r in rows()) == [4.0, 5.0]
-    # Where the selection ran: the copy stream as shipped replaces a row that predates the key; the compute
-    # stream is a row of its own.
-    bench.save_row(path, second, shaped("7b", "h2o", 8, 4096, 6.0, 0.1) | shipped | {"select_on": "copy"})
-    bench.save_row(path, second, shaped("7b", "h2o", 8, 4096, 7.0, 0.1) | shipped | {"select_on": "compute"})
+    # Where the selection ran: the compute stream as shipped replaces a row that predates the key (measured
+    # there); the copy stream is a row of its own.
+    bench.save_row(path, second, shaped("7b", "h2o", 8, 4096, 6.0, 0.1) | shipped | {"select_on": "compute"})
+    bench.save_row(path, second, shaped("7b", "h2o", 8, 4096, 7.0, 0.1) | shipped | {"select_on": "copy"})
     assert sorted(r["tokens_per_s"] for r in rows()) == [5.0, 6.0, 7.0]
 
 
 def test_the_selection_stream_flag_sets_it_for_the_run_and_the_report_keeps_it_apart(monkeypatch, tmp_path,
                                                                                      capsys):
-    """--select-on compute puts the device gather's selections back on the compute stream for a run; its
-    rows are named so in the report, and the targets read only the engine as it ships."""
+    """--select-on copy puts the device gather's selections on the copy stream for a run; its rows are
+    named so in the report, and the targets read only the engine as it ships."""
     monkeypatch.setattr(offload, "SELECT_ON", offload.SELECT_ON)              # restored after the test
-    assert offload.SELECT_ON == "copy"
+    assert offload.SELECT_ON == "compute"
     ns = lambda suite: argparse.Namespace(**{k: None for k in (                      # noqa: E731
         "text", "prompt_tokens", "new_tokens", "models", "shapes", "policies", "gather", "graphs", "device",
-        "out", "results", "gather_per_sm")}, suite=suite, select_on="compute")
+        "out", "results", "gather_per_sm")}, suite=suite, select_on="copy")
     bench.check_flags(ns("gpu"))
-    assert offload.SELECT_ON == "compute"
+    assert offload.SELECT_ON == "copy"
     with pytest.raises(ValueError, match="--select-on is not used by the timeline suite"):
         bench.check_flags(ns("timeline"))
-    fast = shaped("7b", "infinigen", 8, 4096, 300.0, 0.1, step_over_floor=1.0, select_on="compute")
-    rows = [fast, shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2, select_on="copy")]
+    fast = shaped("7b", "infinigen", 8, 4096, 300.0, 0.1, step_over_floor=1.0, select_on="copy")
+    rows = [fast, shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2, select_on="compute")]
     assert bench.best(rows, "7b", "infinigen", 0.1, (8, 4096))["tokens_per_s"] == 100.0
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"suite": "gpu", "runs": [], "rows": rows}))
     bench.main(["--suite", "report", "--results", str(path)])
     out = capsys.readouterr().out
-    assert "| infinigen 0.1 (selection on the compute stream) | " in out and "| infinigen 0.1 | " in out
+    assert "| infinigen 0.1 (selection on the copy stream) | " in out and "| infinigen 0.1 | " in out
 
 
 @pytest.mark.parametrize("device, name", [("NVIDIA H200", "bench-nvidia-h200.json"),

@@ -284,10 +284,10 @@ def test_the_streams_never_race_and_a_step_can_be_recorded(llama, name, monkeypa
 
 @pytest.mark.parametrize("gather, on", [("device", "copy"), ("host", "copy"), ("device", "compute")])
 def test_the_selection_runs_beside_the_compute(llama, gather, on, monkeypatch):
-    """With the device gather, InfiniGen's selection is queued on the copy stream: it reads the partial key
-    cache there (the compute stream writes it) while the compute stream goes on. The host gather selects on
-    the compute stream: the host waits for the indices anyway; so does the device gather with
-    offload.SELECT_ON = "compute" (bench.py --select-on compute), and without races either."""
+    """With the device gather and offload.SELECT_ON = "copy" (bench.py --select-on copy), InfiniGen's
+    selection is queued on the copy stream: it reads the partial key cache there (the compute stream writes
+    it) while the compute stream goes on. The host gather selects on the compute stream: the host waits for
+    the indices anyway; so does the device gather as shipped (SELECT_ON "compute"), without races either."""
     monkeypatch.setattr(offload, "SELECT_ON", on)
     sim = run(llama, "infinigen", monkeypatch, gather=gather, record=gather == "device")
     who = {(str(s), k) for s, k, *_ in sim.acc[sim.cache.kpart[-1].untyped_storage().data_ptr()]}
