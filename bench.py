@@ -868,7 +868,8 @@ def one_model(a, suite, new, which):
 
 
 VIEWS = set("view _unsafe_view _reshape_alias reshape expand slice select permute transpose t unsqueeze "
-            "squeeze as_strided alias detach split unbind lift_fresh".split())   # views: no kernel
+            "squeeze as_strided alias detach split unbind lift_fresh".split()   # views: no kernel
+            + ["record_stream", "promote_types", "scalar_tensor"])  # nor these (scalar_tensor: a host number)
 
 
 def count_ops(step):

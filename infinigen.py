@@ -244,7 +244,7 @@ class InfiniGen(OffloadCache):
         super().__init__(model, pol, batch, slots, device, dtype)
         cfg = self.cfg
         self.P = list(partial or [None] * cfg.n_layers)    # per layer (Hkv, d, m), from calibration
-        self.Wp = [None] * cfg.n_layers                 # per layer (H*m, C) and bias: partial query weight
+        self.Wp = [None] * cfg.n_layers                 # per layer: partial query weight, bias, columns
         # Columns alone can be projected and rotated when no rotation mixes them with others.
         self.plane_closed = pol.skew == "planes" or (pol.skew == "none" and cfg.arch == "opt")
         self.kpart = [None if i < self.first else torch.zeros(batch, cfg.n_kv_heads, slots, self.m,

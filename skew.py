@@ -82,27 +82,28 @@ def make_skew(q, k, mode, ratio):
 # --- Partial query weight
 def partial_query_weight(wq, bq, P):
     """When P only picks columns (A = I): the rows of Wq (H*d, C) and its bias that make those
-    columns, per head, so x @ Wp.T + bp is the partial query itself. -> (H*m, C), (H*m,) or None."""
+    columns, per head, so x @ Wp.T + bp is the partial query itself, and which columns each query head
+    keeps (for RoPE). -> (H*m, C), (H*m,) or None, (H, m)."""
     n_kv, d, m = P.shape
-    cols = P.argmax(1)                                                        # (Hkv, m)
     H = wq.shape[0] // d
-    rows = (torch.arange(H, device=wq.device)[:, None] * d + cols.repeat_interleave(H // n_kv, 0)).reshape(-1)
-    return wq[rows], None if bq is None else bq[rows]
+    cols = P.argmax(1).repeat_interleave(H // n_kv, 0)                        # (H, m) dims kept per head
+    rows = (torch.arange(H, device=wq.device)[:, None] * d + cols).reshape(-1)
+    return wq[rows], None if bq is None else bq[rows], cols
 
 
 # --- Speculation
 def partial_query(x, attn, rope, P, Wp=None):
     """The next layer's query in the partial columns: x (B, 1, C) -> (B, Hkv, G, m).
-    With a partial query weight Wp (H*m, C) (whole RoPE planes, no rotation) only m of the d
-    columns are computed: RoPE acts inside each plane, so it can rotate the partial query alone."""
+    With a partial query weight Wp (its weight, bias and columns: whole RoPE planes, no rotation) only m
+    of the d columns are computed: RoPE acts inside each plane, so it can rotate the partial query alone."""
     Hkv, d, m = P.shape
     if Wp is None:                                                              # skewed: full q, then A
         q = attn.query(x, rope)                                                  # (B, H, 1, d)
         return q.view(q.shape[0], Hkv, -1, d) @ P[None]                          # (B, Hkv, G, m)
     B, T, _ = x.shape
-    qp = F.linear(x, *Wp).view(B, T, -1, m).transpose(1, 2)                     # (B, H, T, m)
+    w, b, cols = Wp                                                             # cols (H, m)
+    qp = F.linear(x, w, b).view(B, T, -1, m).transpose(1, 2)                   # (B, H, T, m)
     if rope is not None:
-        cols = P.argmax(1).repeat_interleave(qp.shape[1] // Hkv, 0)             # (H, m) dims kept per head
         cos, sin = (t.expand(-1, qp.shape[1], -1, -1)
                     .gather(-1, cols[None, :, None].expand(t.shape[0], -1, t.shape[2], -1)) for t in rope)
         qp = apply_rope(qp, cos, sin)

@@ -3,7 +3,7 @@
 # with that machine's own python3 and CUDA torch; no .venv, no default model (random weights of its shape).
 #   bash results/gpu_check.sh [PART ...]  parts (default): gather 7b smollm2 timeline tests profile aside suite
 # (and `grid`: InfiniGen rows on other gather grids, measured at 83b3924)
-# (`suite`: the whole test suite, CPU tests included, in PROCS (8) processes at once, with what the call has left;
+# (`suite`: the whole test suite, CPU tests included, in PROCS (16) processes at once, with what the call has left;
 # where that was too little, again in a second call at once, while the machine is warm: a fresh one would not
 # start on what is left of a session's 15 minutes: BUDGET_S=240 bash results/gpu_check.sh suite)
 # Each part has its own time limit; what it measured is written as it goes: the results files under
@@ -95,13 +95,13 @@ for part in $parts; do
     case $part in
     suite)      # every test, the files dealt to $PROCS processes at once (16 cores), then their summary lines
         files=(tests/test_*.py)
-        procs=${PROCS:-8}
+        procs=${PROCS:-16}                                     # one file each: the longest decides
         [ "${#files[@]}" -lt "$procs" ] && procs=${#files[@]}
         rm -f "$LOGS"/suite-files-* "$LOGS"/suite-*.log       # (a second call on a warm machine: anew)
         for i in "${!files[@]}"; do echo "${files[$i]}" >>"$LOGS/suite-files-$((i % procs))"; done
         pids=()
         for ((k = 0; k < procs; k++)); do
-            OMP_NUM_THREADS=$((16 / procs)) run suite-$k 540 "$PY" -m pytest -q -rfE --tb=short \
+            OMP_NUM_THREADS=$(((16 + procs - 1) / procs)) run suite-$k 540 "$PY" -m pytest -q -rfE --tb=short \
                 -p no:cacheprovider --continue-on-collection-errors $(cat "$LOGS/suite-files-$k") &
             pids+=($!)
         done

@@ -201,9 +201,10 @@ def test_partial_query_weight_rows_follow_each_query_heads_kv_head():
     P[0, 0, 0] = P[0, 2, 1] = P[1, 1, 0] = P[1, 3, 1] = 1.0
     g = torch.Generator().manual_seed(0)
     wq, bq = randn(g, n_kv * G * d, C), randn(g, n_kv * G * d)
-    Wp, bp = SK.partial_query_weight(wq, bq, P)
+    Wp, bp, kept = SK.partial_query_weight(wq, bq, P)
     rows = [h * d + c for h, cols in enumerate([(0, 2), (0, 2), (1, 3), (1, 3)]) for c in cols]
     assert torch.equal(Wp, wq[rows]) and torch.equal(bp, bq[rows])
+    assert kept.tolist() == [[0, 2], [0, 2], [1, 3], [1, 3]]                    # (H, m): for RoPE
 
 
 # --- Folding into a random OPT
