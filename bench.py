@@ -417,7 +417,7 @@ NUMBER, TEXT = ((int, float, type(None)), "a number or null"), ((str, type(None)
 ROW_TYPES = {"model": ((str,), "a string"), "impl": ((str,), "a string"), "batch": ((int,), "an integer"),
              "context": ((int,), "an integer"), "budget": NUMBER, "skipped": TEXT, "error": TEXT, "run": TEXT,
              "cuda_graph": ((bool, type(None)), "true, false or null"), "gather_per_sm": NUMBER,
-             "select_on": TEXT,
+             "select_on": TEXT, "slots": TEXT,
              **{k: NUMBER for k in ROW_KEYS}}
 
 
@@ -453,7 +453,8 @@ def save_row(path, run, row):
     if not data["runs"] or data["runs"][-1] != run:
         data["runs"] = [r for r in data["runs"] if r["date"] != run["date"]] + [run]
     key = lambda r: (r["model"], r["impl"], r.get("budget"), r["batch"], r["context"], r.get("gather"), r.get(
-        "cuda_graph"), r.get("gather_per_sm", DEFAULT_PER_SM), r.get("select_on", "compute"))
+        "cuda_graph"), r.get("gather_per_sm", DEFAULT_PER_SM), r.get("select_on", "compute"),
+        r.get("slots", "torch"))
     data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
     write_json(path, data)
 
@@ -518,10 +519,12 @@ def run_ours(model, shape, pol, new, cuda):
 
 def device_gather_setting(gather, policy):
     """How a policy's device gather ran, for its row: the kernel's grid (kernel.PER_SM) and the stream its
-    selections ran on (offload.SELECT_ON); nothing for the host gather, or `offload` (no selection)."""
+    selections ran on (offload.SELECT_ON); nothing for the host gather, or `offload` (no selection). And
+    how InfiniGen's and the oracle's top-k selections ran (skew.SLOTS)."""
+    slots = {"slots": SK.SLOTS} if policy in ("infinigen", "oracle") else {}
     if gather != "device" or policy == "offload":
-        return {}
-    return {"gather_per_sm": sys.modules["kernel"].PER_SM, "select_on": offload.SELECT_ON}
+        return slots
+    return {"gather_per_sm": sys.modules["kernel"].PER_SM, "select_on": offload.SELECT_ON} | slots
 
 
 def no_cudnn_attention():
@@ -657,7 +660,8 @@ def best(rows, model, impl, budget, shape):
     """The fastest measured row of impl (at budget) on model at shape (B, context): graphs or not."""
     got = [r for r in rows if r["model"].split("-")[0] == model and r["impl"] == impl
            and r.get("budget") == budget and (r["batch"], r["context"]) == shape and r.get("tokens_per_s")
-           and r.get("gather_per_sm") in (None, DEFAULT_PER_SM) and r.get("select_on") in (None, "compute")]
+           and r.get("gather_per_sm") in (None, DEFAULT_PER_SM) and r.get("select_on") in (None, "compute")
+           and r.get("slots", "torch") == SK.SLOTS]
     return max(got, key=lambda r: r["tokens_per_s"], default=None)
 
 
@@ -691,10 +695,11 @@ def targets(rows):
     return [(what, v, f"{op} {goal}", met(v, op, goal)) for what, v, op, goal in out]
 
 
-def grid_note(per_sm, select_on=None):  # a row whose gather ran on another grid, or selected elsewhere
-    grid = "" if per_sm in (None, DEFAULT_PER_SM) else (
+def grid_note(per_sm, select_on=None, slots=None):  # a row whose gather ran on another grid, or selected
+    grid = "" if per_sm in (None, DEFAULT_PER_SM) else (                    # elsewhere, or otherwise
         " (gather: a program per block of rows)" if per_sm == 0 else f" (gather: {per_sm} per SM)")
-    return grid + (" (selection on the copy stream)" if select_on == "copy" else "")
+    return (grid + (" (selection on the copy stream)" if select_on == "copy" else "")
+            + (" (top-k: one kernel)" if slots == "kernel" else ""))
 
 
 def suite_report(a):
@@ -715,7 +720,7 @@ def suite_report(a):
           "step / floor | copy wait ms/step |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in data["rows"]:
         impl = cell(r["impl"] + (f" {r['budget']}" if r.get("budget") is not None else "")
-                    + grid_note(r.get("gather_per_sm"), r.get("select_on")))
+                    + grid_note(r.get("gather_per_sm"), r.get("select_on"), r.get("slots")))
         head = f"| {cell(r['model'])} | {r['batch']} × {r['context']} | {impl} |"
         if r.get("skipped") or r.get("error"):
             why = cell("skipped: " + r["skipped"] if r.get("skipped") else "ERROR: " + r["error"])
@@ -914,7 +919,7 @@ def suite_profile(a):
     model, _, real = models_for(name, dev, dtype)
     ids = torch.randint(0, model.cfg.vocab_size, (B, ctx - 4), generator=torch.Generator().manual_seed(0))
     out = env_info() | {"device": device_name, "model": name, "real_weights": real, "batch": B,
-                        "context": ctx, "policies": {}}
+                        "context": ctx, "slots": SK.SLOTS, "policies": {}}
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     for pol, budget in pols:
         say(f"profile: {pol} {budget or ''}, batch {B}, context {ctx} ...")
@@ -1064,10 +1069,10 @@ def plot_timeline(out, path):
 # --- Command line
 USES = {"cpu": ("text", "prompt_tokens", "new_tokens", "out"),      # the flags each suite reads
         "gpu": ("new_tokens", "models", "shapes", "policies", "gather", "graphs", "device", "out",
-                "gather_per_sm", "select_on"),
+                "gather_per_sm", "select_on", "slots"),
         "timeline": ("models", "shapes", "gather", "device", "out", "gather_per_sm"),
         "gather": ("shapes", "gather", "device", "out"), "report": ("results",),
-        "profile": ("models", "shapes", "policies", "gather", "device", "out")}
+        "profile": ("models", "shapes", "policies", "gather", "device", "out", "slots")}
 PROFILED = "full,infinigen:0.1"                                     # the profile suite's policies
 DEFAULTS = {"prompt_tokens": 512, "policies": POLICIES, "gather": "auto", "graphs": True}
 
@@ -1096,6 +1101,10 @@ def check_flags(a):
         sys.modules["kernel"].PER_SM = a.gather_per_sm
     if a.select_on is not None:                # where the device gather's selections run, for this run
         offload.SELECT_ON = a.select_on
+    if a.slots is not None:                    # how InfiniGen's top-k selections run, for this run
+        if a.slots == "kernel" and not triton_available():
+            raise ValueError("--slots kernel needs triton")
+        SK.SLOTS = a.slots
 
 
 def per_sm(s):
@@ -1140,6 +1149,9 @@ def main(argv=None):
     p.add_argument("--select-on", choices=["compute", "copy"],
                    help="gpu: the stream the device gather's selections run on, with CUDA (default compute: "
                         "before the layer's own work; copy: beside it, measured slower on an H200)")
+    p.add_argument("--slots", choices=["torch", "kernel"],
+                   help="gpu: how InfiniGen's top-k selection runs (default torch: a top-k, a sort and small "
+                        "operations; kernel: one Triton kernel, kernel.top_slots)")
     p.add_argument("--out", help="the results file (default results/bench-cpu.json, bench-<gpu>.json "
                    "(bench-gpu-suite-cpu.json on a CPU), timeline-<device>.json and .png, "
                    "gather-<device>.json)")

@@ -199,7 +199,8 @@ class OffloadCache(M.Cache):
             ok = ok.to(self.dev, non_blocking=True)                                    # pinned on CUDA
             new = self.new_mask.expand(-1, ok.shape[1], -1, -1)                         # (B, Hkv, T, T)
             mask = torch.cat([ok[:, :, None].expand(-1, -1, T, -1), new], -1)          # (B, Hkv, T, n+T)
-            slots = torch.cat([self.idx[layer], self.at.expand(*ok.shape[:2], T)], -1)    # (B, Hkv, n+T)
+            slots = (torch.cat([self.idx[layer], self.at.expand(*ok.shape[:2], T)], -1)   # (B, Hkv, n+T):
+                     if self.name == "h2o" or self.pol.measure_recall else None)     # H2O's and recall's
         if self.decoding:                                   # the share of each sequence's past fetched
             self.fetched[layer].add_(1.0 if ok is None else (ok * self.per_row).sum())
         out = M.attention(q, kd, vd, mask)                  # queued before the host gathers for i+1
@@ -320,8 +321,7 @@ class H2O(OffloadCache):
             self.score[layer].scatter_add_(-1, slots, p * (slots < self.S))
 
     def select(self, layer, q, x, rope):
-        k = self.counts[layer]
-        n_recent = (k.double() * self.pol.recent).long()
+        k, n_recent = self.counts[layer], (self.counts[layer].double() * self.pol.recent).long()
         rank, w = self.allowed.long().cumsum(-1), self.allowed.shape[-1]
         recent = rank > (self.length - n_recent)[:, None, None]
         alive = self.alive[layer, :, :, :w] & self.allowed

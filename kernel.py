@@ -9,6 +9,7 @@ compiles both for an H100 (sm_90), no GPU needed, and checks that rows move in 1
 Shapes: B batch, Hkv KV heads, n rows per (sequence, KV head), d head dim, R = 2d (K and V).
 """
 import functools
+import math
 
 import torch
 import triton
@@ -87,3 +88,52 @@ def put_rows(src, at, dst, block=32):
     grid = (triton.cdiv(T * B * Hkv, block),)
     put_rows_kernel[grid](src, at.contiguous(), dst, T, B * Hkv,
                           R=R, RP=triton.next_power_of_2(R), BLOCK=block)
+
+
+# --- Selection kernel
+@triton.jit
+def top_slots_kernel(s, k, idx, ok, w, n, Hkv, alpha, FINITE: tl.constexpr, W: tl.constexpr):
+    """skew.top_slots for one (sequence, KV head) row of scores s (rows, w) per program, the row held in
+    registers (W >= w, a power of two): of the scores within alpha of the row's best, the best
+    kk = min(k[b], n); their slots ascending into idx (rows, n), ok True, then padding (slot w - 1, ok
+    False). The kk-th best is found by a binary search over the scores' bits, not by sorting: a float32's
+    bits read as an integer keep the order of the numbers once a negative one's are flipped (-0.0 falls
+    just below 0.0), so 32 counts find the largest key that kk scores reach. Of the scores tied with the
+    kk-th best, the first are kept."""
+    row = tl.program_id(0)
+    col = tl.arange(0, W)
+    x = tl.load(s + row.to(tl.int64) * w + col, mask=col < w, other=float("-inf"))     # (W,) the scores
+    b = x.to(tl.int32, bitcast=True)
+    key = tl.where(b < 0, b ^ 0x7FFFFFFF, b)                                # (W,) in the scores' order
+    least = -3.4028234663852886e38                                      # float32's lowest: -inf never counts
+    if FINITE:
+        least = tl.maximum(tl.max(x, 0) - alpha, least)                 # within alpha of the best
+    near = x >= least                                                   # (NaN: never)
+    kk = tl.minimum(tl.load(k + row // Hkv), n)                         # tokens to keep
+    lo, hi = tl.full((), -2**31, tl.int64), tl.full((), 2**31, tl.int64)   # the kk-th best key: in [lo, hi)
+    for _ in range(32):
+        mid = (lo + hi) >> 1
+        enough = tl.sum((near & (key >= mid)).to(tl.int32), 0) >= kk
+        lo, hi = tl.where(enough, mid, lo), tl.where(enough, hi, mid)
+    tie = near & (key == lo)                                            # tied with the kk-th best
+    room = kk - tl.sum((near & (key > lo)).to(tl.int32), 0)             # how many of them are kept
+    keep = near & ((key > lo) | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room)))
+    kept = tl.sum(keep.to(tl.int32), 0)
+    at = tl.where(keep, tl.cumsum(keep.to(tl.int32), 0) - 1, kept + col - tl.cumsum(keep.to(tl.int32), 0))
+    out = row.to(tl.int64) * n + at                                     # kept slots first, in order, then
+    tl.store(idx + out, tl.where(keep, col, w - 1).to(tl.int64), mask=at < n)        # the padding
+    tl.store(ok + out, keep, mask=at < n)
+
+
+def top_slots(s, k, n, alpha=math.inf):
+    """s (B, Hkv, w) float32 scores on the device (-inf where not allowed), k (B,) tokens per sequence, n
+    the width -> idx, ok (B, Hkv, n): skew.top_slots' selection as one kernel instead of a top-k, a sort
+    and seven small operations (exactly the same except among tied scores); skew.SLOTS_ROW_MAX bounds w."""
+    B, Hkv, w = s.shape
+    idx = torch.empty(B, Hkv, n, dtype=torch.int64, device=s.device)
+    ok = torch.empty(B, Hkv, n, dtype=torch.bool, device=s.device)
+    W = triton.next_power_of_2(max(w, n))
+    top_slots_kernel[(B * Hkv,)](s.contiguous(), k.contiguous(), idx, ok, w, n, Hkv,
+                                 0.0 if alpha == math.inf else float(alpha), FINITE=alpha != math.inf, W=W,
+                                 num_warps=4 if W <= 1024 else 8 if W <= 4096 else 16)
+    return idx, ok

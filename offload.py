@@ -19,6 +19,8 @@ import weakref
 
 import torch
 
+if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):   # no GPU: Triton's kernels
+    os.environ["TRITON_INTERPRET"] = "1"    # run in its interpreter, set before torch imports triton itself
 GATHERS = ("auto", "host", "device")
 SELECT_ON = "compute"  # CUDA, device gather: where selections run, "compute" or "copy" (its stream); bench.py
 
@@ -131,12 +133,10 @@ def triton_available():
 
 
 def device_kernel(name, cuda=False):
-    """A kernel of kernel.py (gather_rows, put_rows), imported on first use. Without a GPU its logic runs
-    under Triton's interpreter (CI). Triton takes one mode per process, so on a machine with a GPU, CPU
-    tensors (cuda False) go through the compiled kernel on device copies, the result back in the last."""
+    """A kernel of kernel.py, imported on first use. Without a GPU its logic runs under Triton's interpreter
+    (CI; TRITON_INTERPRET is set above). Triton takes one mode per process, so with a GPU, CPU tensors (cuda
+    False) go through the compiled kernel on device copies, the result back in the last argument."""
     gpu = torch.cuda.is_available()
-    if not gpu and not os.environ.get("TRITON_INTERPRET"):                             # unset or empty
-        os.environ["TRITON_INTERPRET"] = "1"
     import kernel
     if not gpu and not kernel.triton.knobs.runtime.interpret:
         raise OffloadError("without a GPU the gather kernel runs under Triton's interpreter, which "

@@ -128,6 +128,8 @@ def speculate(qp, kpart, scale, allowed=None):
 
 # --- Selection math
 CHECK_BOUNDS = True   # on a CPU, a bound the host gives is checked (reading the count would sync CUDA)
+SLOTS = "torch"       # top_slots in torch operations, or "kernel": one Triton kernel (kernel.py); --slots
+SLOTS_ROW_MAX = 16384  # the kernel holds a row of scores in registers: longer ones take the torch path
 
 
 def top_slots(s, k, kmax, alpha=math.inf):
@@ -139,6 +141,10 @@ def top_slots(s, k, kmax, alpha=math.inf):
     if CHECK_BOUNDS and not s.is_cuda and k.numel() and min(int(k.max()), w) > kmax:
         raise ValueError(f"a selection of {int(k.max())} tokens per KV head exceeds its bound of {kmax}")
     n = max(min(kmax, w), 1)
+    if SLOTS == "kernel" and s.dtype == torch.float32 and w <= SLOTS_ROW_MAX:   # one kernel (ties aside,
+        # the same slots; chapter 17)
+        from offload import device_kernel
+        return device_kernel("top_slots", cuda=True)(s, k, n, alpha)
     top, slot = s.topk(n, dim=-1)                                                   # (B, Hkv, n) best first
     lo = torch.finfo(top.dtype).min                                              # -inf (not allowed): never
     least = lo if alpha == math.inf else (top[..., :1] - alpha).clamp(min=lo)     # alpha inf: the cap decides

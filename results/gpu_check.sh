@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 9, 10 and 12 in one call of a GPU machine (at most 9.5 minutes: the parts' limits),
 # with that machine's own python3 and CUDA torch; no .venv, no default model (random weights of its shape).
-#   bash results/gpu_check.sh [PART ...]  parts (default): suite gather 7b smollm2 timeline profile tests
+#   bash results/gpu_check.sh [PART ...]  parts (default): suite slots gather 7b smollm2 timeline profile
+#   tests
 # (and by name: `grid`, InfiniGen rows on other gather grids, measured at 83b3924; `aside`, InfiniGen with its
 # selection on the copy stream, measured at 6333080)
 # (`suite`: the whole test suite, CPU tests included, first, one test file per process (PROCS: 16), at most
@@ -27,7 +28,7 @@ export PYTHONUNBUFFERED=1                    # a part killed at its limit keeps 
 # starts far lower: the preflight plans with this many GiB instead (offload.host_available).
 export INFINIGEN_HOST_GIB=${INFINIGEN_HOST_GIB:-110}
 mkdir -p "$OUT" "$LOGS"
-parts=${*:-suite gather 7b smollm2 timeline profile tests}
+parts=${*:-suite slots gather 7b smollm2 timeline profile tests}
 DEADLINE=$((SECONDS + ${BUDGET_S:-570}))
 
 pack() {  # every log and GPU results file so far, into one archive, replaced whole
@@ -149,10 +150,21 @@ for part in $parts; do
             --policies infinigen:0.1
         run aside-smollm2 40 "$PY" bench.py $GATHER --suite gpu --models smollm2 --shapes 32x4096 \
             --select-on copy --policies infinigen:0.1 ;;
+    slots)      # InfiniGen's top-k selection as one Triton kernel (--slots kernel) against torch's top-k,
+                # sort and small operations (the default), the two in one run
+        for m in "smollm2 32x4096" "7b 8x4096"; do
+            set -- $m
+            for how in torch kernel; do
+                run slots-$1-$how 40 "$PY" bench.py $GATHER --suite gpu --models $1 --shapes $2 --slots $how \
+                    --policies infinigen:0.1
+            done
+        done
+        run profile-slots 40 "$PY" bench.py $GATHER --suite profile --models smollm2 --shapes 32x4096 \
+            --policies infinigen:0.1 --slots kernel --out results/profile-smollm2-slots-kernel.json ;;
     7b)         # the Llama-2-7B shape at 8 x 4096
         run 7b 150 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;
-    *) echo "unknown part $part (gather 7b smollm2 timeline tests profile aside grid suite)"; exit 2 ;;
+    *) echo "unknown part $part (suite slots gather 7b smollm2 timeline profile tests aside grid)"; exit 2 ;;
     esac
     pack
 done

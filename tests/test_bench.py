@@ -19,6 +19,7 @@ import helpers
 import model
 import offload
 import prepare
+import skew as SK
 from offload import OffloadError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -299,7 +300,7 @@ def test_the_gather_grid_flag_sets_the_kernel_and_the_default_is_the_kernels(mon
     p.add_argument("--gather-per-sm", type=bench.per_sm)
     a = argparse.Namespace(**{k: None for k in ("text", "prompt_tokens", "new_tokens", "models", "shapes",
                                                  "policies", "gather", "graphs", "device", "out", "results")},
-                           suite="gpu", gather_per_sm=0, select_on=None)
+                           suite="gpu", gather_per_sm=0, select_on=None, slots=None)
     bench.check_flags(a)
     assert kernel.PER_SM == 0
     for bad in ("65", "-1", "x", "", "nan", "inf"):
@@ -548,7 +549,7 @@ def test_the_selection_stream_flag_sets_it_for_the_run_and_the_report_keeps_it_a
     assert offload.SELECT_ON == "compute"
     ns = lambda suite: argparse.Namespace(**{k: None for k in (                      # noqa: E731
         "text", "prompt_tokens", "new_tokens", "models", "shapes", "policies", "gather", "graphs", "device",
-        "out", "results", "gather_per_sm")}, suite=suite, select_on="copy")
+        "out", "results", "gather_per_sm", "slots")}, suite=suite, select_on="copy")
     bench.check_flags(ns("gpu"))
     assert offload.SELECT_ON == "copy"
     with pytest.raises(ValueError, match="--select-on is not used by the timeline suite"):
@@ -561,6 +562,35 @@ def test_the_selection_stream_flag_sets_it_for_the_run_and_the_report_keeps_it_a
     bench.main(["--suite", "report", "--results", str(path)])
     out = capsys.readouterr().out
     assert "| infinigen 0.1 (selection on the copy stream) | " in out and "| infinigen 0.1 | " in out
+
+
+def test_the_slots_flag_sets_the_selection_for_the_run_and_the_report_keeps_it_apart(monkeypatch, tmp_path,
+                                                                                  capsys):
+    """--slots kernel runs InfiniGen's top-k selection as one kernel for a run (gpu and profile suites);
+    its rows are keyed and named so, and the targets read only the rows of the selection as it ships."""
+    monkeypatch.setattr(SK, "SLOTS", SK.SLOTS)                                # restored after the test
+    assert SK.SLOTS == "torch"
+    ns = lambda suite: argparse.Namespace(**{k: None for k in (                      # noqa: E731
+        "text", "prompt_tokens", "new_tokens", "models", "shapes", "policies", "gather", "graphs", "device",
+        "out", "results", "gather_per_sm", "select_on")}, suite=suite, slots="kernel")
+    bench.check_flags(ns("profile"))
+    assert SK.SLOTS == "kernel"
+    with pytest.raises(ValueError, match="--slots is not used by the timeline suite"):
+        bench.check_flags(ns("timeline"))
+    SK.SLOTS = "torch"
+    assert bench.device_gather_setting("host", "infinigen") == {"slots": "torch"}
+    assert bench.device_gather_setting("host", "h2o") == {}
+    fast = shaped("7b", "infinigen", 8, 4096, 300.0, 0.1, step_over_floor=1.0, slots="kernel")
+    rows = [fast, shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2)]   # before the key
+    assert bench.best(rows, "7b", "infinigen", 0.1, (8, 4096))["tokens_per_s"] == 100.0
+    path = tmp_path / "bench.json"
+    run = {"date": "2026-12-05", "command": "x"}
+    for r in rows + [rows[1] | {"slots": "torch", "tokens_per_s": 110.0}]:            # the same row, keyed
+        bench.save_row(path, run, r)
+    assert sorted(r["tokens_per_s"] for r in json.load(open(path))["rows"]) == [110.0, 300.0]
+    bench.main(["--suite", "report", "--results", str(path)])
+    out = capsys.readouterr().out
+    assert "| infinigen 0.1 (top-k: one kernel) | " in out and "| infinigen 0.1 | " in out
 
 
 @pytest.mark.parametrize("device, name", [("NVIDIA H200", "bench-nvidia-h200.json"),

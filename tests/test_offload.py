@@ -3,6 +3,7 @@ host (CPU gather and one copy) and by the device (the Triton kernel, here under 
 dense fetches the first t0 tokens, the ledger counts bytes, the bounded pool respects its capacity and
 its eviction rule, and the memory preflight refuses absurd sizes. CPU (the same code paths as CUDA)."""
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from offload import KVStore, OffloadError, Pool
 
 HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CPU = torch.device("cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 GATHERS = ["host", pytest.param("device", marks=pytest.mark.skipif(not HAS_TRITON, reason="needs triton"))]
 
@@ -236,37 +238,84 @@ def nvidia_compiler():  # Triton's CUDA compiler (ptxas ships in the wheel): it 
         return False
 
 
+COMPILE = """
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernel
+out = {}
+for key, name, sig, const, aligned, warps in json.loads(sys.stdin.read()):
+    src = ASTSource(fn=getattr(kernel, name), signature=sig, constexprs=const,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    try:
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+        out[key] = sorted(set(re.findall(r"(?:ld|st)[.]global[.\\w]*", ptx)))
+    except Exception as e:
+        out[key] = "error: " + repr(e)[-3000:]
+print(json.dumps(out))
+"""
+MOVES = {"gather_rows_kernel": ["src", "idx", "ok", "dst", "n", "BH"],
+         "put_rows_kernel": ["src", "at", "dst", "T", "BH"]}
+SELECT = ["s", "k", "idx", "ok", "w", "n", "Hkv", "alpha"]
+
+
+@pytest.fixture(scope="module")
+def hopper_ptx():
+    """Every kernel of kernel.py compiled for an H100/H200 (sm_90), no GPU needed, in one process of its own:
+    Triton takes one mode per process, and this one's is the interpreter (offload sets it on a machine
+    without a GPU). -> {case: the PTX's global load and store instructions, or "error: ..."}."""
+    import json
+    import subprocess
+    import sys
+    cases = []
+    for name, args in MOVES.items():             # as Triton's launcher specializes 16-byte aligned tensors
+        for dtype in ("fp16", "bf16", "fp32"):
+            for d in (48, 64, 128):
+                types = {"src": f"*{dtype}", "dst": f"*{dtype}", "idx": "*i64", "at": "*i64", "ok": "*i1"}
+                const = {"R": 2 * d, "RP": 1 << (2 * d - 1).bit_length(), "BLOCK": 32}
+                const |= {"STEPS": 4} if name == "gather_rows_kernel" else {}     # the gather loops: blocks
+                sig = {a: types.get(a, "i32") for a in args} | dict.fromkeys(const, "constexpr")
+                cases.append([f"{name} {dtype} {d}", name, sig, const,
+                              [i for i, a in enumerate(args) if a in types], 4])
+    types = {"s": "*fp32", "k": "*i64", "idx": "*i64", "ok": "*i1", "alpha": "fp32"}
+    for finite in (False, True):
+        for W, warps in ((1024, 4), (4096, 8), (16384, 16)):
+            const = {"FINITE": finite, "W": W}
+            sig = {a: types.get(a, "i32") for a in SELECT} | dict.fromkeys(const, "constexpr")
+            cases.append([f"top_slots_kernel {finite} {W}", "top_slots_kernel", sig, const, [0, 1, 2, 3, 4],
+                          warps])                                   # w (the slots, 4096) a multiple of 16 too
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(cases), capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
 @pytest.mark.skipif(not (HAS_TRITON and nvidia_compiler()), reason="needs triton with its CUDA compiler")
 @pytest.mark.parametrize("name", ["gather_rows_kernel", "put_rows_kernel"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("d", [48, 64, 128])
-def test_kernels_compile_for_hopper_with_16_byte_rows(name, dtype, d):
+def test_kernels_compile_for_hopper_with_16_byte_rows(hopper_ptx, name, dtype, d):
     """Both kernels compile for an H100/H200 (sm_90) here, without a GPU, with the arguments specialized
     as Triton's launcher does for 16-byte aligned tensors: every K, V row is read and written in 16-byte
     vector loads and stores (over PCIe, for the pinned store), never element by element."""
-    import re
+    ops = hopper_ptx[f"{name} {dtype} {d}"]
+    assert not isinstance(ops, str), ops
+    assert {"ld.global.v4.b32", "st.global.v4.b32"} <= set(ops), ops
+    assert not {"ld.global.b16", "st.global.b16", "ld.global.b32", "st.global.b32"} & set(ops), ops
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
 
-    import kernel
-    fn = getattr(kernel, name)
-    fn = JITFunction(getattr(fn, "fn", fn))            # the compiled kernel, also where the interpreter is on
-    first = {"gather_rows_kernel": ["src", "idx", "ok", "dst", "n", "BH"],
-             "put_rows_kernel": ["src", "at", "dst", "T", "BH"]}[name]
-    types = {"src": f"*{dtype}", "dst": f"*{dtype}", "idx": "*i64", "at": "*i64", "ok": "*i1"}
-    const = {"R": 2 * d, "RP": triton.next_power_of_2(2 * d), "BLOCK": 32}
-    const |= {"STEPS": 4} if name == "gather_rows_kernel" else {}          # the gather loops over blocks
-    sig = {a: types.get(a, "i32") for a in first} | dict.fromkeys(const, "constexpr")
-    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(first) if a in types}
-    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=aligned)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    assert compiled.asm["cubin"]
-    ops = set(re.findall(r"(?:ld|st)\.global[\w.]*", compiled.asm["ptx"]))
-    assert {"ld.global.v4.b32", "st.global.v4.b32"} <= ops, ops
-    assert not {"ld.global.b16", "st.global.b16", "ld.global.b32", "st.global.b32"} & ops, ops
+@pytest.mark.skipif(not (HAS_TRITON and nvidia_compiler()), reason="needs triton with its CUDA compiler")
+@pytest.mark.parametrize("finite", [False, True])
+@pytest.mark.parametrize("W", [1024, 4096, 16384])
+def test_the_selection_kernel_compiles_for_hopper(hopper_ptx, finite, W):
+    """The selection kernel (skew.SLOTS = "kernel") compiles for sm_90 too, at every row width the engine
+    launches it with (the interpreter checks its logic, not its types), and reads its scores in 16-byte
+    loads where a row's length is a multiple of 16 (Triton's launcher specializes it then)."""
+    ops = hopper_ptx[f"top_slots_kernel {finite} {W}"]
+    assert not isinstance(ops, str), ops
+    assert "ld.global.v4.b32" in ops, ops
 
 
 def test_host_tensor_is_plain_on_a_cpu():

@@ -24,8 +24,6 @@ N_NEW = 16
 SKEWS = ("none", "svd", "planes")
 
 
-
-
 # --- Helpers
 def assert_close(ours, ref, rel, what):
     """max |ours - ref| <= rel * max(1, max |ref|)."""
@@ -34,8 +32,6 @@ def assert_close(ours, ref, rel, what):
     tol = rel * max(1.0, ref.abs().max().item())
     err = (ours.float() - ref.float()).abs().max().item()
     assert err <= tol, f"{what}: max abs diff {err:.3g} > tol {tol:.3g}"
-
-
 
 
 def assert_same_ids(got, ref, ref_logits, rel, what):
@@ -236,12 +232,88 @@ def test_top_slots_are_the_threshold_rule_as_slots(c, alpha, extra, distinct):
             SK.top_slots(s, k, int(k.max()) - 1, alpha)
 
 
-def test_top_slots_keep_nothing_of_a_head_with_no_past():
-    """A head whose every score is -inf (nothing allowed) or NaN keeps nothing: padding only."""
-    s = torch.tensor([[[0.5, -1.0, 2.0], [float("-inf")] * 3, [float("nan")] * 3]])       # (1, 3, 3)
-    idx, ok = SK.top_slots(s, torch.tensor([2]), 2)
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+SLOTS_DEV = "cuda" if torch.cuda.is_available() else "cpu"          # the compiled kernel, or the interpreter
+
+
+@needs_triton
+@pytest.mark.parametrize("w, kmax", [(1000, 100), (5000, 512), (300, 300)])
+@pytest.mark.parametrize("alpha", [1.0, math.inf])
+def test_top_slots_kernel_on_long_rows(w, kmax, alpha):
+    """Rows of a real context's length (held in registers up to 16384 scores: 8192 here), a sequence's
+    unwritten slots not allowed: the kernel's slots and padding are top_slots', slot for slot."""
+    g = torch.Generator().manual_seed(w)
+    s = torch.randn(2, 3, w, generator=g)
+    s[0, :, w // 2:] = float("-inf")                                 # a shorter sequence
+    k = torch.tensor([kmax // 3, kmax])
+    fn = offload.device_kernel("top_slots", cuda=True)
+    got = [t.cpu() for t in fn(s.to(SLOTS_DEV), k.to(SLOTS_DEV), min(kmax, w), alpha)]
+    want = SK.top_slots(s, k, kmax, alpha)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("slots", ["torch", pytest.param("kernel", marks=needs_triton)])
+def test_top_slots_keep_nothing_of_a_head_with_no_past(slots, monkeypatch):
+    """A head whose every score is -inf (nothing allowed) or NaN keeps nothing: padding only (with the
+    kernel too)."""
+    monkeypatch.setattr(SK, "SLOTS", slots)
+    s = torch.tensor([[[0.5, -1.0, 2.0], [float("-inf")] * 3, [float("nan")] * 3]], device=SLOTS_DEV)
+    idx, ok = (t.cpu() for t in SK.top_slots(s, torch.tensor([2], device=SLOTS_DEV), 2))   # (1, 3, 2)
     assert ok.tolist() == [[[True, True], [False, False], [False, False]]]
     assert idx[0, 0].tolist() == [0, 2] and ((idx >= 0) & (idx < 3)).all()
+
+
+@needs_triton
+@settings(max_examples=20, deadline=None)
+@given(c=scored(), alpha=st.sampled_from([0.0, 0.5, 2.0, math.inf]), extra=st.integers(0, 3),
+       distinct=st.booleans())
+def test_top_slots_kernel_is_top_slots(c, alpha, extra, distinct):
+    """kernel.top_slots (one Triton kernel: a binary search over the scores' bits for the k-th best, then
+    the kept slots compacted in order; on a CPU Triton's interpreter) selects as skew.top_slots: slot for
+    slot when no scores tie; with ties the same number of tokens, none further than alpha from the best
+    nor worse than one left out, the first of the tied ones."""
+    scores, k, allowed = c
+    if distinct:
+        scores = torch.randperm(scores.numel(), generator=torch.Generator().manual_seed(k.sum().item()))
+        scores = scores.view_as(c[0]).float() / 7
+    a = allowed.expand_as(scores)
+    s = scores.masked_fill(~a, float("-inf"))
+    kmax, w = int(k.max()) + extra, scores.shape[-1]
+    n = max(min(kmax, w), 1)
+    fn = offload.device_kernel("top_slots", cuda=True)
+    idx, ok = (t.cpu() for t in fn(s.to(SLOTS_DEV), k.to(SLOTS_DEV), n, alpha))
+    want_idx, want_ok = SK.top_slots(s, k, kmax, alpha)
+    if distinct:
+        assert torch.equal(idx, want_idx) and torch.equal(ok, want_ok)
+    assert torch.equal(ok, want_ok), "a different number of tokens, or not first"
+    assert (idx[..., 1:] > idx[..., :-1])[ok[..., 1:]].all() and (idx[~ok] == w - 1).all()
+    near = a & (s >= s.amax(-1, keepdim=True) - alpha)
+    sel = SK.as_mask(idx, ok, w)
+    assert not (sel & ~near).any(), "selected a token further than alpha from the best"
+    check_top(sel, scores, near, torch.minimum(k[:, None], near.sum(-1)))
+    worst = scores.masked_fill(~sel, float("inf")).amin(-1, keepdim=True)           # the k-th best, tied
+    tied = near & (scores == worst) & ~sel
+    first_left = torch.where(tied, torch.arange(w), w).amin(-1)                    # the first tie left out
+    last_kept = torch.where(sel & (scores == worst), torch.arange(w), -1).amax(-1)
+    assert (last_kept < first_left).all(), "of tied tokens, the first are kept"
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["infinigen", "oracle"])
+def test_the_engine_selects_the_same_with_the_slots_kernel(llama, name, monkeypatch):
+    """skew.SLOTS = "kernel": InfiniGen's and the oracle's selections come from the kernel (it runs, once
+    per sparse layer and step), and every logit of a decode is the same as with torch's top-k."""
+    m, prompts = llama.m, llama.prompts
+    forced = torch.randint(0, m.cfg.vocab_size, (len(prompts), 4), generator=torch.Generator().manual_seed(1))
+    pol = Policy(name, budget=0.3)
+    want = forced_logits(m, prompts, pol, forced)
+    calls = []
+    real = offload.device_kernel("top_slots", cuda=True)
+    monkeypatch.setattr(offload, "device_kernel", lambda nm, cuda=False: lambda *a, **k: calls.append(nm)
+                        or real(*a, **k))
+    monkeypatch.setattr(SK, "SLOTS", "kernel")
+    got = forced_logits(m, prompts, pol, forced)
+    assert calls == ["top_slots"] * (m.cfg.n_layers - pol.dense_layers) * 3 and torch.equal(got, want)
 
 
 @st.composite
@@ -924,9 +996,13 @@ def test_decode_step_reads_no_device_value_on_the_host(llama, name, monkeypatch)
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("name", ["offload", "infinigen", "h2o", "streaming", "oracle"])
-def test_cuda_decode_step_never_syncs(llama_folder, name):
+@pytest.mark.parametrize("name", ["offload", "infinigen", "h2o", "streaming", "oracle",
+                                  "infinigen slots-kernel"])
+def test_cuda_decode_step_never_syncs(llama_folder, name, monkeypatch):
     folder, prompts = llama_folder
+    if name.endswith("slots-kernel"):                               # its top-k as one kernel (skew.SLOTS)
+        name = name.split()[0]
+        monkeypatch.setattr(SK, "SLOTS", "kernel")
     m, _ = model.load(str(folder), device="cuda", dtype=torch.float16)
     pol = Policy(name, budget=0.2, gather="device")
     tokens, valid = padded(prompts)
