@@ -118,10 +118,10 @@ def top_slots_kernel(s, k, idx, ok, w, n, Hkv, alpha, FINITE: tl.constexpr, W: t
     tie = near & (key == lo)                                            # tied with the kk-th best
     room = kk - tl.sum((near & (key > lo)).to(tl.int32), 0)             # how many of them are kept
     keep = near & ((key > lo) | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room)))
-    kept = tl.sum(keep.to(tl.int32), 0)
-    at = tl.where(keep, tl.cumsum(keep.to(tl.int32), 0) - 1, kept + col - tl.cumsum(keep.to(tl.int32), 0))
-    out = row.to(tl.int64) * n + at                                     # kept slots first, in order, then
-    tl.store(idx + out, tl.where(keep, col, w - 1).to(tl.int64), mask=at < n)        # the padding
+    before = tl.cumsum(keep.to(tl.int32), 0)                            # kept up to here
+    at = tl.where(keep, before - 1, tl.sum(keep.to(tl.int32), 0) + col - before)   # kept slots first, in
+    out = row.to(tl.int64) * n + at                                     # order, then the rest as padding
+    tl.store(idx + out, tl.where(keep, col, w - 1).to(tl.int64), mask=at < n)
     tl.store(ok + out, keep, mask=at < n)
 
 
