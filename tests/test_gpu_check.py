@@ -111,6 +111,20 @@ def test_the_aside_part_measures_the_selection_on_the_copy_stream(tmp_path):
     assert "aside: skipped" in packed["aside.log"] and not [c for c in calls if "--select-on" in c]
 
 
+def test_the_slots_part_measures_both_selections_in_one_run(tmp_path):
+    """InfiniGen 0.1 on both shapes with --slots torch, then --slots kernel (the pairs side by side, so one
+    machine measures both), then a profile with the kernel; each run a log of its own."""
+    run, _, packed, calls = gpu_check(tmp_path, ["slots"], budget=570, part_s=0, smoke_ok=True)
+    assert run.returncode == 0, run.stderr
+    bench = [c for c in calls if c.startswith("bench.py")]
+    assert [(c.split(" --models ")[1].split()[0], c.split("--slots ")[1].split()[0]) for c in bench] == [
+        ("smollm2", "torch"), ("smollm2", "kernel"), ("7b", "torch"), ("7b", "kernel"), ("smollm2", "kernel")]
+    assert all(c.endswith("--policies infinigen:0.1") for c in bench[:4]) and "--suite profile" in bench[4]
+    for log in ("slots-smollm2-torch", "slots-smollm2-kernel", "slots-7b-torch", "slots-7b-kernel",
+                "profile-slots"):
+        assert "exit status 0 after" in packed[f"{log}.log"], log
+
+
 def test_an_unknown_part_is_refused(tmp_path):
     run, _, _, _ = gpu_check(tmp_path, ["gpu"], budget=60, part_s=0, smoke_ok=True)
     assert run.returncode == 2 and "unknown part gpu" in run.stdout

@@ -3,6 +3,7 @@ back with model.load) and the default SmolLM2: offload is exact; infinigen (alph
 skew), h2o, oracle and streaming at budget 1 change nothing, alone and in a padded batch; at budget 0.1
 infinigen fetches what it should and moves fewer bytes; recall; the bounded CPU pool. CPU, float32;
 a CUDA class runs when a GPU is present."""
+import copy
 import dataclasses
 import importlib.util
 import math
@@ -302,8 +303,9 @@ def test_top_slots_kernel_is_top_slots(c, alpha, extra, distinct):
 @pytest.mark.parametrize("name", ["infinigen", "oracle"])
 def test_the_engine_selects_the_same_with_the_slots_kernel(llama, name, monkeypatch):
     """skew.SLOTS = "kernel": InfiniGen's and the oracle's selections come from the kernel (it runs, once
-    per sparse layer and step), and every logit of a decode is the same as with torch's top-k."""
-    m, prompts = llama.m, llama.prompts
+    per sparse layer and step), and every logit of a decode is the same as with torch's top-k. On a GPU
+    machine the model is a CUDA copy (the compiled kernel reads device memory only)."""
+    m, prompts = (llama.m if SLOTS_DEV == "cpu" else copy.deepcopy(llama.m).to(SLOTS_DEV)), llama.prompts
     forced = torch.randint(0, m.cfg.vocab_size, (len(prompts), 4), generator=torch.Generator().manual_seed(1))
     pol = Policy(name, budget=0.3)
     want = forced_logits(m, prompts, pol, forced)
