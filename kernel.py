@@ -1,11 +1,12 @@
 """The gather kernel: the selected K, V rows go from the CPU store straight into a device buffer;
-the put kernel writes the new tokens' rows into the store through their slots on the device.
+the put kernel writes the new tokens' rows into the store through their slots on the device; the
+selection kernel chooses InfiniGen's slots without a sort (skew.SLOTS = "kernel"; off by default).
 
 On a GPU the store is pinned host memory, which a kernel can read through its host pointer (unified
 addressing): each program reads BLOCK selected rows over PCIe and writes them where attention
 reads them. The indices never leave the device, so the host waits for nothing. The same kernel runs
 on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests its logic; CI also
-compiles both for an H100 (sm_90), no GPU needed, and checks that rows move in 16-byte loads and stores.
+compiles all three for an H100 (sm_90), no GPU needed, and checks that rows move in 16-byte loads and stores.
 Shapes: B batch, Hkv KV heads, n rows per (sequence, KV head), d head dim, R = 2d (K and V).
 """
 import functools
