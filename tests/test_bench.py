@@ -298,10 +298,7 @@ def test_the_gather_grid_flag_sets_the_kernel_and_the_default_is_the_kernels(mon
     monkeypatch.setattr(kernel, "PER_SM", kernel.PER_SM)                  # restored after the test
     p = cli.Parser()
     p.add_argument("--gather-per-sm", type=bench.per_sm)
-    a = argparse.Namespace(**{k: None for k in ("text", "prompt_tokens", "new_tokens", "models", "shapes",
-                                                 "policies", "gather", "graphs", "device", "out", "results")},
-                           suite="gpu", gather_per_sm=0, select_on=None, slots=None)
-    bench.check_flags(a)
+    bench.check_flags(flags("gpu", gather_per_sm=0))
     assert kernel.PER_SM == 0
     for bad in ("65", "-1", "x", "", "nan", "inf"):
         with pytest.raises(SystemExit):
@@ -541,19 +538,22 @@ def test_save_row_replaces_only_the_same_row_and_keeps_one_entry_per_run(tmp_pat
     assert sorted(r["tokens_per_s"] for r in rows()) == [5.0, 6.0, 7.0]
 
 
+def flags(suite, **given):
+    """bench.py's parsed flags for a suite: every flag unset but those given."""
+    names = set().union(*bench.USES.values())                         # every flag some suite reads
+    return argparse.Namespace(**(dict.fromkeys(names) | given), suite=suite)
+
+
 def test_the_selection_stream_flag_sets_it_for_the_run_and_the_report_keeps_it_apart(monkeypatch, tmp_path,
                                                                                      capsys):
     """--select-on copy puts the device gather's selections on the copy stream for a run; its rows are
     named so in the report, and the targets read only the engine as it ships."""
     monkeypatch.setattr(offload, "SELECT_ON", offload.SELECT_ON)              # restored after the test
     assert offload.SELECT_ON == "compute"
-    ns = lambda suite: argparse.Namespace(**{k: None for k in (                      # noqa: E731
-        "text", "prompt_tokens", "new_tokens", "models", "shapes", "policies", "gather", "graphs", "device",
-        "out", "results", "gather_per_sm", "slots")}, suite=suite, select_on="copy")
-    bench.check_flags(ns("gpu"))
+    bench.check_flags(flags("gpu", select_on="copy"))
     assert offload.SELECT_ON == "copy"
     with pytest.raises(ValueError, match="--select-on is not used by the timeline suite"):
-        bench.check_flags(ns("timeline"))
+        bench.check_flags(flags("timeline", select_on="copy"))
     fast = shaped("7b", "infinigen", 8, 4096, 300.0, 0.1, step_over_floor=1.0, select_on="copy")
     rows = [fast, shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2, select_on="compute")]
     assert bench.best(rows, "7b", "infinigen", 0.1, (8, 4096))["tokens_per_s"] == 100.0
@@ -570,13 +570,10 @@ def test_the_slots_flag_sets_the_selection_for_the_run_and_the_report_keeps_it_a
     its rows are keyed and named so, and the targets read only the rows of the selection as it ships."""
     monkeypatch.setattr(SK, "SLOTS", SK.SLOTS)                                # restored after the test
     assert SK.SLOTS == "torch"
-    ns = lambda suite: argparse.Namespace(**{k: None for k in (                      # noqa: E731
-        "text", "prompt_tokens", "new_tokens", "models", "shapes", "policies", "gather", "graphs", "device",
-        "out", "results", "gather_per_sm", "select_on")}, suite=suite, slots="kernel")
-    bench.check_flags(ns("profile"))
+    bench.check_flags(flags("profile", slots="kernel"))
     assert SK.SLOTS == "kernel"
     with pytest.raises(ValueError, match="--slots is not used by the timeline suite"):
-        bench.check_flags(ns("timeline"))
+        bench.check_flags(flags("timeline", slots="kernel"))
     SK.SLOTS = "torch"
     assert bench.device_gather_setting("host", "infinigen") == {"slots": "torch"}
     assert bench.device_gather_setting("host", "h2o") == {}
