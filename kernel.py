@@ -104,21 +104,21 @@ def top_slots_kernel(s, k, idx, ok, w, n, Hkv, alpha, FINITE: tl.constexpr, W: t
     row = tl.program_id(0)
     col = tl.arange(0, W)
     x = tl.load(s + row.to(tl.int64) * w + col, mask=col < w, other=float("-inf"))     # (W,) the scores
-    b = x.to(tl.int32, bitcast=True)
-    key = tl.where(b < 0, b ^ 0x7FFFFFFF, b)                                # (W,) in the scores' order
     least = -3.4028234663852886e38                                      # float32's lowest: -inf never counts
     if FINITE:
         least = tl.maximum(tl.max(x, 0) - alpha, least)                 # within alpha of the best
-    near = x >= least                                                   # (NaN: never)
+    b = x.to(tl.int32, bitcast=True)
+    key = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64)                # (W,) in the scores' order
+    key = tl.where(x >= least, key, -2**31 - 1)                         # too far, -inf, NaN: below all
     kk = tl.minimum(tl.load(k + row // Hkv), n)                         # tokens to keep
     lo, hi = tl.full((), -2**31, tl.int64), tl.full((), 2**31, tl.int64)   # the kk-th best key: in [lo, hi)
     for _ in range(32):
         mid = (lo + hi) >> 1
-        enough = tl.sum((near & (key >= mid)).to(tl.int32), 0) >= kk
+        enough = tl.sum((key >= mid).to(tl.int32), 0) >= kk
         lo, hi = tl.where(enough, mid, lo), tl.where(enough, hi, mid)
-    tie = near & (key == lo)                                            # tied with the kk-th best
-    room = kk - tl.sum((near & (key > lo)).to(tl.int32), 0)             # how many of them are kept
-    keep = near & ((key > lo) | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room)))
+    tie = key == lo                                                     # tied with the kk-th best
+    room = kk - tl.sum((key > lo).to(tl.int32), 0)                      # how many of them are kept
+    keep = (key > lo) | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))
     before = tl.cumsum(keep.to(tl.int32), 0)                            # kept up to here
     at = tl.where(keep, before - 1, tl.sum(keep.to(tl.int32), 0) + col - before)   # kept slots first, in
     out = row.to(tl.int64) * n + at                                     # order, then the rest as padding
