@@ -544,50 +544,40 @@ def flags(suite, **given):
     return argparse.Namespace(**(dict.fromkeys(names) | given), suite=suite)
 
 
-def test_the_selection_stream_flag_sets_it_for_the_run_and_the_report_keeps_it_apart(monkeypatch, tmp_path,
-                                                                                     capsys):
-    """--select-on copy puts the device gather's selections on the copy stream for a run; its rows are
-    named so in the report, and the targets read only the engine as it ships."""
-    monkeypatch.setattr(offload, "SELECT_ON", offload.SELECT_ON)              # restored after the test
-    assert offload.SELECT_ON == "compute"
-    bench.check_flags(flags("gpu", select_on="copy"))
-    assert offload.SELECT_ON == "copy"
-    with pytest.raises(ValueError, match="--select-on is not used by the timeline suite"):
-        bench.check_flags(flags("timeline", select_on="copy"))
-    fast = shaped("7b", "infinigen", 8, 4096, 300.0, 0.1, step_over_floor=1.0, select_on="copy")
-    rows = [fast, shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2, select_on="compute")]
-    assert bench.best(rows, "7b", "infinigen", 0.1, (8, 4096))["tokens_per_s"] == 100.0
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps({"suite": "gpu", "runs": [], "rows": rows}))
-    bench.main(["--suite", "report", "--results", str(path)])
-    out = capsys.readouterr().out
-    assert "| infinigen 0.1 (selection on the copy stream) | " in out and "| infinigen 0.1 | " in out
-
-
-def test_the_slots_flag_sets_the_selection_for_the_run_and_the_report_keeps_it_apart(monkeypatch, tmp_path,
-                                                                                  capsys):
-    """--slots kernel runs InfiniGen's top-k selection as one kernel for a run (gpu and profile suites);
-    its rows are keyed and named so, and the targets read only the rows of the selection as it ships."""
-    monkeypatch.setattr(SK, "SLOTS", SK.SLOTS)                                # restored after the test
-    assert SK.SLOTS == "torch"
-    bench.check_flags(flags("profile", slots="kernel"))
-    assert SK.SLOTS == "kernel"
-    with pytest.raises(ValueError, match="--slots is not used by the timeline suite"):
-        bench.check_flags(flags("timeline", slots="kernel"))
-    SK.SLOTS = "torch"
-    assert bench.device_gather_setting("host", "infinigen") == {"slots": "torch"}
-    assert bench.device_gather_setting("host", "h2o") == {}
-    fast = shaped("7b", "infinigen", 8, 4096, 300.0, 0.1, step_over_floor=1.0, slots="kernel")
+@pytest.mark.parametrize("where, flag, shipped, other, suite, note", [
+    (offload, "select_on", "compute", "copy", "gpu", "(selection on the copy stream)"),
+    (SK, "slots", "torch", "kernel", "profile", "(top-k: one kernel)")])
+def test_a_setting_flag_holds_for_the_run_and_the_report_keeps_its_rows_apart(monkeypatch, tmp_path, capsys,
+                                                                              where, flag, shipped, other,
+                                                                              suite, note):
+    """--select-on copy (the device gather's selections on the copy stream) and --slots kernel (InfiniGen's
+    top-k as one kernel) set the engine's setting for a run; their rows are named so in the report, and the
+    targets read only the rows of the engine as it ships (a row from before the key counts as shipped)."""
+    attr = {"select_on": "SELECT_ON", "slots": "SLOTS"}[flag]
+    monkeypatch.setattr(where, attr, getattr(where, attr))                  # restored after the test
+    assert getattr(where, attr) == shipped
+    bench.check_flags(flags(suite, **{flag: other}))
+    assert getattr(where, attr) == other
+    with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} is not used by the timeline suite"):
+        bench.check_flags(flags("timeline", **{flag: other}))
+    setattr(where, attr, shipped)
+    fast = shaped("7b", "infinigen", 8, 4096, 300.0, 0.1, step_over_floor=1.0, **{flag: other})
     rows = [fast, shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2)]   # before the key
     assert bench.best(rows, "7b", "infinigen", 0.1, (8, 4096))["tokens_per_s"] == 100.0
     path = tmp_path / "bench.json"
-    run = {"date": "2026-12-05", "command": "x"}
-    for r in rows + [rows[1] | {"slots": "torch", "tokens_per_s": 110.0}]:            # the same row, keyed
-        bench.save_row(path, run, r)
+    for r in rows + [rows[1] | {flag: shipped, "tokens_per_s": 110.0}]:                # the same row, keyed
+        bench.save_row(path, {"date": "2026-12-05", "command": "x"}, r)
     assert sorted(r["tokens_per_s"] for r in json.load(open(path))["rows"]) == [110.0, 300.0]
     bench.main(["--suite", "report", "--results", str(path)])
     out = capsys.readouterr().out
-    assert "| infinigen 0.1 (top-k: one kernel) | " in out and "| infinigen 0.1 | " in out
+    assert f"| infinigen 0.1 {note} | " in out and "| infinigen 0.1 | " in out
+
+
+def test_rows_say_how_infinigen_and_the_oracle_selected():
+    """`slots` is in the rows of the policies that select with top_slots, and only theirs."""
+    assert bench.device_gather_setting("host", "infinigen") == {"slots": SK.SLOTS}
+    assert bench.device_gather_setting("host", "oracle") == {"slots": SK.SLOTS}
+    assert bench.device_gather_setting("host", "h2o") == bench.device_gather_setting("host", "offload") == {}
 
 
 @pytest.mark.parametrize("device, name", [("NVIDIA H200", "bench-nvidia-h200.json"),
