@@ -104,7 +104,7 @@ class OffloadCache(M.Cache):
     new tokens; the layers before `first` (the sparse policies' dense layers) stay whole on the device.
     Alone it is the `offload` policy; subclasses choose `select(layer, q, x, rope)` (a mask, or slots, of at
     most `kmax[layer]` tokens per KV head) and `ahead`: whether that runs one layer early or at the layer."""
-    name, ahead = "offload", True
+    name, ahead, by_slot = "offload", True, False     # by_slot: observe reads the attended rows' slots
 
     def __init__(self, model, pol: Policy, batch, slots, device, dtype):
         super().__init__(batch, slots, device)
@@ -200,7 +200,7 @@ class OffloadCache(M.Cache):
             new = self.new_mask.expand(-1, ok.shape[1], -1, -1)                         # (B, Hkv, T, T)
             mask = torch.cat([ok[:, :, None].expand(-1, -1, T, -1), new], -1)          # (B, Hkv, T, n+T)
             slots = (torch.cat([self.idx[layer], self.at.expand(*ok.shape[:2], T)], -1)   # (B, Hkv, n+T):
-                     if self.name == "h2o" or self.pol.measure_recall else None)     # H2O's and recall's
+                     if self.by_slot or self.pol.measure_recall else None)      # for observe, recall
         if self.decoding:                                   # the share of each sequence's past fetched
             self.fetched[layer].add_(1.0 if ok is None else (ok * self.per_row).sum())
         out = M.attention(q, kd, vd, mask)                  # queued before the host gathers for i+1
@@ -302,7 +302,7 @@ class Streaming(OffloadCache):
 
 
 class H2O(OffloadCache):
-    name, ahead = "h2o", False
+    name, ahead, by_slot = "h2o", False, True
 
     def __init__(self, model, pol, batch, slots, device, dtype):
         super().__init__(model, pol, batch, slots, device, dtype)
