@@ -94,7 +94,9 @@ def test_naive_offload_copies_every_past_token_and_equals_full(tiny):
     naive = lab.NaiveOffload(cfg, 1, len(IDS) + new)
     out, logits = lab.run_cache(tiny, naive, IDS, new)
     _, want = lab.run_cache(tiny, M.DenseCache(cfg, 1, len(IDS) + new, "cpu", torch.float32), IDS, new, out)
-    assert torch.equal(logits, want)
+    # Equal to rounding: the naive cache attends over its t0 + T keys, the dense one over all S, masked
+    # (bit for bit on some CPUs, not on all: an AMD EPYC differs in the last bits).
+    assert torch.allclose(logits, want, rtol=0, atol=1e-5), (logits - want).abs().max()
     assert naive.copied == cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 4 * pasts(new)
 
 
