@@ -47,7 +47,6 @@ import torch
 import cli
 import infinigen as I
 import model as M
-import offload
 import prepare
 import skew as SK
 from offload import KVStore, OffloadError, device_kernel, host_tensor, preflight, triton_available
@@ -518,13 +517,14 @@ def run_ours(model, shape, pol, new, cuda):
 
 
 def device_gather_setting(gather, policy):
-    """How a policy's device gather ran, for its row: the kernel's grid (kernel.PER_SM) and the stream its
-    selections ran on (offload.SELECT_ON); nothing for the host gather, or `offload` (no selection). And
-    how InfiniGen's and the oracle's top-k selections ran (skew.SLOTS)."""
+    """How a policy's device gather ran, for its row: the kernel's grid (kernel.PER_SM); nothing for the host
+    gather, or `offload` (whole blocks). And how InfiniGen's and the oracle's top-k selections ran
+    (skew.SLOTS). Rows of the third GPU run may also say `select_on`: "copy" ran the device gather's
+    selections on the copy stream, an option since removed."""
     slots = {"slots": SK.SLOTS} if policy in ("infinigen", "oracle") else {}
     if gather != "device" or policy == "offload":
         return slots
-    return {"gather_per_sm": sys.modules["kernel"].PER_SM, "select_on": offload.SELECT_ON} | slots
+    return {"gather_per_sm": sys.modules["kernel"].PER_SM} | slots
 
 
 def no_cudnn_attention():
@@ -1069,7 +1069,7 @@ def plot_timeline(out, path):
 # --- Command line
 USES = {"cpu": ("text", "prompt_tokens", "new_tokens", "out"),      # the flags each suite reads
         "gpu": ("new_tokens", "models", "shapes", "policies", "gather", "graphs", "device", "out",
-                "gather_per_sm", "select_on", "slots"),
+                "gather_per_sm", "slots"),
         "timeline": ("models", "shapes", "gather", "device", "out", "gather_per_sm"),
         "gather": ("shapes", "gather", "device", "out"), "report": ("results",),
         "profile": ("models", "shapes", "policies", "gather", "device", "out", "slots")}
@@ -1099,8 +1099,6 @@ def check_flags(a):
             raise ValueError("--gather-per-sm sets the device gather's grid, which needs triton")
         device_kernel("gather_rows")                          # imports kernel.py as the engine does
         sys.modules["kernel"].PER_SM = a.gather_per_sm
-    if a.select_on is not None:                # where the device gather's selections run, for this run
-        offload.SELECT_ON = a.select_on
     if a.slots is not None:                    # how InfiniGen's top-k selections run, for this run
         if a.slots == "kernel" and not triton_available():
             raise ValueError("--slots kernel needs triton")
@@ -1146,9 +1144,6 @@ def main(argv=None):
     p.add_argument("--gather-per-sm", type=per_sm,
                    help=f"gpu, timeline: the device gather kernel's programs per SM, a fraction too (default "
                         f"{DEFAULT_PER_SM}; 0: a program per block of 32 rows, as in the 2026-12-04 run)")
-    p.add_argument("--select-on", choices=["compute", "copy"],
-                   help="gpu: the stream the device gather's selections run on, with CUDA (default compute: "
-                        "before the layer's own work; copy: beside it, measured slower on an H200)")
     p.add_argument("--slots", choices=["torch", "kernel"],
                    help="gpu: how InfiniGen's top-k selection runs (default torch: a top-k, a sort and small "
                         "operations; kernel: one Triton kernel, kernel.top_slots)")

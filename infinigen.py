@@ -121,6 +121,7 @@ class OffloadCache(M.Cache):
                              pol.gather, self.first, extra)
         self.rk, self.rv = (torch.zeros(res, device=device, dtype=dtype) for _ in "kv")  # resident K, V
         self.fetched = torch.zeros(cfg.n_layers, device=device)          # sum over steps of fraction fetched
+        self.kept = torch.zeros(cfg.n_layers, batch, device=device)      # (L, B) rows fetched this step
         self.recall, self.need = torch.zeros(cfg.n_layers, dtype=torch.float64), torch.zeros(cfg.n_layers)
         self.decode_steps, self.handles, self.idx = 0, {}, {}                 # recall, need: (L,) on the host
         self.set_shares(torch.ones(cfg.n_layers))
@@ -146,7 +147,7 @@ class OffloadCache(M.Cache):
         w = self.S if T == 1 else self.t0                                # a decode step reads every slot
         self.allowed = (self.valid[:, :w] & (self.slot[:w] < self.next))[:, None]    # (B, 1, w) the past
         self.counts = self.pol.count(self.length, self.share_dev)                     # (L, B) tokens to keep
-        self.per_row = (1 / (self.B * self.cfg.n_kv_heads * self.length.clamp(min=1)))[:, None, None]
+        self.per_row = self.decoding / (self.B * self.cfg.n_kv_heads * self.length.clamp(min=1))     # (B,)
         self.new_mask = self.mask.index_select(-1, self.at)                   # (B, 1, T, T) among new tokens
         if self.ahead and self.first == 0:
             self.issue(0, self.plan(0))
@@ -158,16 +159,15 @@ class OffloadCache(M.Cache):
         the host gather they are already on their way to host memory, and the event says when."""
         if self.t0 == 0 or (not self.sparse(layer) and self.store.pool is None):
             return None
-        with self.store.aside(q, x, *(rope or ())):     # on the copy stream, if SELECT_ON says so
-            if self.sparse(layer):               # select gives slots (idx, ok), or a mask (B, Hkv, w)
-                sel = self.select(layer, q, x, rope)
-                idx, ok = sel if isinstance(sel, tuple) else to_index(sel & self.allowed, self.kmax[layer])
-            else:  # dense, but a bounded pool scatters tokens: fetch every past token by index
-                idx, ok = to_index(self.allowed.expand(-1, self.cfg.n_kv_heads, -1), max(self.t0, 1))
-            self.idx[layer] = idx               # kept: freed by the next plan, after the copy stream waits
-            if self.store.gather == "host":                                      # pinned, async on CUDA
-                idx, ok = idx.to("cpu", non_blocking=True), ok.to("cpu", non_blocking=True)
-            return idx, ok, torch.cuda.current_stream(self.dev).record_event() if self.store.cuda else None
+        if self.sparse(layer):                   # select gives slots (idx, ok), or a mask (B, Hkv, w)
+            sel = self.select(layer, q, x, rope)
+            idx, ok = sel if isinstance(sel, tuple) else to_index(sel & self.allowed, self.kmax[layer])
+        else:  # dense, but a bounded pool scatters tokens: fetch every past token by index
+            idx, ok = to_index(self.allowed.expand(-1, self.cfg.n_kv_heads, -1), max(self.t0, 1))
+        self.idx[layer] = idx                   # kept: freed by the next plan, after the copy stream waits
+        if self.store.gather == "host":                                          # pinned, async on CUDA
+            idx, ok = idx.to("cpu", non_blocking=True), ok.to("cpu", non_blocking=True)
+        return idx, ok, torch.cuda.current_stream(self.dev).record_event() if self.store.cuda else None
 
     def issue(self, layer, plan):
         """Start copying what `plan` chose for `layer`."""
@@ -193,16 +193,15 @@ class OffloadCache(M.Cache):
         kb[n:n + T], vb[n:n + T] = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)    # (T, B, Hkv, d)
         rows = span if ok is None and self.decoding else n + T   # decode's dense read: all S (fixed shapes)
         kd, vd = kb[:rows].permute(1, 2, 0, 3), vb[:rows].permute(1, 2, 0, 3)       # (B, Hkv, rows, d)
-        if ok is None:                                      # (slots not yet written are masked)
-            mask, slots = self.mask[..., :rows], None
+        if ok is None:                  # every past row fetched (slots not yet written are masked)
+            mask, slots, got = self.mask[..., :rows], None, self.allowed.expand(-1, self.cfg.n_kv_heads, -1)
         else:                                               # by index: a mask per KV head
-            ok = ok.to(self.dev, non_blocking=True)                                    # pinned on CUDA
+            got = ok = ok.to(self.dev, non_blocking=True)                              # pinned on CUDA
             new = self.new_mask.expand(-1, ok.shape[1], -1, -1)                         # (B, Hkv, T, T)
             mask = torch.cat([ok[:, :, None].expand(-1, -1, T, -1), new], -1)          # (B, Hkv, T, n+T)
             slots = (torch.cat([self.idx[layer], self.at.expand(*ok.shape[:2], T)], -1)   # (B, Hkv, n+T):
                      if self.by_slot or self.pol.measure_recall else None)      # for observe, recall
-        if self.decoding:                                   # the share of each sequence's past fetched
-            self.fetched[layer].add_(1.0 if ok is None else (ok * self.per_row).sum())
+        torch.sum(got, (1, 2), dtype=self.kept.dtype, out=self.kept[layer])   # (B,) past rows fetched
         out = M.attention(q, kd, vd, mask)                  # queued before the host gathers for i+1
         if T > 1 and layer >= self.pol.dense_layers and self.pol.layer_budget == "prompt":   # at prefill
             qn, last = q[:, :, -SK.NEED_QUERIES:], mask[..., -SK.NEED_QUERIES:, :]    # its last queries
@@ -215,6 +214,10 @@ class OffloadCache(M.Cache):
         valid = self.valid[:, self.t0:self.t0 + T].cpu() if self.store.pool else None
         self.store.append(layer, self.t0, k, v, valid, self.at)
         return out
+
+    def end(self):  # a decode step's rows fetched (kept) as shares of each sequence's past, summed per layer
+        self.fetched.addmv_(self.kept, self.per_row)
+        super().end()
 
     def leave(self):
         self.decode_steps += self.decoding
@@ -313,12 +316,9 @@ class H2O(OffloadCache):
         return self.cfg.n_layers * batch * self.cfg.n_kv_heads * slots * 5        # float32 scores, bool alive
 
     def observe(self, layer, q, kd, mask, slots):
-        p = M.attention_probs(q, kd, mask)                                        # (B, H, T, n)
-        p = p.view(self.B, -1, self.G, *p.shape[2:]).sum((2, 3))                  # (B, Hkv, n)
-        if slots is None:
-            self.score[layer, :, :, :p.shape[-1]] += p
-        else:
-            self.score[layer].scatter_add_(-1, slots, p * (slots < self.S))
+        p = M.attention_probs(q, kd, mask).unflatten(1, (-1, self.G)).sum((2, 3))       # (B, Hkv, n)
+        slots = self.slot[:p.shape[-1]].expand_as(p) if slots is None else slots     # (B, Hkv, n) their slots
+        self.score[layer].scatter_add_(-1, slots, p * (slots < self.S))
 
     def select(self, layer, q, x, rope):
         k, n_recent = self.counts[layer], (self.counts[layer].double() * self.pol.recent).long()

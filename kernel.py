@@ -19,11 +19,13 @@ import triton.language as tl
 
 # --- Gather kernel
 @triton.jit
-def gather_rows_kernel(src, idx, ok, dst, n, BH, R: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr,
-                       STEPS: tl.constexpr):
+def gather_rows_kernel(src, idx, ok, dst, count, n, BH, R: tl.constexpr, RP: tl.constexpr,
+                       BLOCK: tl.constexpr, STEPS: tl.constexpr):
     """dst row r = j * BH + bh (destination (n, B, Hkv) order) <- src row idx[bh, j] * BH + bh,
     where ok[bh, j]; rows that are not ok are left as they were (attention masks them). A program moves
-    BLOCK rows, then the BLOCK rows one grid further on: STEPS blocks in all."""
+    BLOCK rows, then the BLOCK rows one grid further on: STEPS blocks in all, and adds how many rows it
+    moved to count (an int64 counter on the device; None: not counted)."""
+    moved = 0
     for i in range(STEPS):
         r = (i * tl.num_programs(0) + tl.program_id(0)) * BLOCK + tl.arange(0, BLOCK)   # destination rows
         j, bh = r // BH, r % BH
@@ -34,6 +36,9 @@ def gather_rows_kernel(src, idx, ok, dst, n, BH, R: tl.constexpr, RP: tl.constex
         m = keep[:, None] & (col[None, :] < R)
         x = tl.load(src + (slot * BH + bh)[:, None] * R + col[None, :], mask=m)
         tl.store(dst + r.to(tl.int64)[:, None] * R + col[None, :], x, mask=m)
+        moved += tl.sum(keep.to(tl.int32), 0)
+    if count is not None:
+        tl.atomic_add(count, moved.to(tl.int64))                             # one addition per program
 
 
 # A program's loads wait about a microsecond on PCIe, holding its place on an SM all the while. One program
@@ -49,9 +54,10 @@ def sm_count(device):  # streaming multiprocessors of a GPU; the interpreter (CP
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def gather_rows(src, idx, ok, dst, block=32, programs=None):
+def gather_rows(src, idx, ok, dst, count=None, block=32, programs=None):
     """src (S, B, Hkv, 2, d) one layer of the store; idx, ok (B, Hkv, n) slots and which are wanted;
-    dst (>= n, B, Hkv, 2, d) on the device: dst[j, b, h] = src[idx[b, h, j], b, h] where ok.
+    dst (>= n, B, Hkv, 2, d) on the device: dst[j, b, h] = src[idx[b, h, j], b, h] where ok; count (a
+    one-element int64 tensor on the device, or None): plus the number of rows moved.
     programs: at most this many (None: PER_SM per SM of the device, at least one; 0: one per `block` rows)."""
     B, Hkv, n = idx.shape
     R = src.shape[-2] * src.shape[-1]
@@ -62,7 +68,7 @@ def gather_rows(src, idx, ok, dst, block=32, programs=None):
     blocks = triton.cdiv(n * B * Hkv, block)
     grid = min(blocks, programs or blocks)
     steps = triton.next_power_of_2(triton.cdiv(blocks, grid))   # 2^k: few compiles (extra ones masked)
-    gather_rows_kernel[(grid,)](src, idx.contiguous(), ok.contiguous(), dst, n, B * Hkv,
+    gather_rows_kernel[(grid,)](src, idx.contiguous(), ok.contiguous(), dst, count, n, B * Hkv,
                                 R=R, RP=triton.next_power_of_2(R), BLOCK=block, STEPS=steps)
 
 

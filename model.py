@@ -153,12 +153,12 @@ def rope_tables(inv_freq, pos):
     """cos, sin for positions pos (B, T) -> each (B, 1, T, d); dims j and j + d/2 form a plane."""
     ang = pos[:, None, :, None].float() * inv_freq                   # (B, 1, T, d/2)
     ang = torch.cat([ang, ang], dim=-1)                              # (B, 1, T, d)
-    return ang.cos(), ang.sin()
+    (sin := ang.sin())[..., :ang.shape[-1] // 2].neg_()   # -sin on each plane's first dim: the turn's sign
+    return ang.cos(), sin
 
 
 def apply_rope(x, cos, sin):  # x (B, h, T, d): rotate each plane (x_j, x_{j+d/2}) by its angle
-    x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+    return (x * cos + x.roll(x.shape[-1] // 2, -1) * sin).to(x.dtype)   # roll: each plane's two dims swapped
 
 
 # --- Attention math

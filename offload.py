@@ -22,7 +22,6 @@ import torch
 if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):   # no GPU: Triton's kernels
     os.environ["TRITON_INTERPRET"] = "1"    # run in its interpreter, set before torch imports triton itself
 GATHERS = ("auto", "host", "device")
-SELECT_ON = "compute"  # CUDA, device gather: where selections run, "compute" or "copy" (its stream); bench.py
 
 
 class OffloadError(Exception):
@@ -135,7 +134,7 @@ def triton_available():
 def device_kernel(name, cuda=False):
     """A kernel of kernel.py, imported on first use. Without a GPU its logic runs under Triton's interpreter
     (CI; TRITON_INTERPRET is set above). Triton takes one mode per process, so with a GPU, CPU tensors (cuda
-    False) go through the compiled kernel on device copies, the result back in the last argument."""
+    False) go through the compiled kernel on device copies, and what it changed comes back."""
     gpu = torch.cuda.is_available()
     import kernel
     if not gpu and not kernel.triton.knobs.runtime.interpret:
@@ -145,10 +144,12 @@ def device_kernel(name, cuda=False):
     if cuda or not gpu:
         return fn
 
-    def on_copies(*args, **kw):             # (..., dst): the kernels write only their last argument
+    def on_copies(*args, **kw):             # the arguments it wrote: its outputs (dst, a count)
         dev = [a.cuda() if torch.is_tensor(a) else a for a in args]
         fn(*dev, **kw)
-        args[-1].copy_(dev[-1])
+        for a, d in zip(args, dev):
+            if torch.is_tensor(a) and not torch.equal(a, d.cpu()):
+                a.copy_(d)
     return on_copies
 
 
@@ -162,13 +163,12 @@ class Ledger:
         self.row_bytes, self.decoding, self.decode_h2d = row_bytes, False, 0    # (2, L) at prefill, in steps
         self.wait_s = self.decode_wait_s = 0.0    # the compute stream's waits for copies: in all, in steps
 
-    def add(self, layer, nbytes=0, rows=None):
-        """nbytes (int) known on the host, or rows (a device count) moved by a device gather."""
-        if rows is None:
-            self.h2d[layer] += nbytes
-            self.decode_h2d += nbytes if self.decoding else 0
-        else:
-            self.rows[int(self.decoding), layer].add_(rows)      # one addition, in place
+    def add(self, layer, nbytes):  # bytes (an int) known on the host
+        self.h2d[layer] += nbytes
+        self.decode_h2d += nbytes if self.decoding else 0
+
+    def counter(self, layer):  # where a device gather adds the rows it moved: (1,) on the device
+        return self.rows[int(self.decoding), layer:layer + 1]
 
     def waited(self, seconds):
         self.wait_s += seconds
@@ -334,23 +334,11 @@ class KVStore:
         """Every past key of a layer as stored, (B, Hkv, t0, d) on `device`: for the oracle and recall,
         which read everything (so they refuse a bounded pool, whose slots are not token order)."""
         block = self.kv[self.local(layer), :t0]                              # (t0, B, Hkv, 2, d)
-        if device.type == "cuda":   # the whole block, queued after the append (or after a wait for it: aside)
+        if device.type == "cuda":                     # the whole block, queued after the append
             block = block.to(device, non_blocking=True)
         elif self.appended[layer] is not None:
             self.appended[layer].synchronize()
         return block[:, :, :, 0].permute(1, 2, 0, 3)
-
-    # --- Aside
-    def aside(self, *used):
-        """Where a selection runs: where it is, or (SELECT_ON "copy", CUDA, device gather; slower on the H200)
-        on the copy stream after the compute stream's work so far (which goes on meanwhile; the fetch follows
-        in order), the compute stream's tensors `used` marked as read there (their memory waits for it)."""
-        if not (self.cuda and self.gather == "device" and SELECT_ON == "copy"):
-            return contextlib.nullcontext()
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        for t in (t for t in used if t is not None):
-            t.record_stream(self.stream)
-        return torch.cuda.stream(self.stream)
 
     # --- Fetch
     def fetch(self, layer, t0, idx=None, ok=None, after=None):
@@ -385,8 +373,8 @@ class KVStore:
                     if self.cuda:           # read on both streams (made on either one)
                         for s in (self.stream, cur):
                             idx.record_stream(s), ok.record_stream(s)
-                    device_kernel("gather_rows", self.cuda)(store, idx, ok, self.buf[buf])
-                    self.ledger.add(layer, rows=ok.sum())
+                    gather = device_kernel("gather_rows", self.cuda)          # it counts its rows itself
+                    gather(store, idx, ok, self.buf[buf], self.ledger.counter(layer))
                 else:
                     ok = self.host_gather(layer, buf, store, idx, ok)
             if self.cuda:

@@ -3,8 +3,7 @@
 # with that machine's own python3 and CUDA torch; no .venv, no default model (random weights of its shape).
 #   bash results/gpu_check.sh [PART ...]  parts (default): suite slots gather 7b smollm2 timeline profile
 #   tests
-# (and by name: `grid`, InfiniGen rows on other gather grids, measured at 83b3924; `aside`, InfiniGen with its
-# selection on the copy stream, measured at 6333080)
+# (and by name: `grid`, InfiniGen rows on other gather grids, measured at 83b3924)
 # (`suite`: the whole test suite, CPU tests included, first, one test file per process (PROCS: 16), at most
 # 240 s; where it was cut short, `BUDGET_S=240 bash results/gpu_check.sh suite` again in a second call at
 # once, while the machine is warm: a fresh one would not start on what is left of a session's 15 minutes)
@@ -140,16 +139,6 @@ for part in $parts; do
             --gather-per-sm 0 --policies infinigen:0.1
         run grid-7b-one-per-sm 45 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --gather-per-sm 1 --policies infinigen:0.1 ;;          # one program per SM
-    aside)      # InfiniGen with its selection on the copy stream, beside the compute (slower on the H200,
-                # 2026-12-04), against the default rows of parts 7b and smollm2 (the compute stream)
-        if [ -n "$GATHER" ]; then
-            echo "== aside: skipped, no device gather here" | tee "$LOGS/aside.log"
-            continue
-        fi
-        run aside-7b 50 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 --select-on copy \
-            --policies infinigen:0.1
-        run aside-smollm2 40 "$PY" bench.py $GATHER --suite gpu --models smollm2 --shapes 32x4096 \
-            --select-on copy --policies infinigen:0.1 ;;
     slots)      # InfiniGen's top-k selection as one Triton kernel (--slots kernel) against torch's top-k,
                 # sort and small operations (the default), the two in one run
         for m in "smollm2 32x4096" "7b 8x4096"; do
@@ -164,7 +153,7 @@ for part in $parts; do
     7b)         # the Llama-2-7B shape at 8 x 4096
         run 7b 150 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;
-    *) echo "unknown part $part (suite slots gather 7b smollm2 timeline profile tests aside grid)"; exit 2 ;;
+    *) echo "unknown part $part (suite slots gather 7b smollm2 timeline profile tests grid)"; exit 2 ;;
     esac
     pack
 done

@@ -544,33 +544,30 @@ def flags(suite, **given):
     return argparse.Namespace(**(dict.fromkeys(names) | given), suite=suite)
 
 
-@pytest.mark.parametrize("where, flag, shipped, other, suite, note", [
-    (offload, "select_on", "compute", "copy", "gpu", "(selection on the copy stream)"),
-    (SK, "slots", "torch", "kernel", "profile", "(top-k: one kernel)")])
-def test_a_setting_flag_holds_for_the_run_and_the_report_keeps_its_rows_apart(monkeypatch, tmp_path, capsys,
-                                                                              where, flag, shipped, other,
-                                                                              suite, note):
-    """--select-on copy (the device gather's selections on the copy stream) and --slots kernel (InfiniGen's
-    top-k as one kernel) set the engine's setting for a run; their rows are named so in the report, and the
-    targets read only the rows of the engine as it ships (a row from before the key counts as shipped)."""
-    attr = {"select_on": "SELECT_ON", "slots": "SLOTS"}[flag]
-    monkeypatch.setattr(where, attr, getattr(where, attr))                  # restored after the test
-    assert getattr(where, attr) == shipped
-    bench.check_flags(flags(suite, **{flag: other}))
-    assert getattr(where, attr) == other
-    with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} is not used by the timeline suite"):
-        bench.check_flags(flags("timeline", **{flag: other}))
-    setattr(where, attr, shipped)
-    fast = shaped("7b", "infinigen", 8, 4096, 300.0, 0.1, step_over_floor=1.0, **{flag: other})
-    rows = [fast, shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2)]   # before the key
+def test_the_slots_flag_holds_for_the_run_and_the_report_keeps_its_rows_apart(monkeypatch, tmp_path, capsys):
+    """--slots kernel (InfiniGen's top-k as one kernel) sets the engine's setting for a run; its rows are
+    named so in the report, and the targets read only the rows of the engine as it ships (a row from before
+    the key counts as shipped). So are the third run's rows with their selections on the copy stream
+    (`select_on`, an option since removed)."""
+    monkeypatch.setattr(SK, "SLOTS", SK.SLOTS)                              # restored after the test
+    assert SK.SLOTS == "torch"
+    bench.check_flags(flags("profile", slots="kernel"))
+    assert SK.SLOTS == "kernel"
+    with pytest.raises(ValueError, match="--slots is not used by the timeline suite"):
+        bench.check_flags(flags("timeline", slots="kernel"))
+    SK.SLOTS = "torch"
+    fast = shaped("7b", "infinigen", 8, 4096, 300.0, 0.1, step_over_floor=1.0, slots="kernel")
+    aside = shaped("7b", "infinigen", 8, 4096, 200.0, 0.1, step_over_floor=1.1, select_on="copy")
+    rows = [fast, aside, shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2)]   # no key
     assert bench.best(rows, "7b", "infinigen", 0.1, (8, 4096))["tokens_per_s"] == 100.0
     path = tmp_path / "bench.json"
-    for r in rows + [rows[1] | {flag: shipped, "tokens_per_s": 110.0}]:                # the same row, keyed
+    for r in rows + [rows[2] | {"slots": "torch", "tokens_per_s": 110.0}]:              # the same row, keyed
         bench.save_row(path, {"date": "2026-12-05", "command": "x"}, r)
-    assert sorted(r["tokens_per_s"] for r in json.load(open(path))["rows"]) == [110.0, 300.0]
+    assert sorted(r["tokens_per_s"] for r in json.load(open(path))["rows"]) == [110.0, 200.0, 300.0]
     bench.main(["--suite", "report", "--results", str(path)])
     out = capsys.readouterr().out
-    assert f"| infinigen 0.1 {note} | " in out and "| infinigen 0.1 | " in out
+    assert "| infinigen 0.1 (top-k: one kernel) | " in out and "| infinigen 0.1 | " in out
+    assert "| infinigen 0.1 (selection on the copy stream) | " in out
 
 
 def test_rows_say_how_infinigen_and_the_oracle_selected():

@@ -98,19 +98,6 @@ def test_the_profile_and_grid_parts_and_the_suite_in_parallel_processes(tmp_path
     assert "grid: skipped" in packed["grid.log"] and not [c for c in calls if "--gather-per-sm" in c]
 
 
-def test_the_aside_part_measures_the_selection_on_the_copy_stream(tmp_path):
-    """InfiniGen 0.1 on both shapes with --select-on copy (the default rows come from parts 7b, smollm2);
-    skipped where the device gather cannot run."""
-    run, _, packed, calls = gpu_check(tmp_path, ["aside"], budget=570, part_s=0, smoke_ok=True)
-    assert run.returncode == 0, run.stderr
-    bench = [c for c in calls if c.startswith("bench.py")]
-    assert len(bench) == 2 and all("--select-on copy" in c and c.endswith("--policies infinigen:0.1")
-                                   for c in bench)
-    assert [c.split(" --models ")[1].split()[0] for c in bench] == ["7b", "smollm2"]
-    _, _, packed, calls = gpu_check(tmp_path / "host", ["aside"], budget=570, part_s=0, smoke_ok=False)
-    assert "aside: skipped" in packed["aside.log"] and not [c for c in calls if "--select-on" in c]
-
-
 def test_the_slots_part_measures_both_selections_in_one_run(tmp_path):
     """InfiniGen 0.1 on both shapes with --slots torch, then --slots kernel (the pairs side by side, so one
     machine measures both), then a profile with the kernel; each run a log of its own."""

@@ -181,7 +181,8 @@ def gathered_by_indexing(src, idx, ok, dst):
 def test_gather_kernel_against_indexing(B, Hkv, S, n, d, dtype, seed, programs):
     """kernel.gather_rows on CPU tensors (Triton's interpreter) against plain indexing: rows of any width
     (2d need not be a power of two), rows not wanted left untouched, whatever the grid (a program loops
-    over blocks of rows: one program, three, the default, or one per block)."""
+    over blocks of rows: one program, three, the default, or one per block); it adds the rows it moved to
+    a counter."""
     gather_rows = offload.device_kernel("gather_rows")
     g = torch.Generator().manual_seed(seed)
     src = torch.randn(S, B, Hkv, 2, d, generator=g).to(dtype)                   # (S, B, Hkv, 2, d)
@@ -189,8 +190,10 @@ def test_gather_kernel_against_indexing(B, Hkv, S, n, d, dtype, seed, programs):
     ok = torch.rand(B, Hkv, n, generator=g) < 0.7
     dst = torch.full((n + 1, B, Hkv, 2, d), 7.0, dtype=dtype)
     want = gathered_by_indexing(src, idx, ok, dst)
-    gather_rows(src, idx, ok, dst, programs=programs)
+    count = torch.tensor([5])                                                   # a counter it adds to
+    gather_rows(src, idx, ok, dst, count, programs=programs)
     assert torch.equal(dst, want)
+    assert count.item() == 5 + ok.sum().item()                                  # the rows it moved
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -255,7 +258,7 @@ for key, name, sig, const, aligned, warps in json.loads(sys.stdin.read()):
         out[key] = "error: " + repr(e)[-3000:]
 print(json.dumps(out))
 """
-MOVES = {"gather_rows_kernel": ["src", "idx", "ok", "dst", "n", "BH"],
+MOVES = {"gather_rows_kernel": ["src", "idx", "ok", "dst", "count", "n", "BH"],
          "put_rows_kernel": ["src", "at", "dst", "T", "BH"]}
 SELECT = ["s", "k", "idx", "ok", "w", "n", "Hkv", "alpha"]
 
@@ -276,6 +279,7 @@ def hopper_ptx():
                 const = {"R": 2 * d, "RP": 1 << (2 * d - 1).bit_length(), "BLOCK": 32}
                 const |= {"STEPS": 4} if name == "gather_rows_kernel" else {}     # the gather loops: blocks
                 sig = {a: types.get(a, "i32") for a in args} | dict.fromkeys(const, "constexpr")
+                sig |= {"count": "*i64"} if "count" in args else {}       # one counter of the ledger's
                 cases.append([f"{name} {dtype} {d}", name, sig, const,
                               [i for i, a in enumerate(args) if a in types], 4])
     types = {"s": "*fp32", "k": "*i64", "idx": "*i64", "ok": "*i1", "alpha": "fp32"}

@@ -960,12 +960,14 @@ def test_bounded_pool_that_never_evicts_equals_full_everywhere(setup, name):
 SYNCS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
 
 
-def torch_gather(src, idx, ok, dst):
+def torch_gather(src, idx, ok, dst, count=None):
     """kernel.gather_rows in plain tensor operations (its twin, which reads no value on the host)."""
     B, Hkv, n = idx.shape
     b, h = torch.arange(B)[:, None, None], torch.arange(Hkv)[None, :, None]
     cur = dst[:n].permute(1, 2, 0, 3, 4)                                        # (B, Hkv, n, 2, d)
     dst[:n] = torch.where(ok[..., None, None], src[idx, b, h], cur).permute(2, 0, 1, 3, 4)
+    if count is not None:
+        count += ok.sum()
 
 
 @pytest.mark.parametrize("name", ["offload", "infinigen", "h2o", "streaming", "oracle"])

@@ -1,0 +1,79 @@
+"""Every decode selection, greedy token and fetched share of eight policy runs on the default model, to
+check that a change of the engine's arithmetic moves none of them (the CPU results stay put). Record a
+commit's, record after the change, compare:
+
+  python results/selections.py record /tmp/before.pt        # at the old commit (or a worktree of it)
+  python results/selections.py record /tmp/after.pt
+  python results/selections.py compare /tmp/before.pt /tmp/after.pt
+
+Three prompts cut from prompts/demo.txt, 24 new tokens each (644 selections per sparse policy); a selection
+is compared by the slots it keeps per (sequence, KV head), not by its padding.
+INFINIGEN_SLOTS=kernel records with InfiniGen's selection kernel (Triton's interpreter: minutes per run).
+"""
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import cli  # noqa: E402
+import infinigen as I  # noqa: E402
+import model as M  # noqa: E402
+import skew as SK  # noqa: E402
+
+POLICIES = {"infinigen 0.1": dict(name="infinigen", budget=0.1), "infinigen alpha 2": dict(name="infinigen",
+            alpha=2.0), "oracle 0.1": dict(name="oracle", budget=0.1), "infinigen with a pool":
+            dict(name="infinigen", budget=0.15, capacity=0.8), "h2o 0.1": dict(name="h2o", budget=0.1),
+            "streaming 0.1": dict(name="streaming", budget=0.1), "offload": dict(name="offload")}
+
+
+def record(path):
+    SK.SLOTS = os.environ.get("INFINIGEN_SLOTS", "torch")         # (commits before the kernel ignore it)
+    model, tok = M.load_with_tokenizer(None)
+    text = open(os.path.join(os.path.dirname(HERE), "prompts", "demo.txt")).read()
+    prompts = [tok.encode(text[:1500]), tok.encode(text[1500:2600]), tok.encode(text[600:1400])]
+    pols = {"paper": I.Policy.paper()} | {k: I.Policy(**v) for k, v in POLICIES.items()}
+    seen, plan = [], I.OffloadCache.plan
+
+    def spy(self, layer, *a, **k):                          # each decode step's selection, as planned
+        p = plan(self, layer, *a, **k)
+        if p is not None and self.decoding:
+            seen.append((layer, p[0].tolist(), p[1].tolist()))
+        return p
+    I.OffloadCache.plan = spy
+    out = {}
+    for name, pol in pols.items():
+        seen.clear()
+        ids, st = I.generate(model, prompts, pol, max_new=24)
+        out[name] = {"tokens": ids, "selections": list(seen), "fetched": st["fetched_fraction_per_layer"]}
+        print(f"{name:24s} {len(seen)} selections, first tokens {ids[0][:6]}", flush=True)
+    torch.save(out, path)
+    print(f"wrote {path}")
+
+
+def compare(a, b):
+    for f in (a, b):
+        if not os.path.isfile(f):
+            cli.fail(f"no recording {f}: make it with `record`")
+    a, b = torch.load(a), torch.load(b)
+    chosen = lambda sel: [(layer, [[[i for i, o in zip(ih, oh) if o] for ih, oh in zip(ib, ob)]     # noqa: E731
+                                   for ib, ob in zip(idx, ok)]) for layer, idx, ok in sel]   # padding aside
+    same = True
+    for name in a:
+        got = {k: (a[name][k], b.get(name, {}).get(k)) for k in ("tokens", "selections", "fetched")}
+        got["selections"] = tuple(chosen(s or []) for s in got["selections"])
+        eq = {k: x == y for k, (x, y) in got.items()}
+        same &= all(eq.values())
+        print(f"{name:24s} " + ", ".join(f"{k} {'same' if v else 'DIFFERENT'}" for k, v in eq.items()))
+    return same
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "record":
+        cli.run_script(lambda: record(sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "compare":
+        sys.exit(0 if compare(sys.argv[2], sys.argv[3]) else 1)
+    else:
+        cli.fail("usage: python results/selections.py record FILE, or compare FILE FILE")
