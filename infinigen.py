@@ -147,7 +147,6 @@ class OffloadCache(M.Cache):
         w = self.S if T == 1 else self.t0                                # a decode step reads every slot
         self.allowed = (self.valid[:, :w] & (self.slot[:w] < self.next))[:, None]    # (B, 1, w) the past
         self.counts = self.pol.count(self.length, self.share_dev)                     # (L, B) tokens to keep
-        self.per_row = self.decoding / (self.B * self.cfg.n_kv_heads * self.length.clamp(min=1))     # (B,)
         self.new_mask = self.mask.index_select(-1, self.at)                   # (B, 1, T, T) among new tokens
         if self.ahead and self.first == 0:
             self.issue(0, self.plan(0))
@@ -216,7 +215,8 @@ class OffloadCache(M.Cache):
         return out
 
     def end(self):  # a decode step's rows fetched (kept) as shares of each sequence's past, summed per layer
-        self.fetched.addmv_(self.kept, self.per_row)
+        per_row = self.decoding / (self.B * self.cfg.n_kv_heads * self.length.clamp(min=1))  # (B,), pre-step
+        self.fetched.addmv_(self.kept, per_row)
         super().end()
 
     def leave(self):
