@@ -869,12 +869,13 @@ def one_model(a, suite, new, which):
         raise ValueError(f"--models: the {suite} takes one model, one of {', '.join(SHAPES)}; got {name!r}")
     shape = a.shapes or ("1x1024" if not cuda else ROWS[name].split(",")[which])
     B, ctx = one_shape(shapes_for(name, shape, new), suite)
-    return dev, cuda, torch.float16 if cuda else torch.float32, name, B, ctx
+    dtype = getattr(torch, getattr(a, "dtype", None) or ("float16" if cuda else "float32"))
+    return dev, cuda, dtype, name, B, ctx
 
 
 VIEWS = set("view _unsafe_view _reshape_alias reshape expand slice select permute transpose t unsqueeze "
-            "squeeze as_strided alias detach split unbind lift_fresh".split()   # views: no kernel
-            + ["record_stream", "promote_types", "scalar_tensor"])  # nor these (scalar_tensor: a host number)
+            "squeeze as_strided alias detach split split_with_sizes unbind lift_fresh".split()   # (views)
+            + ["record_stream", "promote_types", "scalar_tensor"])  # no kernel (scalar_tensor: a host number)
 
 
 def count_ops(step):
@@ -919,7 +920,7 @@ def suite_profile(a):
     model, _, real = models_for(name, dev, dtype)
     ids = torch.randint(0, model.cfg.vocab_size, (B, ctx - 4), generator=torch.Generator().manual_seed(0))
     out = env_info() | {"device": device_name, "model": name, "real_weights": real, "batch": B,
-                        "context": ctx, "slots": SK.SLOTS, "policies": {}}
+                        "context": ctx, "dtype": str(dtype).split(".")[1], "slots": SK.SLOTS, "policies": {}}
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     for pol, budget in pols:
         say(f"profile: {pol} {budget or ''}, batch {B}, context {ctx} ...")
@@ -1072,7 +1073,7 @@ USES = {"cpu": ("text", "prompt_tokens", "new_tokens", "out"),      # the flags 
                 "gather_per_sm", "slots"),
         "timeline": ("models", "shapes", "gather", "device", "out", "gather_per_sm"),
         "gather": ("shapes", "gather", "device", "out"), "report": ("results",),
-        "profile": ("models", "shapes", "policies", "gather", "device", "out", "slots")}
+        "profile": ("models", "shapes", "policies", "gather", "device", "out", "slots", "dtype")}
 PROFILED = "full,infinigen:0.1"                                     # the profile suite's policies
 DEFAULTS = {"prompt_tokens": 512, "policies": POLICIES, "gather": "auto", "graphs": True}
 
@@ -1147,6 +1148,8 @@ def main(argv=None):
     p.add_argument("--slots", choices=["torch", "kernel"],
                    help="gpu: how InfiniGen's top-k selection runs (default torch: a top-k, a sort and small "
                         "operations; kernel: one Triton kernel, kernel.top_slots)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="profile: the model's dtype (default float16 on CUDA, float32 on a CPU)")
     p.add_argument("--out", help="the results file (default results/bench-cpu.json, bench-<gpu>.json "
                    "(bench-gpu-suite-cpu.json on a CPU), timeline-<device>.json and .png, "
                    "gather-<device>.json)")

@@ -23,7 +23,7 @@ import torch
 import model as M
 import skew as SK
 from model import Tok  # noqa: F401  (re-exported for scripts: I.Tok)
-from offload import GATHERS, GraphError, KVStore, Pool, preflight, stats_of
+from offload import GATHERS, GraphError, KVStore, Pool, kv_rows, preflight, stats_of
 from skew import partial_query, speculate, threshold_slots, to_index, top_slots, topk_mask
 
 POLICIES = ("full", "offload", "infinigen", "h2o", "streaming", "oracle")
@@ -188,10 +188,10 @@ class OffloadCache(M.Cache):
             return out
         if not self.ahead:
             self.issue(layer, self.plan(layer, q=q))
-        kb, vb, n, ok = self.store.take(self.handles.pop(layer))
-        kb[n:n + T], vb[n:n + T] = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)    # (T, B, Hkv, d)
+        kv, n, ok = self.store.take(self.handles.pop(layer))                # (S, B, Hkv, 2, d) on the device
+        added = kv_rows(k, v, out=kv[n:n + T])                  # the new tokens, after the n fetched rows
         rows = span if ok is None and self.decoding else n + T   # decode's dense read: all S (fixed shapes)
-        kd, vd = kb[:rows].permute(1, 2, 0, 3), vb[:rows].permute(1, 2, 0, 3)       # (B, Hkv, rows, d)
+        kd, vd = kv[:rows].permute(1, 2, 0, 3, 4).unbind(3)                         # (B, Hkv, rows, d)
         if ok is None:                  # every past row fetched (slots not yet written are masked)
             mask, slots, got = self.mask[..., :rows], None, self.allowed.expand(-1, self.cfg.n_kv_heads, -1)
         else:                                               # by index: a mask per KV head
@@ -211,7 +211,7 @@ class OffloadCache(M.Cache):
         if self.pol.measure_recall and self.decoding and self.sparse(layer):
             self.recall[layer] += self.recall_of(layer, q, k, slots, mask)
         valid = self.valid[:, self.t0:self.t0 + T].cpu() if self.store.pool else None
-        self.store.append(layer, self.t0, k, v, valid, self.at)
+        self.store.append(layer, self.t0, added, valid, self.at)
         return out
 
     def end(self):  # a decode step's rows fetched (kept) as shares of each sequence's past, summed per layer
@@ -270,7 +270,7 @@ class InfiniGen(OffloadCache):
             wq = self.model.layers[layer].attn.wq
             self.Wp[layer] = SK.partial_query_weight(wq.weight, wq.bias, self.P[layer])
         if self.P[layer] is not None:                                   # the partial key cache grows
-            new = kd[:, :, -self.T:] @ self.P[layer][None]                           # (B, Hkv, T, m)
+            new = SK.partial_keys(kd[:, :, -self.T:], self.P[layer], self.Wp[layer])    # (B, Hkv, T, m)
             self.kpart[layer].index_copy_(2, self.at, new)
 
     # --- InfiniGen select

@@ -149,12 +149,12 @@ def rope_inv_freq(cfg: Config, device="cpu"):  # (d/2,) float32 on device, compu
     return inv.float().to(device)
 
 
-def rope_tables(inv_freq, pos):
-    """cos, sin for positions pos (B, T) -> each (B, 1, T, d); dims j and j + d/2 form a plane."""
+def rope_tables(inv_freq, pos, dtype=torch.float32):
+    """cos, sin for positions pos (B, T), stacked (2, B, 1, T, d); dims j and j + d/2 form a plane."""
     ang = pos[:, None, :, None].float() * inv_freq                   # (B, 1, T, d/2)
     ang = torch.cat([ang, ang], dim=-1)                              # (B, 1, T, d)
-    (sin := ang.sin())[..., :ang.shape[-1] // 2].neg_()   # -sin on each plane's first dim: the turn's sign
-    return ang.cos(), sin
+    (cs := torch.stack([ang.cos(), ang.sin()]))[1, ..., :ang.shape[-1] // 2].neg_()   # -sin on each
+    return cs.to(dtype)        # plane's first dim (the turn's sign); in the model's dtype, as transformers
 
 
 def apply_rope(x, cos, sin):  # x (B, h, T, d): rotate each plane (x_j, x_{j+d/2}) by its angle
@@ -263,9 +263,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+    def forward(self, x):  # x / rms(x), in float32 at least, rounded to x's dtype, times the weight
+        return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)   # (one fused kernel on CUDA)
 
 
 def make_norm(cfg):
@@ -288,10 +287,11 @@ class Attention(nn.Module):
         return q if rope is None else apply_rope(q, *rope)
 
     def forward(self, x, layer, cache: Cache, rope):
-        k, v = (self.heads(w(x), self.cfg.n_kv_heads) for w in (self.wk, self.wv))   # (B, Hkv, T, d)
-        if rope is not None:
-            k = apply_rope(k, *rope)
-        o = cache.attend(layer, self.query(x, rope), k, v, x, rope)    # (B, H, T, d)
+        H, Hkv = self.cfg.n_heads, self.cfg.n_kv_heads
+        q, k, v = self.heads(self.wq(x), H), self.heads(self.wk(x), Hkv), self.heads(self.wv(x), Hkv)
+        if rope is not None:                                 # q and k rotated in one go: (B, H + Hkv, T, d)
+            q, k = apply_rope(torch.cat([q, k], 1), *rope).split([H, Hkv], 1)
+        o = cache.attend(layer, q, k, v, x, rope)                          # (B, H, T, d)
         return self.wo(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -356,7 +356,7 @@ class Transformer(nn.Module):
         if self.cfg.arch == "opt":
             x = self.proj_in(x) if hasattr(self, "proj_in") else x
             x = x + self.pos_embed(pos + 2)
-        rope = rope_tables(self.inv_freq, pos) if self.cfg.arch == "llama" else None
+        rope = rope_tables(self.inv_freq, pos, x.dtype) if self.cfg.arch == "llama" else None
         for i, block in enumerate(self.layers):
             x = block(x, i, cache, rope)
         x = self.norm(x[:, -1:] if last else x)

@@ -261,6 +261,13 @@ class Pool:
 
 
 # --- CPU KV store
+def kv_rows(k, v, out=None):
+    """K, V (B, Hkv, T, d) -> their rows (T, B, Hkv, 2, d), as the store and its device buffers lay tokens
+    out (a token's K and V of a head side by side); out: rows to write them into, such as a buffer's."""
+    out = v.new_empty(v.shape[2], *v.shape[:2], 2, v.shape[3]) if out is None else out
+    return torch.stack([k, v], 3, out=out.permute(1, 2, 0, 3, 4)).permute(2, 0, 1, 3, 4)   # one kernel
+
+
 class KVStore:
     """K and V of layers first..L-1 in CPU memory (pinned with CUDA), allocated once, and two device
     buffers the fetches land in. Layers before `first` are not here: their cache keeps them on the
@@ -305,12 +312,11 @@ class KVStore:
         return layer - self.first
 
     # --- Append
-    def append(self, layer, t0, k, v, valid=None, at=None):
-        """Write the new tokens' K, V (B, Hkv, T, d) on the device into slots t0..t0+T (device->host);
-        at (T,): the same slots on the device; valid (B, T) on the host: which are real tokens (only the
-        pool needs it). The device path writes through `at` (kernel.put_rows), so a CUDA graph that
-        replays the write puts each step's token in its own slot; the host path copies to slot t0."""
-        kv = torch.stack([k, v], 3).permute(2, 0, 1, 3, 4).contiguous()      # (T, B, Hkv, 2, d)
+    def append(self, layer, t0, kv, valid=None, at=None):
+        """Write the new tokens' rows kv (T, B, Hkv, 2, d) (`kv_rows`) on the device into slots t0..t0+T
+        (device->host); at (T,): the same slots on the device; valid (B, T) on the host: which are real
+        tokens (only the pool needs it). The device path writes through `at` (kernel.put_rows), so a CUDA
+        graph that replays the write puts each step's token in its own slot; the host path copies to t0."""
         store = self.kv[self.local(layer)]
         if self.pool is None:  # asynchronous on CUDA; whoever reads this layer waits for `appended`
             if self.gather == "device":
@@ -412,7 +418,7 @@ class KVStore:
 
     # --- Take
     def take(self, handle):
-        """Wait (on the compute stream) for a fetch; return device K, V views (S, B, Hkv, d), n, ok."""
+        """Wait (on the compute stream) for a fetch; return its device buffer kv (S, B, Hkv, 2, d), n, ok."""
         buf, n, ok = handle
         if self.cuda:
             cur = torch.cuda.current_stream(self.device)
@@ -424,7 +430,7 @@ class KVStore:
                 after = torch.cuda.Event(enable_timing=True)
                 after.record(cur)
                 self.wait_events.append((before, after))
-        return self.buf[buf][..., 0, :], self.buf[buf][..., 1, :], n, ok
+        return self.buf[buf], n, ok
 
     def forget_events(self, replayed=False):
         """Before a CUDA graph records a step: no wait on an event of an earlier step. After each replay: the

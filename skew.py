@@ -103,11 +103,20 @@ def partial_query(x, attn, rope, P, Wp=None):
     B, T, _ = x.shape
     w, b, cols = Wp                                                             # cols (H, m)
     qp = F.linear(x, w, b).view(B, T, -1, m).transpose(1, 2)                   # (B, H, T, m)
-    if rope is not None:
-        cos, sin = (t.expand(-1, qp.shape[1], -1, -1)
-                    .gather(-1, cols[None, :, None].expand(t.shape[0], -1, t.shape[2], -1)) for t in rope)
-        qp = apply_rope(qp, cos, sin)
+    if rope is not None:                     # cos and sin (2, B, 1, T, d) at the kept columns, in one gather
+        H = cols.shape[0]
+        cs = rope.expand(-1, -1, H, -1, -1).gather(-1, cols[None, None, :, None].expand(2, B, H, T, m))
+        qp = apply_rope(qp, *cs)                                                # cs (2, B, H, T, m)
     return qp.reshape(B, Hkv, -1, m)
+
+
+def partial_keys(k, P, Wp=None):
+    """New keys k (B, Hkv, T, d) in the partial columns: k @ P (B, Hkv, T, m). With a partial query weight
+    (P only picks columns) the columns themselves, one gather: the same numbers (the product adds zeros)."""
+    if Wp is None:
+        return k @ P[None]
+    cols = Wp[2].view(P.shape[0], -1, P.shape[2])[:, 0]          # (Hkv, m): the G rows of a KV head agree
+    return k.gather(-1, cols[None, :, None].expand(k.shape[0], -1, k.shape[2], -1))
 
 
 def speculate(qp, kpart, scale, allowed=None):

@@ -1,5 +1,5 @@
-"""Every decode selection, greedy token and fetched share of eight policy runs on the default model, to
-check that a change of the engine's arithmetic moves none of them (the CPU results stay put). Record a
+"""Every decode selection, greedy token, fetched share and logit of eight policy runs on the default model,
+to check that a change of the engine's arithmetic moves none of them (the CPU results stay put). Record a
 commit's, record after the change, compare:
 
   python results/selections.py record /tmp/before.pt        # at the old commit (or a worktree of it)
@@ -7,9 +7,11 @@ commit's, record after the change, compare:
   python results/selections.py compare /tmp/before.pt /tmp/after.pt
 
 Three prompts cut from prompts/demo.txt, 24 new tokens each (644 selections per sparse policy); a selection
-is compared by the slots it keeps per (sequence, KV head), not by its padding.
+is compared by the slots it keeps per (sequence, KV head), not by its padding; the logits of every forward
+(prefill and each step) by a digest of their bytes: bit for bit (recordings made before 2026-12-04 lack them).
 INFINIGEN_SLOTS=kernel records with InfiniGen's selection kernel (Triton's interpreter: minutes per run).
 """
+import hashlib
 import os
 import sys
 
@@ -43,11 +45,15 @@ def record(path):
             seen.append((layer, p[0].tolist(), p[1].tolist()))
         return p
     I.OffloadCache.plan = spy
+    logits = []                                                    # a digest of each forward's logits
+    model.lm_head.register_forward_hook(
+        lambda m, i, o: logits.append(hashlib.sha1(o.detach().contiguous().numpy().tobytes()).hexdigest()))
     out = {}
     for name, pol in pols.items():
-        seen.clear()
+        seen.clear(), logits.clear()
         ids, st = I.generate(model, prompts, pol, max_new=24)
-        out[name] = {"tokens": ids, "selections": list(seen), "fetched": st["fetched_fraction_per_layer"]}
+        out[name] = {"tokens": ids, "selections": list(seen), "fetched": st["fetched_fraction_per_layer"],
+                     "logits": list(logits)}
         print(f"{name:24s} {len(seen)} selections, first tokens {ids[0][:6]}", flush=True)
     torch.save(out, path)
     print(f"wrote {path}")
@@ -62,7 +68,8 @@ def compare(a, b):
                                    for ib, ob in zip(idx, ok)]) for layer, idx, ok in sel]   # padding aside
     same = True
     for name in a:
-        got = {k: (a[name][k], b.get(name, {}).get(k)) for k in ("tokens", "selections", "fetched")}
+        got = {k: (a[name][k], b.get(name, {}).get(k)) for k in ("tokens", "selections", "fetched", "logits")
+               if k != "logits" or "logits" in a[name] and "logits" in b.get(name, {})}
         got["selections"] = tuple(chosen(s or []) for s in got["selections"])
         eq = {k: x == y for k, (x, y) in got.items()}
         same &= all(eq.values())

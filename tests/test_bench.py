@@ -307,11 +307,13 @@ def test_the_gather_grid_flag_sets_the_kernel_and_the_default_is_the_kernels(mon
         [0, 0.25, 2, 64]
 
 
-def test_profile_suite_on_a_cpu(tmp_path):
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_profile_suite_on_a_cpu(tmp_path, dtype):
     """One decode step per policy under torch's profiler: each op's self time summed by name (a CPU has no
-    kernels), the largest first, their shares of the step's total."""
-    data = suite_json(tmp_path, "profile", "--models", "tiny")
+    kernels), the largest first, their shares of the step's total; --dtype: the model's (float32 here)."""
+    data = suite_json(tmp_path, "profile", "--models", "tiny", *(["--dtype", dtype] if dtype else []))
     assert set(data["policies"]) == {"full", "infinigen 0.1"} and data["batch"] == 1
+    assert data["dtype"] == (dtype or "float32")
     for p in data["policies"].values():
         top = p["top"]
         assert p["total_ms"] > 0 and p["launches"] >= p["kernels"] >= len(top) > 0
@@ -389,6 +391,7 @@ TIMELINE = ["--suite", "timeline", "--device", "cpu", "--models", "tiny"]
     (["--suite", "cpu", "--device", "cuda"], "--device is not used by the cpu suite"),
     (["--suite", "timeline", "--new-tokens", "8"], "--new-tokens is not used by the timeline suite"),
     (["--suite", "gather", "--no-graphs"], "--no-graphs is not used by the gather suite (only by gpu)"),
+    (["--suite", "gpu", "--dtype", "float16"], "--dtype is not used by the gpu suite (only by profile)"),
     (["--suite", "gather", "--prompt-tokens", "9"], "--prompt-tokens is not used by the gather suite"),
     ([a if a != "3" else "1" for a in GPU_TINY], "no decode step to time"),               # --new-tokens 1
     (["--suite", "cpu", "--new-tokens", "1"], "no decode step to time"),

@@ -169,6 +169,30 @@ def test_llama3_rope_frequencies_match_transformers():
     assert torch.allclose(model.rope_inv_freq(Config.from_hf(hf.to_dict())), want.float(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rope_and_rmsnorm_round_as_transformers_does(dtype):
+    """Given transformers' cos and sin tables (in the model's dtype, as ours are), apply_rope is its
+    apply_rotary_pos_emb bit for bit, and RMSNorm (F.rms_norm on a CPU) is LlamaRMSNorm bit for bit."""
+    tf = pytest.importorskip("transformers")
+    from transformers.models.llama import modeling_llama as ml
+    hf = tf.LlamaConfig(hidden_size=192, num_attention_heads=6, num_key_value_heads=2, rms_norm_eps=1e-5)
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 8000, (2, 7), generator=g)
+    q, k = (torch.randn(2, h, 7, 32, generator=g).to(dtype) for h in (6, 2))
+    cos, sin = ml.LlamaRotaryEmbedding(hf)(q, pos)                                  # (B, T, d) in dtype
+    assert cos.dtype == dtype == model.rope_tables(model.rope_inv_freq(Config.from_hf(hf.to_dict())), pos,
+                                                   dtype).dtype
+    signed = torch.cat([-sin[..., :16], sin[..., 16:]], -1)                          # rope_tables' sin
+    for x, want in zip((q, k), ml.apply_rotary_pos_emb(q, k, cos, sin)):
+        assert torch.equal(model.apply_rope(x, cos[:, None], signed[:, None]), want)
+    x = (torch.randn(2, 7, 192, generator=g) * 3).to(dtype)
+    theirs, ours = ml.LlamaRMSNorm(192, eps=1e-5).to(dtype), model.RMSNorm(192, 1e-5).to(dtype)
+    with torch.no_grad():
+        theirs.weight.normal_(generator=g)
+        ours.weight.copy_(theirs.weight)
+        assert torch.equal(ours(x), theirs(x))
+
+
 @pytest.mark.parametrize("Tq,mask_heads", [(1, 1), (1, 2), (1, 6), (3, 1), (3, 2), (3, 6)])
 def test_attention_probs_are_the_weights_attention_applies(Tq, mask_heads):
     """attention_probs (H2O's scores, recall, the layer rule) @ V == attention: the same scale, mask

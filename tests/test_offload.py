@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import offload
 from infinigen import to_index
-from offload import KVStore, OffloadError, Pool
+from offload import KVStore, OffloadError, Pool, kv_rows
 
 HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CPU = torch.device("cpu")
@@ -47,7 +47,7 @@ def filled_store(c, n_layers=2, pool=None, gather="host"):
     V = torch.randn(n_layers, c["B"], c["Hkv"], c["t0"], c["d"], generator=g).to(c["dtype"])
     for a, b in c["chunks"]:
         for layer in range(n_layers):
-            store.append(layer, a, K[layer, :, :, a:b], V[layer, :, :, a:b])
+            store.append(layer, a, kv_rows(K[layer, :, :, a:b], V[layer, :, :, a:b]))
     return store, K, V
 
 
@@ -89,7 +89,8 @@ def test_sparse_gather_brings_exactly_the_selected_rows(gather, c):
     sel_idx = [to_index(s) for s in c["sels"]]
     handles = [store.fetch(layer, c["t0"], idx, ok) for layer, (idx, ok) in enumerate(sel_idx)]
     for layer, ((idx, ok), h) in enumerate(zip(sel_idx, handles)):   # both in flight, then both taken
-        bk, bv, n, ok_out = store.take(h)
+        kv, n, ok_out = store.take(h)
+        bk, bv = kv.unbind(3)                                                   # (S, B, Hkv, d)
         assert bk.shape == bv.shape == (c["S"], B, Hkv, d) and bk.dtype == c["dtype"]
         assert n == idx.shape[-1] and torch.equal(ok_out, ok)
         gk, gv = rows(bk, n), rows(bv, n)
@@ -112,7 +113,8 @@ def test_dense_fetch_brings_the_first_t0_tokens(c, data):
     t = data.draw(st.integers(0, c["t0"]), label="t")
     h0, h1 = store.fetch(0, t), store.fetch(1, c["t0"])
     for layer, h, n_want in ((0, h0, t), (1, h1, c["t0"])):
-        bk, bv, n, ok = store.take(h)
+        kv, n, ok = store.take(h)
+        bk, bv = kv.unbind(3)
         assert n == n_want and ok is None
         assert torch.equal(bk[:n], K[layer, :, :, :n].permute(2, 0, 1, 3))
         assert torch.equal(bv[:n], V[layer, :, :, :n].permute(2, 0, 1, 3))
@@ -147,6 +149,26 @@ def test_keys_reads_what_was_appended(gather, c):
         assert torch.equal(store.keys(layer, c["t0"], CPU), K[layer])
 
 
+@HYP
+@given(shape=st.tuples(*[st.integers(1, 4)] * 4), n=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_kv_rows_puts_a_tokens_k_and_v_side_by_side(shape, n, seed):
+    """kv_rows: K, V (B, Hkv, T, d) -> rows (T, B, Hkv, 2, d), new or written in place into a buffer's
+    rows n..n+T (what attend does with each layer's new tokens), the buffer's other rows untouched."""
+    B, Hkv, T, d = shape
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(2, B, Hkv, T, d, generator=g)
+    r = kv_rows(k, v)
+    assert r.shape == (T, B, Hkv, 2, d) and r.is_contiguous()
+    assert torch.equal(r[..., 0, :], k.permute(2, 0, 1, 3))
+    assert torch.equal(r[..., 1, :], v.permute(2, 0, 1, 3))
+    buf = torch.randn(n + T + 2, B, Hkv, 2, d, generator=g)
+    before = buf.clone()
+    into = kv_rows(k, v, out=buf[n:n + T])
+    assert into.data_ptr() == buf[n:n + T].data_ptr() and into.stride() == buf[n:n + T].stride()
+    assert torch.equal(buf[n:n + T], r)
+    assert torch.equal(buf[:n], before[:n]) and torch.equal(buf[n + T:], before[n + T:])
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @HYP
 @given(c=store_case())
@@ -155,8 +177,8 @@ def test_host_and_device_gathers_deliver_the_same_rows(c):
     (hs, _, _), (ds, _, _) = filled_store(c, gather="host"), filled_store(c, gather="device")
     for layer, sel in enumerate(c["sels"]):
         idx, ok = to_index(sel)
-        hk, hv, hn, hok = hs.take(hs.fetch(layer, c["t0"], idx, ok))
-        dk, dv, dn, dok = ds.take(ds.fetch(layer, c["t0"], idx, ok))
+        (hkv, hn, hok), (dkv, dn, dok) = (s.take(s.fetch(layer, c["t0"], idx, ok)) for s in (hs, ds))
+        (hk, hv), (dk, dv) = hkv.unbind(3), dkv.unbind(3)
         assert hn == dn and torch.equal(hok, dok)
         m = hok.permute(2, 0, 1)                                                 # (n, B, Hkv)
         assert torch.equal(hk[:hn][m], dk[:dn][m]) and torch.equal(hv[:hn][m], dv[:dn][m])
@@ -710,7 +732,8 @@ def test_gather_through_a_pool(c):
     store, K, V = filled_store(c, pool=pool)
     for layer in range(2):
         idx, ok = to_index(c["sels"][layer])
-        bk, bv, n, ok_out = store.take(store.fetch(layer, c["t0"], idx, ok))
+        kv, n, ok_out = store.take(store.fetch(layer, c["t0"], idx, ok))
+        bk, bv = kv.unbind(3)
         resident = torch.gather(pool.where[layer], 1, idx.reshape(c["B"], -1)).view_as(idx) >= 0
         assert torch.equal(ok_out, ok & resident)
         if c["cap"] >= c["t0"]:

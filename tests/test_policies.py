@@ -352,10 +352,13 @@ def test_partial_query_and_speculate(c):
         want = q.view(B, cfg.n_kv_heads, -1, cfg.head_dim) @ P[None]                   # (B, Hkv, G, m)
         qp = IG.partial_query(x, attn, rope, P)
         assert torch.allclose(qp, want, atol=1e-5)
-        if c["mode"] == "planes" or (c["mode"] == "none" and cfg.arch == "opt"):     # rows of Wq alone
-            qw = IG.partial_query(x, attn, rope, P, SK.partial_query_weight(attn.wq.weight, attn.wq.bias, P))
-            assert torch.allclose(qw, want, atol=1e-5), (qw - want).abs().max()
         k = torch.randn(B, cfg.n_kv_heads, c["t"], cfg.head_dim, generator=g)
+        if c["mode"] == "planes" or (c["mode"] == "none" and cfg.arch == "opt"):     # rows of Wq alone
+            Wp = SK.partial_query_weight(attn.wq.weight, attn.wq.bias, P)
+            qw = IG.partial_query(x, attn, rope, P, Wp)
+            assert torch.allclose(qw, want, atol=1e-5), (qw - want).abs().max()
+            assert torch.equal(SK.partial_keys(k, P, Wp), k @ P[None])         # a gather: exactly the product
+        assert torch.equal(SK.partial_keys(k, P), k @ P[None])
         s = IG.speculate(qp, k @ P[None], cfg.head_dim ** -0.5)
         assert s.shape == (B, cfg.n_kv_heads, c["t"])
         if P.shape[-1] == cfg.head_dim:

@@ -191,13 +191,13 @@ def test_solution_ex05_1(lm):
 def test_solution_ex05_2():
     import torch
 
-    from offload import KVStore
+    from offload import KVStore, kv_rows
     from tutorial import solutions
     got = []
     for gather in ("host", "device"):
         store = KVStore(n_layers=2, batch=1, slots=8, n_kv=2, head_dim=4, device=torch.device("cpu"),
                         dtype=torch.float32, gather=gather)
-        store.append(0, 0, torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+        store.append(0, 0, kv_rows(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)))
         idx = torch.tensor([[[0, 3], [2, 4]]])
         store.take(store.fetch(0, t0=5, idx=idx, ok=torch.ones_like(idx, dtype=torch.bool)))
         got.append(store.ledger.h2d_per_layer()[0])

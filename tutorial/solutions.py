@@ -11,7 +11,7 @@ import torch
 import infinigen as I
 import model as M
 import skew as SK
-from offload import KVStore, Pool
+from offload import KVStore, Pool, kv_rows
 from tutorial import lab
 
 
@@ -334,7 +334,7 @@ def ex17_1():
     g = torch.Generator().manual_seed(1)
     store = KVStore(n_layers=1, batch=2, slots=8, n_kv=3, head_dim=4, device=torch.device("cpu"),
                     dtype=torch.float32, gather="device")
-    store.append(0, 0, torch.randn(2, 3, 6, 4, generator=g), torch.randn(2, 3, 6, 4, generator=g))
+    store.append(0, 0, kv_rows(torch.randn(2, 3, 6, 4, generator=g), torch.randn(2, 3, 6, 4, generator=g)))
     idx, ok = torch.randint(0, 6, (2, 3, 4), generator=g), torch.rand(2, 3, 4, generator=g) > 0.3
     store.buf[0].fill_(-99.0)
     store.take(store.fetch(0, t0=6, idx=idx, ok=ok))
