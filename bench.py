@@ -699,7 +699,7 @@ def grid_note(per_sm, select_on=None, slots=None):  # a row whose gather ran on 
     grid = "" if per_sm in (None, DEFAULT_PER_SM) else (                    # elsewhere, or otherwise
         " (gather: a program per block of rows)" if per_sm == 0 else f" (gather: {per_sm} per SM)")
     return (grid + (" (selection on the copy stream)" if select_on == "copy" else "")
-            + (" (top-k: one kernel)" if slots == "kernel" else ""))
+            + {"kernel": " (top-k: one kernel)", "fused": " (speculation fused)"}.get(slots, ""))
 
 
 def suite_report(a):
@@ -1101,8 +1101,8 @@ def check_flags(a):
         device_kernel("gather_rows")                          # imports kernel.py as the engine does
         sys.modules["kernel"].PER_SM = a.gather_per_sm
     if a.slots is not None:                    # how InfiniGen's top-k selections run, for this run
-        if a.slots == "kernel" and not triton_available():
-            raise ValueError("--slots kernel needs triton")
+        if a.slots != "torch" and not triton_available():
+            raise ValueError(f"--slots {a.slots} needs triton")
         SK.SLOTS = a.slots
 
 
@@ -1145,9 +1145,10 @@ def main(argv=None):
     p.add_argument("--gather-per-sm", type=per_sm,
                    help=f"gpu, timeline: the device gather kernel's programs per SM, a fraction too (default "
                         f"{DEFAULT_PER_SM}; 0: a program per block of 32 rows, as in the 2026-12-04 run)")
-    p.add_argument("--slots", choices=["torch", "kernel"],
+    p.add_argument("--slots", choices=["torch", "kernel", "fused"],
                    help="gpu: how InfiniGen's top-k selection runs (default torch: a top-k, a sort and small "
-                        "operations; kernel: one Triton kernel, kernel.top_slots)")
+                        "operations; kernel: one Triton kernel, kernel.top_slots; fused: InfiniGen's partial "
+                        "scores too, kernel.partial_scores)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="profile: the model's dtype (default float16 on CUDA, float32 on a CPU)")
     p.add_argument("--out", help="the results file (default results/bench-cpu.json, bench-<gpu>.json "

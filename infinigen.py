@@ -24,7 +24,7 @@ import model as M
 import skew as SK
 from model import Tok  # noqa: F401  (re-exported for scripts: I.Tok)
 from offload import GATHERS, GraphError, KVStore, Pool, kv_rows, preflight, stats_of
-from skew import partial_query, speculate, threshold_slots, to_index, top_slots, topk_mask
+from skew import speculate, threshold_slots, to_index, top_slots, topk_mask
 
 POLICIES = ("full", "offload", "infinigen", "h2o", "streaming", "oracle")
 
@@ -275,8 +275,8 @@ class InfiniGen(OffloadCache):
 
     # --- InfiniGen select
     def select(self, layer, q, x, rope):
-        qp = partial_query(x, self.model.layers[layer].attn, rope, self.P[layer], self.Wp[layer])
-        s = speculate(qp, self.kpart[layer][:, :, :self.allowed.shape[-1]], self.scale, self.allowed)
+        s = SK.speculate_ahead(x, self.model.layers[layer].attn, rope, self.P[layer], self.Wp[layer],
+                               self.kpart[layer][:, :, :self.allowed.shape[-1]], self.scale, self.allowed)
         mean = self.pol.head_count == "mean"                         # the authors' rule (chapter 10)
         return threshold_slots(s, self.pol.alpha, self.counts[layer], self.kmax[layer], mean)   # (idx, ok)
 

@@ -1,13 +1,15 @@
 """The gather kernel: the selected K, V rows go from the CPU store straight into a device buffer;
 the put kernel writes the new tokens' rows into the store through their slots on the device; the
-selection kernel chooses InfiniGen's slots without a sort (skew.SLOTS = "kernel"; off by default).
+selection kernel chooses InfiniGen's slots without a sort (skew.SLOTS = "kernel"; off by default), and
+with the partial score kernel speculates a layer in a matrix product and two kernels (SLOTS = "fused").
 
 On a GPU the store is pinned host memory, which a kernel can read through its host pointer (unified
 addressing): each program reads BLOCK selected rows over PCIe and writes them where attention
 reads them. The indices never leave the device, so the host waits for nothing. The same kernel runs
 on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests its logic; CI also
-compiles all three for an H100 (sm_90), no GPU needed, and checks that rows move in 16-byte loads and stores.
-Shapes: B batch, Hkv KV heads, n rows per (sequence, KV head), d head dim, R = 2d (K and V).
+compiles each for an H100 (sm_90), no GPU needed, and checks that rows move in 16-byte loads and stores.
+Shapes: B batch, Hkv KV heads, n rows per (sequence, KV head), d head dim, R = 2d (K and V); H query heads,
+G = H / Hkv, C model width, m partial columns, w slots speculated over.
 """
 import functools
 import math
@@ -99,17 +101,29 @@ def put_rows(src, at, dst, block=32):
 
 # --- Selection kernel
 @triton.jit
-def top_slots_kernel(s, k, idx, ok, w, n, Hkv, alpha, FINITE: tl.constexpr, W: tl.constexpr):
+def top_slots_kernel(s, k, idx, ok, w, n, Hkv, alpha, FINITE: tl.constexpr, W: tl.constexpr,
+                     G: tl.constexpr):
     """skew.top_slots for one (sequence, KV head) row of scores s (rows, w) per program, the row held in
     registers (W >= w, a power of two): of the scores within alpha of the row's best, the best
     kk = min(k[b], n); their slots ascending into idx (rows, n), ok True, then padding (slot w - 1, ok
     False). The kk-th best is found by a binary search over the scores' bits, not by sorting: a float32's
     bits read as an integer keep the order of the numbers once a negative one's are flipped (-0.0 falls
     just below 0.0), so 32 counts find the largest key that kk scores reach. Of the scores tied with the
-    kk-th best, the first are kept."""
+    kk-th best, the first are kept. G > 0: s holds G rows of partial scores z (the G query heads of the KV
+    head), and a token's score is skew.speculate's: the log of its softmax weight, summed over the G heads."""
     row = tl.program_id(0)
     col = tl.arange(0, W)
-    x = tl.load(s + row.to(tl.int64) * w + col, mask=col < w, other=float("-inf"))     # (W,) the scores
+    if G == 0:
+        x = tl.load(s + row.to(tl.int64) * w + col, mask=col < w, other=float("-inf"))   # (W,) the scores
+    else:
+        x = tl.full((W,), float("-inf"), tl.float32)
+        for g in range(G):
+            z = tl.load(s + (row.to(tl.int64) * G + g) * w + col, mask=col < w, other=float("-inf"))
+            top = tl.max(z, 0)
+            z = z - (top + tl.log(tl.sum(tl.exp(z - top), 0)))         # log softmax (NaN: nothing allowed)
+            hi, lo = tl.maximum(x, z), tl.minimum(x, z)                  # x = log(exp(x) + exp(z)):
+            gap = lo - tl.maximum(hi, -3.4028234663852886e38)            # (-inf where both are)
+            x = tl.where(hi == float("-inf"), hi, hi + tl.log(1 + tl.exp(gap)))
     least = -3.4028234663852886e38                                      # float32's lowest: -inf never counts
     if FINITE:
         least = tl.maximum(tl.max(x, 0) - alpha, least)                 # within alpha of the best
@@ -133,14 +147,64 @@ def top_slots_kernel(s, k, idx, ok, w, n, Hkv, alpha, FINITE: tl.constexpr, W: t
 
 
 def top_slots(s, k, n, alpha=math.inf):
-    """s (B, Hkv, w) float32 scores on the device (-inf where not allowed), k (B,) tokens per sequence, n
-    the width -> idx, ok (B, Hkv, n): skew.top_slots' selection as one kernel instead of a top-k, a sort
-    and seven small operations (exactly the same except among tied scores); skew.SLOTS_ROW_MAX bounds w."""
-    B, Hkv, w = s.shape
+    """s (B, Hkv, w) float32 scores on the device (-inf where not allowed), or (B, Hkv, G, w) partial scores,
+    k (B,) tokens per sequence, n the width -> idx, ok (B, Hkv, n): skew.top_slots' selection as one kernel
+    instead of a top-k, a sort and seven small operations (exactly the same except among tied scores);
+    skew.SLOTS_ROW_MAX bounds w."""
+    (B, Hkv), w = s.shape[:2], s.shape[-1]
     idx = torch.empty(B, Hkv, n, dtype=torch.int64, device=s.device)
     ok = torch.empty(B, Hkv, n, dtype=torch.bool, device=s.device)
     W = triton.next_power_of_2(max(w, n))
     top_slots_kernel[(B * Hkv,)](s.contiguous(), k.contiguous(), idx, ok, w, n, Hkv,
                                  0.0 if alpha == math.inf else float(alpha), FINITE=alpha != math.inf, W=W,
+                                 G=s.shape[2] if s.dim() == 4 else 0,
                                  num_warps=4 if W <= 1024 else 8 if W <= 4096 else 16)
     return idx, ok
+
+
+# --- Speculation kernel
+@triton.jit
+def partial_scores_kernel(qp, cols, cs, kp, allowed, z, B, Hkv, D, w, k_row, a_b, a_h, scale, G: tl.constexpr,
+                          GP: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, TB: tl.constexpr,
+                          ROPE: tl.constexpr):
+    """z[b, h, g, t] = scale * RoPE(qp[b, hG + g]) . kp[b, h, t] for TB slots t of one (sequence, KV head)
+    per program, -inf where allowed[b, h, t] is False (a_h = 0: one mask for every head). RoPE turns the
+    partial query's kept columns cols plane by plane: column j with its partner j + M/2 (mod M)."""
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    bi, h = bh // Hkv, bh % Hkv
+    g, j, t = tl.arange(0, GP), tl.arange(0, MP), blk * TB + tl.arange(0, TB)
+    hg = (h * G + g)[:, None]                                                # (GP, 1) the query heads
+    m = (g[:, None] < G) & (j[None, :] < M)                                  # (GP, MP)
+    q = tl.load(qp + (bi * Hkv * G + hg) * M + j[None, :], mask=m, other=0).to(tl.float32)
+    if ROPE:                                          # cs (2, B, d): cos, then -sin|sin (model.rope_tables)
+        pair = tl.load(qp + (bi * Hkv * G + hg) * M + (j[None, :] + M // 2) % M, mask=m, other=0)
+        col = tl.load(cols + hg * M + j[None, :], mask=m, other=0)
+        cos = tl.load(cs + bi * D + col, mask=m, other=0).to(tl.float32)
+        sin = tl.load(cs + (B + bi) * D + col, mask=m, other=0).to(tl.float32)
+        q = q * cos + pair.to(tl.float32) * sin
+    k = tl.load(kp + bh.to(tl.int64) * k_row + t[:, None] * M + j[None, :],
+                mask=(t[:, None] < w) & (j[None, :] < M), other=0).to(tl.float32)          # (TB, MP)
+    s = tl.sum((q * scale)[:, None, :] * k[None, :, :], 2)                                 # (GP, TB)
+    keep = tl.load(allowed + bi * a_b + h * a_h + t, mask=t < w, other=0) != 0
+    s = tl.where(keep[None, :], s, float("-inf"))
+    out = (bh * G + g).to(tl.int64)[:, None] * w + t[None, :]                             # z (B, Hkv, G, w)
+    tl.store(z + out, s, mask=(g[:, None] < G) & (t[None, :] < w))
+
+
+def partial_scores(qp, cols, rope, scale, kpart, allowed):
+    """qp (B, 1, H*m) a token's partial queries before RoPE (x @ Wp.T + bp: skew.partial_query_weight), cols
+    (H, m) their columns, rope (2, B, 1, 1, d) or None, kpart (B, Hkv, w, m) the partial key cache (its first
+    w slots), allowed (B, 1|Hkv, w) bool -> z (B, Hkv, G, w) float32: every query head's partial scores,
+    -inf where not allowed (top_slots makes them skew.speculate's scores). One kernel where torch takes a
+    gather, RoPE's four, the scale, the product, a clamp and a cast, and the mask; in float32 throughout."""
+    (H, m), (B, Hkv, w) = cols.shape, kpart.shape[:3]
+    G = H // Hkv
+    assert kpart.stride(3) == 1 and kpart.stride(2) == m and kpart.stride(0) == Hkv * kpart.stride(1)
+    z = torch.empty(B, Hkv, G, w, dtype=torch.float32, device=qp.device)
+    TB = 64                                                            # slots per program
+    cs = kpart if rope is None else rope.contiguous()                  # (unread without RoPE)
+    partial_scores_kernel[(B * Hkv, triton.cdiv(w, TB))](
+        qp.contiguous(), cols, cs, kpart, allowed, z, B, Hkv, 0 if rope is None else rope.shape[-1], w,
+        kpart.stride(1), allowed.stride(0), allowed.stride(1) if allowed.shape[1] > 1 else 0, scale, G=G,
+        GP=triton.next_power_of_2(G), M=m, MP=triton.next_power_of_2(m), TB=TB, ROPE=rope is not None)
+    return z

@@ -132,29 +132,47 @@ def speculate(qp, kpart, scale, allowed=None):
     s = s.clamp(-big, big).to(torch.promote_types(s.dtype, torch.float32))
     if allowed is not None:
         s = torch.where(allowed[:, :, None], s, float("-inf"))
-    return s.log_softmax(-1).logsumexp(2)
+    return summed(s)
+
+
+def summed(z):  # partial scores of the G query heads (B, Hkv, G, t) -> a token's score (B, Hkv, t)
+    return z.log_softmax(-1).logsumexp(2) if z.dim() == 4 else z
+
+
+def speculate_ahead(x, attn, rope, P, Wp, kpart, scale, allowed):
+    """The next layer's speculated scores (B, Hkv, t): partial_query, then speculate. With SLOTS "fused", a
+    partial query weight and one token, the partial query's product, then one kernel (kernel.partial_scores:
+    RoPE, the scale, the product and the mask, in float32) give the heads' partial scores z (B, Hkv, G, t),
+    which the selection kernel sums as speculate does."""
+    if SLOTS == "fused" and Wp is not None and x.shape[1] == 1:
+        from offload import device_kernel
+        qp = F.linear(x, Wp[0], Wp[1])                                                   # (B, 1, H*m)
+        return device_kernel("partial_scores", cuda=True)(qp, Wp[2], rope, scale, kpart, allowed)
+    return speculate(partial_query(x, attn, rope, P, Wp), kpart, scale, allowed)
 
 
 # --- Selection math
 CHECK_BOUNDS = True   # on a CPU, a bound the host gives is checked (reading the count would sync CUDA)
-SLOTS = "torch"       # top_slots in torch operations, or "kernel": one Triton kernel (kernel.py); --slots
+SLOTS = "torch"       # top_slots in torch operations, or "kernel": one Triton kernel (kernel.py), or "fused":
+#                       InfiniGen's partial scores too (speculate_ahead); --slots
 SLOTS_ROW_MAX = 16384  # the kernel holds a row of scores in registers: longer ones take the torch path
 
 
 def top_slots(s, k, kmax, alpha=math.inf):
-    """s (B, Hkv, w) scores, -inf where not allowed; k (B,) per sequence -> idx, ok (B, Hkv, n): each head's
-    best k tokens among those within alpha of its best, their slots in ascending order, then padding (ok
-    False, slot w - 1). n = min(kmax, w), at least 1: kmax bounds k on the host, so no shape waits for the
-    device. One top-k over w and one sort over n: the engine's selection, a handful of kernels."""
+    """s (B, Hkv, w) scores, -inf where not allowed (or the heads' partial scores (B, Hkv, G, w), summed);
+    k (B,) per sequence -> idx, ok (B, Hkv, n): each head's best k tokens among those within alpha of its
+    best, their slots in ascending order, then padding (ok False, slot w - 1). n = min(kmax, w), at least
+    1: kmax bounds k on the host, so no shape waits for the device. One top-k over w and one sort over n:
+    the engine's selection, a handful of kernels."""
     w = s.shape[-1]
     if CHECK_BOUNDS and not s.is_cuda and k.numel() and min(int(k.max()), w) > kmax:
         raise ValueError(f"a selection of {int(k.max())} tokens per KV head exceeds its bound of {kmax}")
     n = max(min(kmax, w), 1)
-    if SLOTS == "kernel" and s.dtype == torch.float32 and w <= SLOTS_ROW_MAX:   # one kernel (ties aside,
+    if SLOTS != "torch" and s.dtype == torch.float32 and w <= SLOTS_ROW_MAX:   # one kernel (ties aside,
         # the same slots; chapter 17)
         from offload import device_kernel
         return device_kernel("top_slots", cuda=True)(s, k, n, alpha)
-    top, slot = s.topk(n, dim=-1)                                                   # (B, Hkv, n) best first
+    top, slot = summed(s).topk(n, dim=-1)                                           # (B, Hkv, n) best first
     lo = torch.finfo(top.dtype).min                                              # -inf (not allowed): never
     least = lo if alpha == math.inf else (top[..., :1] - alpha).clamp(min=lo)     # alpha inf: the cap decides
     keep = (torch.arange(n, device=s.device) < k[:, None, None]) & (top >= least)
@@ -168,6 +186,7 @@ def threshold_slots(s, alpha, cap, kmax, mean=False):
     mean over the heads of how many of their tokens are within alpha (rounded down, at most cap; their
     speculate_attention means over the batch)."""
     if mean:
+        s = summed(s)
         near = (s >= s.amax(-1, keepdim=True) - alpha) & (s > float("-inf"))                 # (B, Hkv, t)
         cap, alpha = torch.minimum(cap, near.sum(-1).double().mean(-1).long()), math.inf    # (B,)
     return top_slots(s, cap, kmax, alpha)

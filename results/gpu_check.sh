@@ -139,17 +139,17 @@ for part in $parts; do
             --gather-per-sm 0 --policies infinigen:0.1
         run grid-7b-one-per-sm 45 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --gather-per-sm 1 --policies infinigen:0.1 ;;          # one program per SM
-    slots)      # InfiniGen's top-k selection as one Triton kernel (--slots kernel) against torch's top-k,
-                # sort and small operations (the default), the two in one run
-        for m in "smollm2 32x4096" "7b 8x4096"; do
+    slots)      # InfiniGen's top-k selection as one Triton kernel (--slots kernel), and its speculation too
+                # (--slots fused), against torch's operations (the default), in one call
+        for m in "smollm2 32x4096 torch kernel fused" "7b 8x4096 torch fused"; do
             set -- $m
-            for how in torch kernel; do
+            for how in "${@:3}"; do
                 run slots-$1-$how 40 "$PY" bench.py $GATHER --suite gpu --models $1 --shapes $2 --slots $how \
                     --policies infinigen:0.1
             done
         done
         run profile-slots 40 "$PY" bench.py $GATHER --suite profile --models smollm2 --shapes 32x4096 \
-            --policies infinigen:0.1 --slots kernel --out results/profile-smollm2-slots-kernel.json ;;
+            --policies infinigen:0.1 --slots fused --out results/profile-smollm2-slots-fused.json ;;
     7b)         # the Llama-2-7B shape at 8 x 4096
         run 7b 150 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;

@@ -556,20 +556,24 @@ def test_the_slots_flag_holds_for_the_run_and_the_report_keeps_its_rows_apart(mo
     assert SK.SLOTS == "torch"
     bench.check_flags(flags("profile", slots="kernel"))
     assert SK.SLOTS == "kernel"
+    bench.check_flags(flags("gpu", slots="fused"))
+    assert SK.SLOTS == "fused"
     with pytest.raises(ValueError, match="--slots is not used by the timeline suite"):
         bench.check_flags(flags("timeline", slots="kernel"))
     SK.SLOTS = "torch"
     fast = shaped("7b", "infinigen", 8, 4096, 300.0, 0.1, step_over_floor=1.0, slots="kernel")
     aside = shaped("7b", "infinigen", 8, 4096, 200.0, 0.1, step_over_floor=1.1, select_on="copy")
-    rows = [fast, aside, shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2)]   # no key
-    assert bench.best(rows, "7b", "infinigen", 0.1, (8, 4096))["tokens_per_s"] == 100.0
+    fused = shaped("7b", "infinigen", 8, 4096, 400.0, 0.1, step_over_floor=0.9, slots="fused")
+    rows = [fast, aside, shaped("7b", "infinigen", 8, 4096, 100.0, 0.1, step_over_floor=1.2), fused]   # [2]:
+    assert bench.best(rows, "7b", "infinigen", 0.1, (8, 4096))["tokens_per_s"] == 100.0      # no key
     path = tmp_path / "bench.json"
     for r in rows + [rows[2] | {"slots": "torch", "tokens_per_s": 110.0}]:              # the same row, keyed
         bench.save_row(path, {"date": "2026-12-05", "command": "x"}, r)
-    assert sorted(r["tokens_per_s"] for r in json.load(open(path))["rows"]) == [110.0, 200.0, 300.0]
+    assert sorted(r["tokens_per_s"] for r in json.load(open(path))["rows"]) == [110.0, 200.0, 300.0, 400.0]
     bench.main(["--suite", "report", "--results", str(path)])
     out = capsys.readouterr().out
     assert "| infinigen 0.1 (top-k: one kernel) | " in out and "| infinigen 0.1 | " in out
+    assert "| infinigen 0.1 (speculation fused) | " in out
     assert "| infinigen 0.1 (selection on the copy stream) | " in out
 
 

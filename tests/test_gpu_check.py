@@ -98,17 +98,19 @@ def test_the_profile_and_grid_parts_and_the_suite_in_parallel_processes(tmp_path
     assert "grid: skipped" in packed["grid.log"] and not [c for c in calls if "--gather-per-sm" in c]
 
 
-def test_the_slots_part_measures_both_selections_in_one_run(tmp_path):
-    """InfiniGen 0.1 on both shapes with --slots torch, then --slots kernel (the pairs side by side, so one
-    machine measures both), then a profile with the kernel; each run a log of its own."""
+def test_the_slots_part_measures_every_selection_in_one_run(tmp_path):
+    """InfiniGen 0.1 with --slots torch, kernel and fused on SmolLM2's shape, torch and fused on the 7B shape
+    (side by side, so one machine measures them all), then a profile of the fused speculation; each run a
+    log of its own."""
     run, _, packed, calls = gpu_check(tmp_path, ["slots"], budget=570, part_s=0, smoke_ok=True)
     assert run.returncode == 0, run.stderr
     bench = [c for c in calls if c.startswith("bench.py")]
     assert [(c.split(" --models ")[1].split()[0], c.split("--slots ")[1].split()[0]) for c in bench] == [
-        ("smollm2", "torch"), ("smollm2", "kernel"), ("7b", "torch"), ("7b", "kernel"), ("smollm2", "kernel")]
-    assert all(c.endswith("--policies infinigen:0.1") for c in bench[:4]) and "--suite profile" in bench[4]
-    for log in ("slots-smollm2-torch", "slots-smollm2-kernel", "slots-7b-torch", "slots-7b-kernel",
-                "profile-slots"):
+        ("smollm2", "torch"), ("smollm2", "kernel"), ("smollm2", "fused"), ("7b", "torch"), ("7b", "fused"),
+        ("smollm2", "fused")]
+    assert all(c.endswith("--policies infinigen:0.1") for c in bench[:5]) and "--suite profile" in bench[5]
+    for log in ("slots-smollm2-torch", "slots-smollm2-kernel", "slots-smollm2-fused", "slots-7b-torch",
+                "slots-7b-fused", "profile-slots"):
         assert "exit status 0 after" in packed[f"{log}.log"], log
 
 

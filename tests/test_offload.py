@@ -283,6 +283,7 @@ print(json.dumps(out))
 MOVES = {"gather_rows_kernel": ["src", "idx", "ok", "dst", "count", "n", "BH"],
          "put_rows_kernel": ["src", "at", "dst", "T", "BH"]}
 SELECT = ["s", "k", "idx", "ok", "w", "n", "Hkv", "alpha"]
+SCORES = ["qp", "cols", "cs", "kp", "allowed", "z", "B", "Hkv", "D", "w", "k_row", "a_b", "a_h", "scale"]
 
 
 @pytest.fixture(scope="module")
@@ -306,11 +307,19 @@ def hopper_ptx():
                               [i for i, a in enumerate(args) if a in types], 4])
     types = {"s": "*fp32", "k": "*i64", "idx": "*i64", "ok": "*i1", "alpha": "fp32"}
     for finite in (False, True):
-        for W, warps in ((1024, 4), (4096, 8), (16384, 16)):
-            const = {"FINITE": finite, "W": W}
+        for W, warps, G in ((1024, 4, 0), (4096, 8, 0), (16384, 16, 0), (4096, 8, 3)):
+            const = {"FINITE": finite, "W": W, "G": G}
             sig = {a: types.get(a, "i32") for a in SELECT} | dict.fromkeys(const, "constexpr")
-            cases.append([f"top_slots_kernel {finite} {W}", "top_slots_kernel", sig, const, [0, 1, 2, 3, 4],
-                          warps])                                   # w (the slots, 4096) a multiple of 16 too
+            cases.append([f"top_slots_kernel {finite} {W} {G}", "top_slots_kernel", sig, const,
+                          [0, 1, 2, 3, 4], warps])                  # w (the slots, 4096) a multiple of 16 too
+    for dtype in ("fp16", "bf16", "fp32"):      # the speculation kernel at SmolLM2's and Llama-2-7B's shapes
+        types = {"qp": f"*{dtype}", "cs": f"*{dtype}", "kp": f"*{dtype}", "cols": "*i64", "allowed": "*i1",
+                 "z": "*fp32", "scale": "fp32"}
+        for G, m in ((3, 32), (1, 64)):
+            const = {"G": G, "GP": 1 << (G - 1).bit_length(), "M": m, "MP": m, "TB": 64, "ROPE": True}
+            sig = {a: types.get(a, "i32") for a in SCORES} | dict.fromkeys(const, "constexpr")
+            cases.append([f"partial_scores_kernel {dtype} {G}", "partial_scores_kernel", sig, const,
+                          [i for i, a in enumerate(SCORES) if types.get(a, "").startswith("*")], 4])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(cases), capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=600)
@@ -339,9 +348,22 @@ def test_the_selection_kernel_compiles_for_hopper(hopper_ptx, finite, W):
     """The selection kernel (skew.SLOTS = "kernel") compiles for sm_90 too, at every row width the engine
     launches it with (the interpreter checks its logic, not its types), and reads its scores in 16-byte
     loads where a row's length is a multiple of 16 (Triton's launcher specializes it then)."""
-    ops = hopper_ptx[f"top_slots_kernel {finite} {W}"]
+    ops = hopper_ptx[f"top_slots_kernel {finite} {W} 0"]
     assert not isinstance(ops, str), ops
     assert "ld.global.v4.b32" in ops, ops
+    ops = hopper_ptx[f"top_slots_kernel {finite} 4096 3"]            # the heads' partial scores (SLOTS fused)
+    assert not isinstance(ops, str), ops
+
+
+@pytest.mark.skipif(not (HAS_TRITON and nvidia_compiler()), reason="needs triton with its CUDA compiler")
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("G", [3, 1])
+def test_the_speculation_kernel_compiles_for_hopper(hopper_ptx, dtype, G):
+    """The partial score kernel (skew.SLOTS = "fused") compiles for sm_90 in every model dtype, at SmolLM2's
+    shape (G = 3, m = 32) and Llama-2-7B's (G = 1, m = 64)."""
+    ops = hopper_ptx[f"partial_scores_kernel {dtype} {G}"]
+    assert not isinstance(ops, str), ops
+    assert any(op.startswith("st.global") for op in ops), ops
 
 
 def test_host_tensor_is_plain_on_a_cpu():

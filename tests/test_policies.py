@@ -253,12 +253,14 @@ def test_top_slots_kernel_on_long_rows(w, kmax, alpha):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("slots", ["torch", pytest.param("kernel", marks=needs_triton)])
+@pytest.mark.parametrize("slots", ["torch", pytest.param("kernel", marks=needs_triton),
+                                   pytest.param("fused", marks=needs_triton), "torch fused"])
 def test_top_slots_keep_nothing_of_a_head_with_no_past(slots, monkeypatch):
     """A head whose every score is -inf (nothing allowed) or NaN keeps nothing: padding only (with the
-    kernel too)."""
-    monkeypatch.setattr(SK, "SLOTS", slots)
+    kernel too; and from two query heads' partial scores, which SLOTS = "fused" hands top_slots)."""
+    monkeypatch.setattr(SK, "SLOTS", slots.split()[0])
     s = torch.tensor([[[0.5, -1.0, 2.0], [float("-inf")] * 3, [float("nan")] * 3]], device=SLOTS_DEV)
+    s = s[:, :, None].expand(-1, -1, 2, -1) if slots.endswith("fused") else s      # (1, 3, 2, 3)
     idx, ok = (t.cpu() for t in SK.top_slots(s, torch.tensor([2], device=SLOTS_DEV), 2))   # (1, 3, 2)
     assert ok.tolist() == [[[True, True], [False, False], [False, False]]]
     assert idx[0, 0].tolist() == [0, 2] and ((idx >= 0) & (idx < 3)).all()
@@ -300,22 +302,28 @@ def test_top_slots_kernel_is_top_slots(c, alpha, extra, distinct):
 
 
 @needs_triton
-@pytest.mark.parametrize("name", ["infinigen", "oracle"])
+@pytest.mark.parametrize("name", ["infinigen", "oracle", "infinigen fused", "infinigen fused alpha",
+                                  "infinigen fused mean"])
 def test_the_engine_selects_the_same_with_the_slots_kernel(llama, name, monkeypatch):
     """skew.SLOTS = "kernel": InfiniGen's and the oracle's selections come from the kernel (it runs, once
-    per sparse layer and step), and every logit of a decode is the same as with torch's top-k. On a GPU
-    machine the model is a CUDA copy (the compiled kernel reads device memory only)."""
+    per sparse layer and step), and every logit of a decode is the same as with torch's top-k. "fused":
+    InfiniGen speculates with three kernels (their scores differ from torch's in the last bits: these
+    selections have no ties that close), also within alpha of the best and with the authors' mean count.
+    On a GPU machine the model is a CUDA copy (the compiled kernels read device memory only)."""
+    name, slots, rule = (name.split() + ["", ""])[:3]
+    slots = slots or "kernel"
+    kernels = ["partial_scores", "top_slots"] if slots == "fused" else ["top_slots"]
     m, prompts = (llama.m if SLOTS_DEV == "cpu" else copy.deepcopy(llama.m).to(SLOTS_DEV)), llama.prompts
     forced = torch.randint(0, m.cfg.vocab_size, (len(prompts), 4), generator=torch.Generator().manual_seed(1))
-    pol = Policy(name, budget=0.3)
+    pol = Policy(name, budget=0.3, **{"": {}, "alpha": dict(alpha=1.0),
+                                      "mean": dict(alpha=4.0, head_count="mean")}[rule])
     want = forced_logits(m, prompts, pol, forced)
-    calls = []
-    real = offload.device_kernel("top_slots", cuda=True)
+    calls, real = [], offload.device_kernel
     monkeypatch.setattr(offload, "device_kernel", lambda nm, cuda=False: lambda *a, **k: calls.append(nm)
-                        or real(*a, **k))
-    monkeypatch.setattr(SK, "SLOTS", "kernel")
+                        or real(nm, cuda)(*a, **k))
+    monkeypatch.setattr(SK, "SLOTS", slots)
     got = forced_logits(m, prompts, pol, forced)
-    assert calls == ["top_slots"] * (m.cfg.n_layers - pol.dense_layers) * 3 and torch.equal(got, want)
+    assert calls == kernels * (m.cfg.n_layers - pol.dense_layers) * 3 and torch.equal(got, want)
 
 
 @st.composite
@@ -350,12 +358,12 @@ def test_partial_query_and_speculate(c):
     with torch.no_grad():
         q = attn.query(x, rope)                                                       # (B, H, 1, d)
         want = q.view(B, cfg.n_kv_heads, -1, cfg.head_dim) @ P[None]                   # (B, Hkv, G, m)
-        qp = IG.partial_query(x, attn, rope, P)
+        qp = SK.partial_query(x, attn, rope, P)
         assert torch.allclose(qp, want, atol=1e-5)
         k = torch.randn(B, cfg.n_kv_heads, c["t"], cfg.head_dim, generator=g)
         if c["mode"] == "planes" or (c["mode"] == "none" and cfg.arch == "opt"):     # rows of Wq alone
             Wp = SK.partial_query_weight(attn.wq.weight, attn.wq.bias, P)
-            qw = IG.partial_query(x, attn, rope, P, Wp)
+            qw = SK.partial_query(x, attn, rope, P, Wp)
             assert torch.allclose(qw, want, atol=1e-5), (qw - want).abs().max()
             assert torch.equal(SK.partial_keys(k, P, Wp), k @ P[None])         # a gather: exactly the product
         assert torch.equal(SK.partial_keys(k, P), k @ P[None])
@@ -373,6 +381,50 @@ def test_partial_query_and_speculate(c):
             raw = (qp @ (k @ P[None]).transpose(-1, -2))[:, :, 0] * cfg.head_dim ** -0.5
             d = (raw - s)[..., :1]
             assert torch.allclose(raw - s, d.expand_as(raw), atol=1e-4)
+
+
+@needs_triton
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=attn_case(), per_head=st.booleans(), half=st.booleans())
+def test_the_speculation_kernel_is_partial_query_and_speculate(c, per_head, half):
+    """skew.SLOTS = "fused" (kernel.py; on a CPU Triton's interpreter): from the partial query before RoPE
+    (x @ Wp.T + bp), the partial score kernel gives skew.partial_query's product with the partial keys,
+    scaled, -inf where not allowed, per query head; summed over the G heads they are skew.speculate's
+    scores, and the selection kernel picks from them the slots top_slots picks from speculate's (a float16
+    model: the kernel computes in float32 where torch rounds every step to float16: equal within float16's
+    precision)."""
+    cfg, B, t, dev = c["cfg"], c["B"], c["t"], SLOTS_DEV
+    mode = c["mode"] if c["mode"] == "planes" or (cfg.arch, c["mode"]) == ("opt", "none") else "planes"
+    dtype, tol = (torch.float16, 2e-2) if half else (torch.float32, 1e-5)
+    g = torch.Generator().manual_seed(c["seed"])
+    attn = randomize(model.Attention(cfg), c["seed"]).to(dev, dtype)
+    x = torch.randn(B, 1, cfg.dim, generator=g).to(dev, dtype)
+    pos = torch.randint(0, 3000, (B, 1), generator=g)
+    rope = model.rope_tables(model.rope_inv_freq(cfg), pos, dtype).to(dev) if cfg.arch == "llama" else None
+    N, Hkv = cfg.head_dim + 4, cfg.n_kv_heads
+    P = SK.make_skew(torch.randn(N, cfg.n_heads, cfg.head_dim, generator=g),
+                     torch.randn(N, Hkv, cfg.head_dim, generator=g), mode, c["ratio"])[0].to(dev, dtype)
+    Wp = SK.partial_query_weight(attn.wq.weight, attn.wq.bias, P)
+    kpart = torch.randn(B, Hkv, t + 3, P.shape[-1], generator=g).to(dev, dtype)[:, :, :t]   # as the engine's
+    allowed = torch.rand(B, Hkv if per_head else 1, t, generator=g) < 0.7
+    allowed[..., -1] = True
+    allowed = allowed.to(dev)
+    scale = cfg.head_dim ** -0.5
+    with torch.no_grad():
+        qp = SK.partial_query(x, attn, rope, P, Wp)                                           # (B, Hkv, G, m)
+        z = offload.device_kernel("partial_scores", cuda=True)(F.linear(x, Wp[0], Wp[1]), Wp[2], rope, scale,
+                                                               kpart, allowed)          # (B, Hkv, G, t)
+        want = (qp.float() * scale) @ kpart.float().transpose(-1, -2)
+        want = torch.where(allowed[:, :, None], want, -math.inf)
+        assert z.dtype == torch.float32 and torch.equal(z.isinf(), want.isinf())
+        assert torch.allclose(z, want, rtol=tol, atol=tol * 10), (z - want).nan_to_num().abs().max()
+        s = SK.speculate(qp, kpart, scale, allowed)                                            # (B, Hkv, t)
+        assert torch.equal(SK.summed(z).isinf(), s.isinf())
+        assert torch.allclose(SK.summed(z), s.float(), rtol=tol, atol=tol * 10)
+        k = torch.randint(1, t + 1, (B,), generator=g)
+        got = [a.cpu() for a in offload.device_kernel("top_slots", cuda=True)(z, k.to(dev), t)]
+        mine = [a.cpu() for a in SK.top_slots(SK.summed(z).cpu(), k, t)]     # the same scores, torch's top-k
+        assert torch.equal(got[1], mine[1]) and torch.equal(got[0][got[1]], mine[0][mine[1]])
 
 
 # --- offload == full
@@ -1004,12 +1056,12 @@ def test_decode_step_reads_no_device_value_on_the_host(llama, name, monkeypatch)
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("name", ["offload", "infinigen", "h2o", "streaming", "oracle",
-                                  "infinigen slots-kernel"])
+                                  "infinigen slots-kernel", "infinigen slots-fused"])
 def test_cuda_decode_step_never_syncs(llama_folder, name, monkeypatch):
     folder, prompts = llama_folder
-    if name.endswith("slots-kernel"):                               # its top-k as one kernel (skew.SLOTS)
-        name = name.split()[0]
-        monkeypatch.setattr(SK, "SLOTS", "kernel")
+    if " slots-" in name:                       # its top-k as one kernel, or its speculation (skew.SLOTS)
+        name, slots = name.split(" slots-")
+        monkeypatch.setattr(SK, "SLOTS", slots)
     m, _ = model.load(str(folder), device="cuda", dtype=torch.float16)
     pol = Policy(name, budget=0.2, gather="device")
     tokens, valid = padded(prompts)
