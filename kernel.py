@@ -173,12 +173,12 @@ def partial_scores_kernel(qp, cols, cs, kp, allowed, z, B, Hkv, D, w, k_row, a_b
     bh, blk = tl.program_id(0), tl.program_id(1)
     bi, h = bh // Hkv, bh % Hkv
     g, j, t = tl.arange(0, GP), tl.arange(0, MP), blk * TB + tl.arange(0, TB)
-    hg = (h * G + g)[:, None]                                                # (GP, 1) the query heads
+    row = (bh * G + g).to(tl.int64)[:, None]           # (GP, 1) rows of qp and z: (sequence, query head)
     m = (g[:, None] < G) & (j[None, :] < M)                                  # (GP, MP)
-    q = tl.load(qp + (bi * Hkv * G + hg) * M + j[None, :], mask=m, other=0).to(tl.float32)
+    q = tl.load(qp + row * M + j[None, :], mask=m, other=0).to(tl.float32)
     if ROPE:                                          # cs (2, B, d): cos, then -sin|sin (model.rope_tables)
-        pair = tl.load(qp + (bi * Hkv * G + hg) * M + (j[None, :] + M // 2) % M, mask=m, other=0)
-        col = tl.load(cols + hg * M + j[None, :], mask=m, other=0)
+        pair = tl.load(qp + row * M + (j[None, :] + M // 2) % M, mask=m, other=0)
+        col = tl.load(cols + (h * G + g)[:, None] * M + j[None, :], mask=m, other=0)
         cos = tl.load(cs + bi * D + col, mask=m, other=0).to(tl.float32)
         sin = tl.load(cs + (B + bi) * D + col, mask=m, other=0).to(tl.float32)
         q = q * cos + pair.to(tl.float32) * sin
@@ -187,8 +187,7 @@ def partial_scores_kernel(qp, cols, cs, kp, allowed, z, B, Hkv, D, w, k_row, a_b
     s = tl.sum((q * scale)[:, None, :] * k[None, :, :], 2)                                 # (GP, TB)
     keep = tl.load(allowed + bi * a_b + h * a_h + t, mask=t < w, other=0) != 0
     s = tl.where(keep[None, :], s, float("-inf"))
-    out = (bh * G + g).to(tl.int64)[:, None] * w + t[None, :]                             # z (B, Hkv, G, w)
-    tl.store(z + out, s, mask=(g[:, None] < G) & (t[None, :] < w))
+    tl.store(z + row * w + t[None, :], s, mask=(g[:, None] < G) & (t[None, :] < w))     # z (B, Hkv, G, w)
 
 
 def partial_scores(qp, cols, rope, scale, kpart, allowed):
