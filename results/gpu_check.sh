@@ -4,9 +4,10 @@
 #   bash results/gpu_check.sh [PART ...]  parts (default): suite slots gather 7b smollm2 timeline profile
 #   tests
 # (and by name: `grid`, InfiniGen rows on other gather grids, measured at 83b3924)
-# (`suite`: the whole test suite, CPU tests included, first, one test file per process (PROCS: 16), at most
-# 240 s; where it was cut short, `BUDGET_S=240 bash results/gpu_check.sh suite` again in a second call at
-# once, while the machine is warm: a fresh one would not start on what is left of a session's 15 minutes)
+# (`suite`: the whole test suite, CPU tests included, first, its tests dealt one by one to PROCS (16)
+# processes, at most SUITE_S (240) s; where it was cut short, `BUDGET_S=240 bash results/gpu_check.sh suite` again in a
+# second call at once, while the machine is warm: a fresh one would not start on what is left of a session's
+# 15 minutes)
 # Each part has its own time limit; what it measured is written as it goes: the results files under
 # results/ (bench-<gpu>.json, gather-<gpu>.json, timeline-<gpu>.json/.png, profile-<model>-<gpu>.json) and
 # the logs under $LOGS.
@@ -33,7 +34,7 @@ DEADLINE=$((SECONDS + ${BUDGET_S:-570}))
 pack() {  # every log and GPU results file so far, into one archive, replaced whole
     cp results/bench-*.json results/gather-*.json results/timeline-*.json results/timeline-*.png \
         results/profile-*.json "$LOGS"/ 2>/dev/null
-    rm -f "$LOGS"/*-cpu.json "$LOGS"/*-cpu.png                 # the CPU files travel with the tree
+    rm -f "$LOGS"/*-cpu.json "$LOGS"/*-cpu-*.json "$LOGS"/*-cpu.png      # the CPU files travel with the tree
     local tmp="$OUT/gpu-check.tgz.$BASHPID"                     # its own name: the packer may run beside it
     tar --warning=no-file-changed -czf "$tmp" -C "$LOGS" . 2>/dev/null    # status 1: a log grew meanwhile
     if [ $? -le 1 ]; then mv "$tmp" "$OUT/gpu-check.tgz"; else rm -f "$tmp"; fi
@@ -47,7 +48,9 @@ run() {  # run NAME LIMIT_S COMMAND...: its log in $LOGS/NAME.log, its status an
         echo "== $name: skipped, ${left}s of the call's time left" | tee "$LOGS/$name.log"
         return
     fi
-    echo "== $name: $* (at most ${limit}s)"
+    local cmd="$*"                                              # (a suite's list of tests: its start)
+    [ "${#cmd}" -gt 200 ] && cmd="${cmd:0:200}... ($# arguments)"
+    echo "== $name: $cmd (at most ${limit}s)"
     timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
     echo "exit status $? after $((SECONDS - t0)) s" >>"$LOGS/$name.log"
     tail -n 4 "$LOGS/$name.log"
@@ -94,16 +97,19 @@ packer=$!
 trap 'kill $packer 2>/dev/null' EXIT
 for part in $parts; do
     case $part in
-    suite)      # every test, the files dealt to $PROCS processes at once (16 cores), then their summary lines
-        files=(tests/test_*.py)
-        procs=${PROCS:-16}                                     # one file each: the longest decides
-        [ "${#files[@]}" -lt "$procs" ] && procs=${#files[@]}
-        rm -f "$LOGS"/suite-files-* "$LOGS"/suite-*.log       # (a second call on a warm machine: anew)
-        for i in "${!files[@]}"; do echo "${files[$i]}" >>"$LOGS/suite-files-$((i % procs))"; done
+    suite)      # every test, dealt one by one to $PROCS processes at once (16 cores): no file's length decides
+        rm -f "$LOGS"/suite-ids* "$LOGS"/suite-*.log           # (a second call on a warm machine: anew)
+        timeout 90 "$PY" -m pytest --collect-only -q -p no:cacheprovider tests 2>/dev/null |
+            grep -E "^tests/test_[a-z0-9_]+\.py::" >"$LOGS/suite-ids"
+        [ -s "$LOGS/suite-ids" ] || ls tests/test_*.py >"$LOGS/suite-ids"     # not collected: whole files
+        procs=${PROCS:-16}
+        [ "$(wc -l <"$LOGS/suite-ids")" -lt "$procs" ] && procs=$(wc -l <"$LOGS/suite-ids")
+        awk -v p="$procs" -v to="$LOGS/suite-ids-" '{ print > (to ((NR - 1) % p)) }' "$LOGS/suite-ids"
         pids=()
         for ((k = 0; k < procs; k++)); do
-            OMP_NUM_THREADS=$(((16 + procs - 1) / procs)) run suite-$k 240 "$PY" -m pytest -q -rfE \
-                --tb=short -p no:cacheprovider --continue-on-collection-errors $(cat "$LOGS/suite-files-$k") &
+            mapfile -t ids <"$LOGS/suite-ids-$k"               # (test ids may hold spaces: one per line)
+            OMP_NUM_THREADS=$(((16 + procs - 1) / procs)) run suite-$k "${SUITE_S:-240}" "$PY" -m pytest -q -rfE \
+                --tb=short -p no:cacheprovider --continue-on-collection-errors "${ids[@]}" &
             pids+=($!)
         done
         wait "${pids[@]}"                                      # (not the packer)

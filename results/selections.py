@@ -10,7 +10,10 @@ Three prompts cut from prompts/demo.txt, 24 new tokens each (644 selections per 
 is compared by the slots it keeps per (sequence, KV head), not by its padding; the logits of every forward
 (prefill and each step) by a digest of their bytes: bit for bit (recordings made before 2026-12-04 lack them).
 INFINIGEN_SLOTS=kernel records with InfiniGen's selection kernel, =fused with its speculation fused too
-(Triton's interpreter: minutes per run; 15 for `infinigen 0.1` with fused).
+(Triton's interpreter: minutes per run; 15 for `infinigen 0.1` with fused); INFINIGEN_DTYPE=float16 (or
+bfloat16) runs the model in that dtype; INFINIGEN_RUNS="paper,infinigen 0.1" records those runs only.
+Where selections differ, compare says how many of the heads' selections are the same and their mean
+Jaccard overlap, up to each sequence's first different token.
 """
 import hashlib
 import os
@@ -34,10 +37,13 @@ POLICIES = {"infinigen 0.1": dict(name="infinigen", budget=0.1), "infinigen alph
 
 def record(path):
     SK.SLOTS = os.environ.get("INFINIGEN_SLOTS", "torch")         # (commits before the kernel ignore it)
-    model, tok = M.load_with_tokenizer(None)
+    dtype = getattr(torch, os.environ.get("INFINIGEN_DTYPE", "float32"))
+    model, tok = M.load_with_tokenizer(None, dtype=dtype)
     text = open(os.path.join(os.path.dirname(HERE), "prompts", "demo.txt")).read()
     prompts = [tok.encode(text[:1500]), tok.encode(text[1500:2600]), tok.encode(text[600:1400])]
     pols = {"paper": I.Policy.paper()} | {k: I.Policy(**v) for k, v in POLICIES.items()}
+    if os.environ.get("INFINIGEN_RUNS"):                                 # some of the runs only, by name
+        pols = {k: pols[k] for k in os.environ["INFINIGEN_RUNS"].split(",")}
     seen, plan = [], I.OffloadCache.plan
 
     def spy(self, layer, *a, **k):                          # each decode step's selection, as planned
@@ -47,8 +53,8 @@ def record(path):
         return p
     I.OffloadCache.plan = spy
     logits = []                                                    # a digest of each forward's logits
-    model.lm_head.register_forward_hook(
-        lambda m, i, o: logits.append(hashlib.sha1(o.detach().contiguous().numpy().tobytes()).hexdigest()))
+    digest = lambda o: hashlib.sha1(o.detach().contiguous().view(torch.uint8).numpy()).hexdigest()  # noqa: E731
+    model.lm_head.register_forward_hook(lambda m, i, o: logits.append(digest(o)))
     out = {}
     for name, pol in pols.items():
         seen.clear(), logits.clear()
@@ -60,6 +66,23 @@ def record(path):
     print(f"wrote {path}")
 
 
+def overlap(a, b, layers):
+    """Two runs' selections (as recorded) per sequence and KV head, up to each sequence's first different
+    token: how many are the same, of how many, and their mean Jaccard overlap."""
+    first = [next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x)) for x, y in
+             zip(a["tokens"], b["tokens"])]
+    kept = lambda idx, ok: {i for i, o in zip(idx, ok) if o}                                    # noqa: E731
+    same = n = 0
+    jac = 0.0
+    for i, ((_, ia, oa), (_, ib, ob)) in enumerate(zip(a["selections"], b["selections"])):
+        for s, heads in enumerate(zip(ia, oa, ib, ob)):         # step i // layers makes token i // layers + 1
+            if i // layers + 1 >= first[s]:
+                continue
+            for x, y in ((kept(*h[:2]), kept(*h[2:])) for h in zip(*heads)):
+                same, n, jac = same + (x == y), n + 1, jac + len(x & y) / max(len(x | y), 1)
+    return same, n, jac / max(n, 1)
+
+
 def compare(a, b):
     for f in (a, b):
         if not os.path.isfile(f):
@@ -69,12 +92,21 @@ def compare(a, b):
                                    for ib, ob in zip(idx, ok)]) for layer, idx, ok in sel]   # padding aside
     same = True
     for name in a:
-        got = {k: (a[name][k], b.get(name, {}).get(k)) for k in ("tokens", "selections", "fetched", "logits")
-               if k != "logits" or "logits" in a[name] and "logits" in b.get(name, {})}
-        got["selections"] = tuple(chosen(s or []) for s in got["selections"])
+        if name not in b:
+            print(f"{name:24s} not in the second recording")
+            same = False
+            continue
+        got = {k: (a[name][k], b[name][k]) for k in ("tokens", "selections", "fetched", "logits")
+               if k != "logits" or "logits" in a[name] and "logits" in b[name]}
+        got["selections"] = tuple(chosen(s) for s in got["selections"])
         eq = {k: x == y for k, (x, y) in got.items()}
         same &= all(eq.values())
         print(f"{name:24s} " + ", ".join(f"{k} {'same' if v else 'DIFFERENT'}" for k, v in eq.items()))
+        if not eq["selections"]:
+            layers = len({sel[0] for sel in a[name]["selections"]})                  # sparse layers per step
+            same_, n, jac = overlap(a[name], b[name], layers)
+            print(f"{'':24s} {same_} of {n} head selections the same ({same_ / max(n, 1):.4f}), "
+                  f"mean Jaccard overlap {jac:.4f}")
     return same
 
 

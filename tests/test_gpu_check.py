@@ -24,12 +24,15 @@ case "$*" in
             "the device gather runs"
         [ "$SMOKE_OK" = 1 ] ;;
     *"--suite gpu"*) exec sleep "$PART_S" ;;
+    *--collect-only*) [ -n "$IDS" ] && cat "$IDS"; echo "2 warnings, 9 tests collected" ;;
+    "-m pytest"*) printf '%s\n' "$@" >"$(mktemp "$CALLS.args.XXXXXX")"   # each argument on a line
+        echo "stand-in output" ;;
     *) echo "stand-in output" ;;
 esac
 """
 
 
-def gpu_check(tmp_path, parts, budget, part_s, smoke_ok):
+def gpu_check(tmp_path, parts, budget, part_s, smoke_ok, **env):
     repo, out, logs = tmp_path / "repo", tmp_path / "out", tmp_path / "logs"
     os.makedirs(repo / "results")
     os.makedirs(repo / "tests")
@@ -40,7 +43,8 @@ def gpu_check(tmp_path, parts, budget, part_s, smoke_ok):
     py.write_text(FAKE_PY)
     py.chmod(0o755)
     env = {**os.environ, "PY": str(py), "OUT": str(out), "LOGS": str(logs), "BUDGET_S": str(budget),
-           "CALLS": str(tmp_path / "calls"), "PART_S": str(part_s), "SMOKE_OK": str(int(smoke_ok))}
+           "CALLS": str(tmp_path / "calls"), "PART_S": str(part_s), "SMOKE_OK": str(int(smoke_ok)),
+           "PROCS": "16", "SUITE_S": "240", **env}             # (not those of a script that runs us)
     t = time.monotonic()
     run = subprocess.run(["bash", str(repo / "results" / "gpu_check.sh"), *parts], env=env,
                          capture_output=True, text=True, timeout=budget + 60)
@@ -89,13 +93,33 @@ def test_the_profile_and_grid_parts_and_the_suite_in_parallel_processes(tmp_path
     assert [c.split(" --models ")[0] for c in bench[:2]] == ["bench.py --suite profile"] * 2
     assert [c.split("--gather-per-sm ")[1].split()[0] for c in bench[2:]] == ["0", "0", "1"]
     assert [c.split(" --models ")[1].split()[0] for c in bench] == ["smollm2", "7b", "7b", "smollm2", "7b"]
-    suites = [c for c in calls if c.startswith("-m pytest") and "-m cuda" not in c]
+    suites = [c for c in calls if c.startswith("-m pytest -q -rfE")]
     files = sorted(f for c in suites for f in c.split() if f.startswith("tests/test_"))
-    assert len(suites) == 6 and files == [f"tests/test_{n}.py" for n in "abcdef"]   # 16 processes at most:
-    assert all(c.count("tests/test_") == 1 for c in suites)                         # here one file each
+    assert len(suites) == 6 and files == [f"tests/test_{n}.py" for n in "abcdef"]   # none collected (the
+    assert all(c.count("tests/test_") == 1 for c in suites)                         # stand-in): by file
     assert packed["suite.log"].count("exit status 0 after") == 6
     _, _, packed, calls = gpu_check(tmp_path / "host", ["grid"], budget=570, part_s=0, smoke_ok=False)
     assert "grid: skipped" in packed["grid.log"] and not [c for c in calls if "--gather-per-sm" in c]
+
+
+def test_the_suite_deals_its_tests_one_by_one(tmp_path):
+    """Dealt by test, not by file (one long file would decide the part's time); an id with spaces (a
+    parametrization's) reaches pytest as one argument; lines that are not test ids are left out; the
+    call's output (the device tool shows its tail) shows the start of each process's list only."""
+    ids = [f"tests/test_{f}.py::test_{i}_{'long' * 20}" for f in "ab" for i in range(4)]
+    ids += ["tests/test_b.py::t[a b]"]
+    noise = ["tests/test_a.py:3: PytestWarning: not an id"]
+    (tmp_path / "ids").write_text("\n".join(ids[:5] + noise + ids[5:]) + "\n")
+    run, _, packed, calls = gpu_check(tmp_path, ["suite"], budget=570, part_s=0, smoke_ok=True,
+                                      IDS=str(tmp_path / "ids"), PROCS="4")
+    assert run.returncode == 0, run.stderr
+    dealt = [(tmp_path / f).read_text().splitlines() for f in sorted(os.listdir(tmp_path))
+             if f.startswith("calls.args.")]
+    dealt = [[a for a in args if a.startswith("tests/")] for args in dealt]
+    assert sorted(a for args in dealt for a in args) == sorted(ids)         # each once, the spaced one whole
+    assert sorted(len(args) for args in dealt) == [2, 2, 2, 3]              # 9 tests to 4 processes
+    assert packed["suite.log"].count("exit status 0 after") == 4
+    assert max(map(len, run.stdout.splitlines())) < 300, "the call's output shows each list of tests whole"
 
 
 def test_the_slots_part_measures_every_selection_in_one_run(tmp_path):
