@@ -5,9 +5,9 @@
 #   tests
 # (and by name: `grid`, InfiniGen rows on other gather grids, measured at 83b3924)
 # (`suite`: the whole test suite, CPU tests included, first, its tests dealt one by one to PROCS (16)
-# processes, at most SUITE_S (240) s; where it was cut short, `BUDGET_S=240 bash results/gpu_check.sh suite` again in a
-# second call at once, while the machine is warm: a fresh one would not start on what is left of a session's
-# 15 minutes)
+# processes, at most SUITE_S (240) s; where it was cut short, `BUDGET_S=240 bash results/gpu_check.sh suite`
+# again in a second call at once, while the machine is warm: a fresh one would not start on what is left of a
+# session's 15 minutes)
 # Each part has its own time limit; what it measured is written as it goes: the results files under
 # results/ (bench-<gpu>.json, gather-<gpu>.json, timeline-<gpu>.json/.png, profile-<model>-<gpu>.json) and
 # the logs under $LOGS.
@@ -97,19 +97,19 @@ packer=$!
 trap 'kill $packer 2>/dev/null' EXIT
 for part in $parts; do
     case $part in
-    suite)      # every test, dealt one by one to $PROCS processes at once (16 cores): no file's length decides
+    suite)      # every test, dealt one by one to $PROCS processes (16 cores): no file's length decides
         rm -f "$LOGS"/suite-ids* "$LOGS"/suite-*.log           # (a second call on a warm machine: anew)
         timeout 90 "$PY" -m pytest --collect-only -q -p no:cacheprovider tests 2>/dev/null |
             grep -E "^tests/test_[a-z0-9_]+\.py::" >"$LOGS/suite-ids"
         [ -s "$LOGS/suite-ids" ] || ls tests/test_*.py >"$LOGS/suite-ids"     # not collected: whole files
-        procs=${PROCS:-16}
-        [ "$(wc -l <"$LOGS/suite-ids")" -lt "$procs" ] && procs=$(wc -l <"$LOGS/suite-ids")
+        procs=${PROCS:-16} n=$(wc -l <"$LOGS/suite-ids")
+        [ "$n" -lt "$procs" ] && procs=$n
         awk -v p="$procs" -v to="$LOGS/suite-ids-" '{ print > (to ((NR - 1) % p)) }' "$LOGS/suite-ids"
         pids=()
         for ((k = 0; k < procs; k++)); do
             mapfile -t ids <"$LOGS/suite-ids-$k"               # (test ids may hold spaces: one per line)
-            OMP_NUM_THREADS=$(((16 + procs - 1) / procs)) run suite-$k "${SUITE_S:-240}" "$PY" -m pytest -q -rfE \
-                --tb=short -p no:cacheprovider --continue-on-collection-errors "${ids[@]}" &
+            OMP_NUM_THREADS=$(((16 + procs - 1) / procs)) run suite-$k "${SUITE_S:-240}" "$PY" -m pytest \
+                -q -rfE --tb=short -p no:cacheprovider --continue-on-collection-errors "${ids[@]}" &
             pids+=($!)
         done
         wait "${pids[@]}"                                      # (not the packer)

@@ -66,20 +66,18 @@ def record(path):
     print(f"wrote {path}")
 
 
-def overlap(a, b, layers):
-    """Two runs' selections (as recorded) per sequence and KV head, up to each sequence's first different
-    token: how many are the same, of how many, and their mean Jaccard overlap."""
-    first = [next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x)) for x, y in
-             zip(a["tokens"], b["tokens"])]
-    kept = lambda idx, ok: {i for i, o in zip(idx, ok) if o}                                    # noqa: E731
+def overlap(a, b, tokens_a, tokens_b, layers):
+    """Two runs' kept slots (compare's `chosen`) per sequence and KV head, up to each sequence's first
+    different token: how many are the same, of how many, and their mean Jaccard overlap."""
+    first = [next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x))
+             for x, y in zip(tokens_a, tokens_b)]
     same = n = 0
     jac = 0.0
-    for i, ((_, ia, oa), (_, ib, ob)) in enumerate(zip(a["selections"], b["selections"])):
-        for s, heads in enumerate(zip(ia, oa, ib, ob)):         # step i // layers makes token i // layers + 1
-            if i // layers + 1 >= first[s]:
-                continue
-            for x, y in ((kept(*h[:2]), kept(*h[2:])) for h in zip(*heads)):
-                same, n, jac = same + (x == y), n + 1, jac + len(x & y) / max(len(x | y), 1)
+    for i, ((_, sa), (_, sb)) in enumerate(zip(a, b)):
+        for s, (ha, hb) in enumerate(zip(sa, sb)):              # step i // layers makes token i // layers + 1
+            if i // layers + 1 < first[s]:
+                for x, y in zip(map(set, ha), map(set, hb)):
+                    same, n, jac = same + (x == y), n + 1, jac + len(x & y) / max(len(x | y), 1)
     return same, n, jac / max(n, 1)
 
 
@@ -104,7 +102,7 @@ def compare(a, b):
         print(f"{name:24s} " + ", ".join(f"{k} {'same' if v else 'DIFFERENT'}" for k, v in eq.items()))
         if not eq["selections"]:
             layers = len({sel[0] for sel in a[name]["selections"]})                  # sparse layers per step
-            same_, n, jac = overlap(a[name], b[name], layers)
+            same_, n, jac = overlap(*got["selections"], *got["tokens"], layers)
             print(f"{'':24s} {same_} of {n} head selections the same ({same_ / max(n, 1):.4f}), "
                   f"mean Jaccard overlap {jac:.4f}")
     return same
