@@ -318,8 +318,8 @@ def main(argv=None, script=False):
     """The command line; `script`: this process ends with it (python infinigen.py), so after a Ctrl-C
     further ones stay ignored through the exit instead of breaking into the interpreter's shutdown."""
     args = parse_args(build_parser(), argv)
-    if script:                  # a terminal that cannot show a character gets its escape, not an error
-        sys.stdout.reconfigure(errors="backslashreplace")
+    if script and sys.stdout:   # a terminal that cannot show a character gets its escape, not an error
+        sys.stdout.reconfigure(errors="backslashreplace")                    # (None: stdout closed)
     run = Run(args)             # Ctrl-C as Python's default has it (not ignored, main thread): ours
     ours = threading.current_thread() is threading.main_thread() and \
         signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -397,7 +397,7 @@ class Run:
         if args.json:
             one = len(texts) == 1
             res = {"text": texts[0] if one else texts, "tokens": out[0] if one else out}
-            print(json.dumps(res | ({"stats": st} if st else {"interrupted": True})))
+            print(json.dumps(res | {"stats": st or None} | ({} if st else {"interrupted": True})))
             return
         print(self.stream.flush() if self.stream else "\n---\n".join(texts))
         if not st:
@@ -409,6 +409,15 @@ class Run:
             f = st["fetched_fraction_per_layer"]
             print(f"  fetched {sum(f) / len(f):.3f} of the KV per layer on average, "
                   f"{st['h2d_bytes_per_step'] / 2**20:.2f} MiB host->device per step", file=sys.stderr)
+        say = lambda line: print("  " + line, file=sys.stderr)      # recall, pool, timing: when measured
+        if "recall_per_layer" in st:
+            r = st["recall_per_layer"]
+            say(f"recall {sum(r) / len(r):.3f} of the attention mass per layer on average")
+        if "pool_misses" in st:
+            say(f"pool: {st['pool_misses']} misses in {st['pool_requests']} requests")
+        if st.get("copy_wait_s") is not None:
+            say(f"waited {st['copy_wait_s']:.3f}s for copies, "
+                f"{st['copy_wait_per_step_s'] * 1e3:.2f} ms per decode step")
 
     def interrupted(self):
         """Ctrl-C: print what was generated (the rest of the streamed text, or each sequence; --json: one
@@ -416,4 +425,4 @@ class Run:
         if self.got or self.args.json:
             rows = [list(r) for r in zip(*self.got)] or [[] for _ in range(self.n)]     # per sequence
             self.show([r[:next((j for j, x in enumerate(r) if x in self.stop), len(r))] for r in rows])
-        interrupted(f" after {len(self.got)} new tokens" if self.got else "")
+        interrupted(f" after {len(self.got)} new token{'s' * (len(self.got) != 1)}" if self.got else "")

@@ -222,7 +222,7 @@ class OffloadCache(M.Cache):
     def leave(self):
         self.decode_steps += self.decoding
         if not self.decoding and self.pol.layer_budget == "prompt" and self.need.any():  # prefill measured it
-            self.set_shares(SK.layer_shares(self.need, self.pol.dense_layers))
+            self.set_shares(SK.layer_shares(self.need, self.pol.dense_layers, budget=self.pol.budget))
         self.store.step_done()
         super().leave()
 
@@ -459,8 +459,8 @@ def generate(model, prompts, pol=None, max_new=64, temperature=0.0, top_p=1.0, s
     if min(len(p) for p in prompts) == 0:
         raise ValueError("an empty prompt: give at least one token (or drop --no-chat)")
     if T + max_new > model.cfg.max_seq_len:
-        raise ValueError(f"prompt of {T} tokens + {max_new} new tokens exceeds the model's context "
-                         f"of {model.cfg.max_seq_len}")
+        raise ValueError(f"prompt of {T} tokens + {max_new} new token{'s' * (max_new != 1)} exceeds the "
+                         f"model's context of {model.cfg.max_seq_len}")
     tokens, valid = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.bool)
     for b, p in enumerate(prompts):
         tokens[b, T - len(p):], valid[b, T - len(p):] = torch.tensor(p), True

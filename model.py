@@ -81,8 +81,8 @@ class Config:
             if (f.type is float and not num(v)) or (f.type is bool and type(v) is not bool):
                 want = "a positive number" if f.type is float else "true or false"
                 raise ModelError(f"config: {name} must be {want}, got {v!r}")
-        if not all(type(e) is int for e in self.eos_ids):
-            raise ModelError(f"config: eos_token_id must be integers, got {self.eos_ids!r}")
+        if not all(type(e) is int and 0 <= e < self.vocab_size for e in self.eos_ids):
+            raise ModelError(f"config: eos_token_id must be token ids below vocab_size, got {self.eos_ids!r}")
         if self.dim % self.n_heads and not self.head_dim:                    # (an explicit head_dim may)
             raise ModelError(f"num_attention_heads={self.n_heads} does not divide hidden_size={self.dim}")
         if (s := self.rope_scaling) and (not all(num(s.get(k)) for k in LLAMA3)
@@ -181,8 +181,7 @@ def attention_probs(q, k, mask):
     """Softmax weights (for H2O, recall, layer budgets) (B, H, Tq, Tk) float32; mask (B, 1|Hkv|H, Tq, Tk)."""
     B, H, Tq, d = q.shape
     Hkv, Tk, G = k.shape[1], k.shape[2], H // k.shape[1]
-    s = q.float().reshape(B, Hkv, G * Tq, d) @ k.float().transpose(-1, -2) / math.sqrt(d)
-    s = s.view(B, Hkv, G, Tq, Tk)
+    s = (q.float().reshape(B, Hkv, G * Tq, d) @ k.float().mT / math.sqrt(d)).view(B, Hkv, G, Tq, Tk)
     m = mask.view(B, Hkv, G, Tq, Tk) if mask.shape[1] == H else mask[:, :, None]
     return s.masked_fill(~m, float("-inf")).softmax(-1).nan_to_num(0.0).view(B, H, Tq, Tk)
 
@@ -252,8 +251,7 @@ class DenseCache(Cache):
         self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
 
     def attend(self, layer, q, k, v, x, rope):
-        self.k[layer].index_copy_(2, self.at, k)
-        self.v[layer].index_copy_(2, self.at, v)
+        self.k[layer].index_copy_(2, self.at, k), self.v[layer].index_copy_(2, self.at, v)
         return attention(q, self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span], self.mask)
 
 
@@ -299,8 +297,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.llama = cfg.arch == "llama"
-        if self.llama:  # SwiGLU
-            self.gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias) if self.llama else None   # SwiGLU
         self.up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
 
@@ -354,8 +351,7 @@ class Transformer(nn.Module):
         pos = cache.begin(tokens.shape[1], valid)                         # (B, T)
         x = self.embed(tokens)                                            # (B, T, C)
         if self.cfg.arch == "opt":
-            x = self.proj_in(x) if hasattr(self, "proj_in") else x
-            x = x + self.pos_embed(pos + 2)
+            x = (self.proj_in(x) if hasattr(self, "proj_in") else x) + self.pos_embed(pos + 2)
         rope = rope_tables(self.inv_freq, pos, x.dtype) if self.cfg.arch == "llama" else None
         for i, block in enumerate(self.layers):
             x = block(x, i, cache, rope)
@@ -464,12 +460,13 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
             model = Transformer(cfg)
     except RuntimeError as e:                              # sizes whose product overflows a tensor
         raise ModelError(f"config.json describes tensors too large to build: {e}") from None
-    params, loaded = dict(model.named_parameters()), {}
+    params, loaded, extra = dict(model.named_parameters()), {}, []
     for fname in files:
         try:
             with safe_open(os.path.join(folder, fname), framework="pt") as f:
                 for name in f.keys():
-                    if (ours := map_name(name)) is None or ours not in params:
+                    if (ours := map_name(name)) is None or ours not in params:   # not ours; or a layer
+                        extra += [name] * (ours not in (None, "lm_head.weight"))   # past n_layers
                         continue
                     if (t := f.get_tensor(name)).shape != (want := params[ours].shape):
                         raise ModelError(f"{name}: shape {tuple(t.shape)} in the file, {tuple(want)} "
@@ -477,6 +474,9 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
                     loaded[ours] = t.to(device=device, dtype=dtype)
         except (SafetensorError, OSError) as e:   # header not JSON, data shorter than the header says ...
             raise ModelError(f"{os.path.join(folder, fname)} is not a valid safetensors file: {e}") from None
+    if extra:
+        raise ModelError(f"{len(extra)} weights in {folder} have no place in the model config.json "
+                         f"describes, e.g. {extra[0]} (do its layer count and biases match them?)")
     if cfg.tie_embeddings:                                  # (untied and absent: missing, below)
         loaded["lm_head.weight"] = loaded.get("embed.weight")
     if missing := [n for n in params if loaded.get(n) is None]:

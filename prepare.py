@@ -97,10 +97,13 @@ def write_folder(out_dir, writers):
     from safetensors import SafetensorError
     os.makedirs(out_dir, exist_ok=True)
     tmp = {name: os.path.join(out_dir, f"{name}.tmp{os.getpid()}") for name in writers}
+    umask = os.umask(0o22)                       # (read it back: safetensors writes its file as 0600)
+    os.umask(umask)
     try:
         for name in sorted(writers, key=FILES.index):
             try:
                 writers[name](tmp[name])
+                os.chmod(tmp[name], 0o666 & ~umask)                    # as any file this user writes
                 os.replace(tmp[name], os.path.join(out_dir, name))
             except (OSError, SafetensorError) as e:                    # a full disk, a folder gone
                 why = e.strerror if isinstance(e, OSError) and e.strerror else e

@@ -246,12 +246,19 @@ def needed_share(p, mask, mass=0.9):
     return (need / seen)[seen > 1].mean().nan_to_num(0.0)
 
 
-def layer_shares(need, first, lo=0.2, hi=4.0):
+def layer_shares(need, first, lo=0.2, hi=4.0, budget=None):
     """need (L,) -> share (L,): layers first.. split the budget in proportion to their need (each ratio
-    to the mean clamped to lo..hi, then all rescaled to mean 1); the dense layers before `first` keep 1."""
+    to the mean clamped to lo..hi, then all rescaled to mean 1); the dense layers before `first` keep 1.
+    With a fractional budget no share exceeds 1 / budget (a layer cannot fetch more than its whole past):
+    what a capped layer cannot use goes to the others, in proportion, so the mean stays 1 (a token count
+    as the budget: no fixed cap, the past grows)."""
     share = torch.ones_like(need)
     w = (need[first:] / need[first:].mean()).clamp(lo, hi)
-    share[first:] = w / w.mean()
+    w, cap = w / w.mean(), 1 / budget if budget is not None and budget <= 1 else math.inf
+    while (w > cap).any():                 # each round caps at least one more layer: at most L rounds
+        full = w >= cap
+        w = torch.where(full, w.clamp(max=cap), w * (len(w) - cap * full.to(w.dtype).sum()) / w[~full].sum())
+    share[first:] = w
     return share
 
 

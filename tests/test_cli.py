@@ -55,6 +55,9 @@ def tiny(tmp_path_factory):
     shutil.copytree(llama, root / "nan")
     nan = {k: torch.full_like(t, float("nan")) for k, t in load_file(llama / "model.safetensors").items()}
     save_file(nan, str(root / "nan" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(llama, root / "short")            # config.json names one layer, the weights hold two
+    hf = json.loads((llama / "config.json").read_text())
+    (root / "short" / "config.json").write_text(json.dumps(hf | {"num_hidden_layers": 1}))
     return root
 
 
@@ -92,6 +95,7 @@ def error_cases(tiny):
                                     "it needs --cpu-kv-capacity"),
         "a pool for full": (["--cpu-kv-capacity", "0.5", "--prompt", "hi"], "no CPU pool"),
         "recall of full": (["--measure-recall", "--prompt", "hi"], "not for --policy full"),
+        "weights past config's layers": (["--model", str(tiny / "short"), "--prompt", "hi"], "have no place"),
     }
     if not CUDA:
         cases["cuda unavailable"] = (["--device", "cuda", "--prompt", "hi"], "CUDA")
@@ -114,6 +118,9 @@ SUCCESS = {
 @pytest.fixture(scope="module")
 def runs(tiny):
     jobs = {name: args for name, (args, _) in error_cases(tiny).items()}
+    jobs["recall printed"] = ["--model", str(tiny / "llama"), "--no-chat", "--policy", "h2o", "--budget",
+                              "0.5", "--dense-layers", "1", "--measure-recall", "--max-new-tokens", "3",
+                              "--prompt", "the quick brown fox jumps"]
     jobs |= SUCCESS if default_model_available() else {}          # these run the built-in default model
     cut = lambda args: args.index("--env") if "--env" in args else len(args)     # noqa: E731 (our flag)
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
@@ -129,7 +136,7 @@ ERROR_NAMES = ["missing model folder", "no safetensors", "unsupported model_type
                "negative alpha", "negative capacity", "cuda unavailable", "prompt file named ''",
                "calibration file named ''", "sampling NaN logits", "kernel without its interpreter",
                "greedy on NaN logits", "prompt and prompt file", "calibration for h2o",
-               "eviction without a pool", "a pool for full", "recall of full"]
+               "eviction without a pool", "a pool for full", "recall of full", "weights past config's layers"]
 
 
 @pytest.mark.parametrize("name", ERROR_NAMES)
@@ -142,6 +149,23 @@ def test_error_is_one_line(name, runs, tiny):
     assert "Traceback" not in r.stderr + r.stdout
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert word in lines[0], lines[0]
+
+
+def test_a_closed_stdout_still_gets_its_one_error_line():
+    """`infinigen.py ... >&-`: no stdout to reconfigure, still one line on stderr, not a traceback."""
+    r = subprocess.run(["bash", "-c", 'exec "$@" >&-', "_", *CLI, "--budget", "0", "--prompt", "hi"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith("error:") and "budget" in r.stderr, r.stderr
+
+
+def test_what_a_run_measured_is_printed_after_it(runs):
+    """--measure-recall (and a pool, and copy waits) are shown without --json too, after the run."""
+    r = runs["recall printed"]
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("[h2o] prefill"), lines
+    assert any(ln.strip().startswith("recall 0.") for ln in lines), lines
 
 
 # --- Success: --json

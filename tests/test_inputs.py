@@ -202,7 +202,9 @@ def test_config_checks():
                          "high_freq_factor > low_freq_factor"), ({"eos_token_id": [1.5]}, "eos_token_id"),
                         ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
                         ({"attention_bias": "no"}, "attention_bias must be true or false"),
-                        ({"num_attention_heads": 3}, "does not divide")]:
+                        ({"num_attention_heads": 3}, "does not divide"),
+                        ({"eos_token_id": [2, 32]}, "below vocab_size"),
+                        ({"eos_token_id": -1}, "below vocab_size")]:
         hf = {k: v for k, v in {**base, **bad}.items() if v is not None}
         with pytest.raises(M.ModelError, match=phrase):
             M.Config.from_hf(hf)
@@ -305,7 +307,7 @@ def test_ctrl_c_prints_what_was_generated(files, monkeypatch, mode):
     assert code == 130 and err.strip().splitlines()[-1] == "interrupted after 5 new tokens", (code, err)
     if mode == "json":
         res = json.loads(out)
-        assert res["interrupted"] and len(res["tokens"]) == 5 and res["text"]
+        assert res["interrupted"] and len(res["tokens"]) == 5 and res["text"] and res["stats"] is None
     elif mode == "batch":
         assert out.count("\n---\n") == 1 and all(len(t.split()) == 5 for t in out.strip().split("\n---\n"))
     else:
@@ -318,8 +320,8 @@ def test_ctrl_c_before_any_token(files, monkeypatch, json_out):
     monkeypatch.setattr(M, "load_with_tokenizer", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     code, out, err = call(cli.main, ["--model", files["tiny"], "--prompt", "hi", *json_out])
     assert code == 130 and err.strip() == "interrupted"
-    want = {0: "", 1: '{"text": "", "tokens": [], "interrupted": true}\n',
-            3: '{"text": ["", ""], "tokens": [[], []], "interrupted": true}\n'}[len(json_out)]
+    want = {0: "", 1: '{"text": "", "tokens": [], "stats": null, "interrupted": true}\n',
+            3: '{"text": ["", ""], "tokens": [[], []], "stats": null, "interrupted": true}\n'}[len(json_out)]
     assert out == want, out
 
 
@@ -394,6 +396,19 @@ def test_a_full_disk_during_prepare_is_one_line_and_nothing_prepared(tmp_path, m
     assert not prepared_or_loadable(out) and leftovers(out) == []
     prepare.write_folder(out, writers())
     assert prepare.prepared(out) and leftovers(out) == []
+
+
+def test_prepared_files_are_readable_as_the_umask_allows(tmp_path):
+    """safetensors writes its file as 0600: prepare gives every file the mode the user's umask gives."""
+    from safetensors.torch import save_file
+    ws = dict(writers(), **{"model.safetensors": lambda path: save_file({"w": torch.zeros(2)}, path)})
+    old = os.umask(0o022)
+    try:
+        prepare.write_folder(str(tmp_path / "m"), ws)
+    finally:
+        os.umask(old)
+    modes = {n: os.stat(tmp_path / "m" / n).st_mode & 0o777 for n in prepare.FILES}
+    assert set(modes.values()) == {0o644}, modes
 
 
 def test_results_files_are_whole_or_untouched(tmp_path, monkeypatch):

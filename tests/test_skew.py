@@ -265,6 +265,20 @@ def test_layer_shares_keep_the_mean(need, first):
     assert share[first:].max() <= share[first:].min() * 4.0 / 0.2 * (1 + 1e-5), "no layer starves"
 
 
+@HYP
+@given(need=st.lists(st.floats(0.001, 1.0), min_size=1, max_size=12), budget=st.floats(0.05, 1.0))
+def test_layer_shares_never_ask_a_layer_for_more_than_its_past(need, budget):
+    """A high budget caps the layers that need most at their whole past (share x budget <= 1) and gives
+    what they cannot use to the others: the mean, the budget, stays, and so does the order."""
+    need = torch.tensor(need, dtype=torch.float64)
+    share = SK.layer_shares(need, 0, budget=budget)
+    assert (share * budget <= 1 + 1e-9).all(), (share * budget).max()
+    assert abs(share.mean().item() - 1.0) < 1e-9
+    assert (share[need.argsort()].diff() >= -1e-9).all(), "more need must not get a smaller share"
+    if (SK.layer_shares(need, 0) * budget <= 1).all():
+        assert torch.equal(share, SK.layer_shares(need, 0)), "no cap reached: the split is unchanged"
+
+
 def test_layer_shares_clamp_each_ratio_before_rescaling():
     """need 0.001 and 1.0: ratios to the mean 0.002 and 1.998, the first raised to 0.2, then both
     rescaled to mean 1 (a layer that needs little still gets a fifth of the mean before rescaling)."""
