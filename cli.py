@@ -402,7 +402,8 @@ class Run:
         print(self.stream.flush() if self.stream else "\n---\n".join(texts))
         if not st:
             return
-        print(f"[{args.policy}] prefill {st['prefill_s']:.2f}s, decode {st['decode_steps']} steps in "
+        n = st["decode_steps"]
+        print(f"[{args.policy}] prefill {st['prefill_s']:.2f}s, decode {n} step{'s' * (n != 1)} in "
               f"{st['decode_s']:.2f}s ({st['tokens_per_s'] or '-'} tok/s), "
               f"KV {st['kv_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
         if "fetched_fraction_per_layer" in st:

@@ -374,9 +374,10 @@ class Tok:
         except Exception as e:                                # `tokenizers` raises a bare Exception
             raise ModelError(f"{path} is not a tokenizer: {e}") from None
         self.chat = read_json(chat) if os.path.exists(chat) else None
-        stop, system = (self.chat or {}).get("stop", []), (self.chat or {}).get("system") or ""
-        if not (isinstance(stop, list) and all(isinstance(s, str) for s in [*stop, system])):
-            raise ModelError(f"{chat}: \"stop\" must be a list of strings and \"system\" a string")
+        c = self.chat or {}                                     # the one format we write: ChatML
+        stop, system, fmt = c.get("stop", []), c.get("system") or "", c.get("format", "chatml")
+        if fmt != "chatml" or not isinstance(stop, list) or {type(s) for s in [*stop, system]} - {str}:
+            raise ModelError(f'{chat}: "format" must be "chatml", "stop" a list of strings, "system" text')
         self.stop_ids = [self.tok.token_to_id(s) for s in stop if self.tok.token_to_id(s) is not None]
 
     def encode(self, text, chat=True):
@@ -475,8 +476,7 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
         except (SafetensorError, OSError) as e:   # header not JSON, data shorter than the header says ...
             raise ModelError(f"{os.path.join(folder, fname)} is not a valid safetensors file: {e}") from None
     if extra:
-        raise ModelError(f"{len(extra)} weights in {folder} have no place in the model config.json "
-                         f"describes, e.g. {extra[0]} (do its layer count and biases match them?)")
+        raise ModelError(f"{len(extra)} weights have no place in {folder}'s config.json, e.g. {extra[0]}")
     if cfg.tie_embeddings:                                  # (untied and absent: missing, below)
         loaded["lm_head.weight"] = loaded.get("embed.weight")
     if missing := [n for n in params if loaded.get(n) is None]:

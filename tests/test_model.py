@@ -641,13 +641,14 @@ def test_load_untied_without_lm_head(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("chat", [{"stop": 5}, {"stop": None}, {"stop": [3]}, {"stop": {"a": 1}},
-                                  {"stop": "<|im_end|>"}, {"system": {"a": 1}}, {"system": 3}])
+                                  {"stop": "<|im_end|>"}, {"system": {"a": 1}}, {"system": 3},
+                                  {"format": "llama2"}])
 def test_chat_json_of_the_wrong_shape(tmp_path, chat):
     from tokenizers import Tokenizer, models
     tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "chat.json").write_text(json.dumps(chat))
-    with pytest.raises(ModelError, match='"stop" must be a list of strings and "system" a string'):
+    with pytest.raises(ModelError, match='"stop" a list of strings, "system" text'):
         model.Tok(str(tmp_path))
     (tmp_path / "chat.json").write_text(json.dumps({"system": "Be brief.", "stop": ["a", "zzz"]}))
     assert model.Tok(str(tmp_path)).stop_ids == [0]
