@@ -466,9 +466,9 @@ def load(path_or_id, device="cpu", dtype=torch.float32):
         try:
             with safe_open(os.path.join(folder, fname), framework="pt") as f:
                 for name in f.keys():
-                    if (ours := map_name(name)) is None or ours not in params:   # not ours; or a layer
-                        extra += [name] * (ours not in (None, "lm_head.weight"))   # past n_layers
-                        continue
+                    if (ours := map_name(name)) is None or ours not in params:   # not a weight we use,
+                        extra += [name] * (ours not in (None, "lm_head.weight"))   # or no place for it
+                        continue                                # (a layer past n_layers, a bias): extra
                     if (t := f.get_tensor(name)).shape != (want := params[ours].shape):
                         raise ModelError(f"{name}: shape {tuple(t.shape)} in the file, {tuple(want)} "
                                          "expected (does config.json match them?)")
