@@ -50,8 +50,8 @@ lint: $(DEV)  ## ruff: pyflakes, bugbear, imports, lines of at most 110 characte
 test: $(DEV) model lint  ## lint, then every test (CPU; CUDA tests skip without a GPU)
 	$(PY) -m pytest -q
 
-eval: $(DEV) model  ## the accuracy study: results/eval-*.json, plots, README table
-	$(PY) eval.py --study --text $(TEXT) --context 2048 --windows 2 --decode 512
+eval: $(DEV) model  ## the accuracy study: results/eval-*.json, plots, README table (ARGS="--only pool")
+	$(PY) eval.py --study --text $(TEXT) --context 2048 --windows 2 --decode 512 $(ARGS)
 
 bench: $(DEV)  ## throughput: the GPU suite with CUDA, else the CPU one (ARGS="--suite timeline" ...)
 	$(PY) bench.py $(ARGS)

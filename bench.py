@@ -1089,6 +1089,12 @@ def check_flags(a):
         raise ValueError(f"{flag} is not used by the {a.suite} suite (only by {users})")
     if a.new_tokens == 1:
         raise ValueError("--new-tokens 1 leaves no decode step to time: give at least 2")
+    cuda = a.device != "cpu" and torch.cuda.is_available()             # where the suite's rows run
+    if a.gather_per_sm is not None and (a.gather == "host" or a.gather in (None, "auto") and not cuda):
+        raise ValueError("--gather-per-sm sets the device gather's grid, but these rows gather on the host "
+                         "(--gather host, or auto without CUDA): give --gather device")
+    if a.graphs is False and not cuda:
+        raise ValueError("--no-graphs: CUDA graphs are captured on CUDA only; these rows run on the CPU")
     empty = next((k for k, v in vars(a).items() if isinstance(v, str) and not v.strip()), None)
     if empty:                                                 # not the default in disguise
         raise ValueError(f"--{empty.replace('_', '-')} is empty")

@@ -53,10 +53,10 @@ class Once(argparse._StoreAction):
 
 
 class Parser(argparse.ArgumentParser):
-    def __init__(self, *a, **kw):
+    def __init__(self, *a, prints=False, **kw):  # prints: what it is run for ends on stdout, none: refused
         super().__init__(*a, **kw)
         self.register("action", None, Once)                 # every plain flag of every script
-        self.given = {}
+        self.given, self.prints = {}, prints
 
     def error(self, message):  # one line, no usage dump
         fail(message)
@@ -68,6 +68,8 @@ class Parser(argparse.ArgumentParser):
             v = getattr(ns, act.dest, None)
             if isinstance(v, list) and (v == [] or [] in v):
                 self.error(f"argument {'/'.join(act.option_strings)}: expected one argument")
+        if self.prints and sys.stdout is None:                 # `>&-`: the run's answer would go nowhere
+            self.error("standard output is closed, so the results would be lost: redirect it (> FILE)")
         return ns
 
 
@@ -207,7 +209,7 @@ class Stream:
 
 
 def build_parser():
-    p = Parser(description="InfiniGen reference engine: generate with a KV-cache policy.")
+    p = Parser(description="InfiniGen reference engine: generate with a KV-cache policy.", prints=True)
     a = p.add_argument
     a("--model", default=None, help="model folder or hub id (default: the built-in SmolLM2-135M-Instruct)")
     a("--prompt", action="append", help="prompt text (repeat for a batch)")

@@ -52,28 +52,30 @@ def compare(model, windows, pol, prefix=None, chunk=256, progress=True):
     W, N = windows.shape
     prefix = prefix or N // 2
     rows, frac, missed, asked, t0, dev = [], [], 0, 0, time.time(), next(model.parameters()).device
-    for w in range(W):
-        win = windows[w:w + 1].to(dev)
-        ref = full_logprobs(model, win, prefix)[0]                     # position t's logits predict token t+1
-        cache = I.make_cache(model, pol, 1, N)
-        I.prefill(model, cache, win[:, :prefix], torch.ones(1, prefix, dtype=torch.bool))
-        pool = cache.store.pool if hasattr(cache, "store") else None
-        if pool:                                                     # count the decode steps only
-            missed, asked = missed - pool.misses, asked - pool.requests
-        for t in range(prefix, N - 1):
-            lp = I.decode_one(model, cache, win[:, t])[0].float().log_softmax(-1)   # predicts token t+1
-            r, tgt = ref[t - prefix], win[0, t + 1]
-            rows.append(torch.stack([-lp[tgt], -r[tgt], (lp.argmax() == r.argmax()).float(),
-                                     (r.exp() * (r - lp)).sum().clamp(min=0)]))      # on the device: no sync
-            if progress and (t - prefix) % 64 == 0:
-                print(f"\r  {pol.name}: window {w + 1}/{W}, {t - prefix + 1}/{N - 1 - prefix} positions "
-                      f"({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
-        frac.append(I.stats_of(model, cache, 0, 1, 1, 1).get("fetched_fraction_per_layer",
-                                                             [1.0] * model.cfg.n_layers))
-        if pool:
-            missed, asked = missed + pool.misses, asked + pool.requests
-    if progress:
-        print(file=sys.stderr)
+    try:                                     # the progress line ends, also on an error or a Ctrl-C
+        for w in range(W):
+            win = windows[w:w + 1].to(dev)
+            ref = full_logprobs(model, win, prefix)[0]                 # position t's logits predict token t+1
+            cache = I.make_cache(model, pol, 1, N)
+            I.prefill(model, cache, win[:, :prefix], torch.ones(1, prefix, dtype=torch.bool))
+            pool = cache.store.pool if hasattr(cache, "store") else None
+            if pool:                                                     # count the decode steps only
+                missed, asked = missed - pool.misses, asked - pool.requests
+            for t in range(prefix, N - 1):
+                lp = I.decode_one(model, cache, win[:, t])[0].float().log_softmax(-1)   # predicts token t+1
+                r, tgt = ref[t - prefix], win[0, t + 1]
+                rows.append(torch.stack([-lp[tgt], -r[tgt], (lp.argmax() == r.argmax()).float(),
+                                         (r.exp() * (r - lp)).sum().clamp(min=0)]))  # on the device: no sync
+                if progress and (t - prefix) % 64 == 0:
+                    print(f"\r  {pol.name}: window {w + 1}/{W}, {t - prefix + 1}/{N - 1 - prefix} positions "
+                          f"({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
+            frac.append(I.stats_of(model, cache, 0, 1, 1, 1).get("fetched_fraction_per_layer",
+                                                                 [1.0] * model.cfg.n_layers))
+            if pool:
+                missed, asked = missed + pool.misses, asked + pool.requests
+    finally:
+        if progress:
+            print(file=sys.stderr)
     nll, nll_full, agree, kl = torch.stack(rows).cpu().view(W, N - 1 - prefix, 4).unbind(-1)   # each (W, n)
     finite = torch.isfinite(torch.stack([nll, nll_full, kl])).all()
     if not (finite and max(nll.mean(), nll_full.mean()) < 700):
@@ -167,9 +169,8 @@ def check_only(args):
             raise ValueError(f"--only: unknown part {unknown[0]!r} (choose from {', '.join(PARTS)})")
     if args.study and args.passkey:
         raise ValueError("--passkey and --study both given: the study's own is --study --only passkey")
-    d = cli.parse_args(build_parser(), ["--paper"] if args.paper else [])     # the defaults in force
     mode = "report" if args.report else "study" if args.study else "passkey" if args.passkey else "text"
-    given = [k for k, v in vars(args).items() if v != getattr(d, k) and k not in ("paper", "json")]
+    given = [k for k in getattr(args, "given", ()) if k not in ("paper", "json")]   # its default too
     given += ["paper"] if args.paper and mode == "report" else []      # elsewhere it sets the defaults
     unread, why = UNREAD.get(mode, (set(given) - {"report"}, "it rebuilds the table from results/"))
     if bad := [k for k in given if k in unread]:
@@ -182,13 +183,17 @@ def wants_passkey(args):
     return args.passkey or (args.study and (not args.only or "passkey" in args.only.split(",")))
 
 
+def wants_text(args):  # the windows of --text: a single run, or a study with a part other than passkey
+    return not args.passkey and (not args.study or not args.only or args.only.split(",") != ["passkey"])
+
+
 def study(model, tok, args):
     """Every comparison of `make eval`, one JSON per part in results/: {"results": the files written}.
     (report() then makes the plots and the README table.)"""
     base = dict(budget=0.1, alpha=args.alpha, partial_ratio=args.partial_ratio, skew=args.skew,
                 layer_budget=args.layer_budget, head_count=args.head_count)
     other = "uniform" if args.layer_budget == "prompt" else "prompt"       # the layers part: the other rule
-    win = windows_of(tok, args.text, args.context, args.windows)
+    win = windows_of(tok, args.text, args.context, args.windows) if wants_text(args) else None
     parts = {
         "policies": [dict(base, name=n, budget=b)
                      for b in (0.05, 0.1, 0.2) for n in ("infinigen", "h2o", "oracle")]
@@ -202,8 +207,8 @@ def study(model, tok, args):
         "paper": [dict(kw, name="infinigen", budget=b) for b in (0.1, 0.2) for kw in (I.PAPER, DEFAULTS)],
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    meta = {"model": args.model or "default", "text": os.path.basename(args.text), "context": args.context,
-            "windows": args.windows, "decode": args.decode,
+    meta = {"model": args.model or "default", "text": args.text and os.path.basename(args.text),
+            "context": args.context, "windows": args.windows, "decode": args.decode,
             "command": "python eval.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d")}
     written = []
     for part, pols in parts.items():
@@ -452,7 +457,7 @@ def run(args):
     if wants_passkey(args):
         args.contexts = contexts_of(args.contexts, model.cfg.max_seq_len)
         args.trials = passkey_trials(tok, args.contexts)     # a context too short fails now, before any work
-    if args.study or not args.passkey:
+    if wants_text(args):
         if not args.text:
             raise ValueError("--text FILE is required (or --passkey)")
         if not 2 <= args.decode < args.context <= model.cfg.max_seq_len:
@@ -468,7 +473,7 @@ def run(args):
 
 def build_parser():
     d = I.Policy()
-    p = cli.Parser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0], prints=True)
     a = p.add_argument
     a("--text", help="text file for teacher-forced evaluation")
     a("--context", type=cli.positive_int, default=2048, help="window length in tokens")
@@ -501,14 +506,23 @@ def build_parser():
     return p
 
 
+def parse(argv=None):
+    """The flags, and in args.given those given on the command line, in order (check_only refuses the
+    unread ones even at their default value)."""
+    p = build_parser()
+    args = cli.parse_args(p, argv)
+    args.given = [*p.given, *(a.dest for a in p._actions if a.const is True and getattr(args, a.dest))]
+    return args
+
+
 def main(argv=None):
-    args = cli.parse_args(build_parser(), argv)
+    args = parse(argv)
     try:
         res = run(args)
     except cli.KNOWN as e:
         cli.fail(e)
     except KeyboardInterrupt:
-        cli.interrupted(": results files already written stay whole")
+        cli.interrupted(": results files already written stay whole" if args.study or args.report else "")
     try:
         if args.json:
             print(json.dumps(res), flush=True)

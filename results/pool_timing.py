@@ -29,29 +29,34 @@ def main():
     p.add_argument("--out", default=os.path.join(HERE, "pool-timing.json"))
     args = p.parse_args()
     try:
-        lengths = [int(n) for n in args.prompts.split(",")]
-        m, folder = M.load(prepare.prepare(), "cpu", torch.float32)
-        ids = M.Tok(folder).encode(cli.read_text(args.text, "--text"), chat=False)
-        prompts = [ids[i * 97:i * 97 + n] for i, n in enumerate(lengths)]
-        if min(map(len, prompts)) < min(lengths):
-            raise ValueError(f"{args.text} is too short for prompts of {max(lengths)} tokens")
-    except (M.ModelError, ValueError, OSError) as e:
+        run(args, cli.writable(args.out))
+    except cli.KNOWN as e:                 # bad lengths, capacity or text; a results file not written
         cli.fail(e)
+
+
+def run(args, out):
+    lengths = [int(n) for n in args.prompts.split(",")]
+    pols = [("no pool", I.Policy("infinigen")),
+            (f"pool {args.capacity:g} {args.eviction}",
+             I.Policy("infinigen", capacity=args.capacity, eviction=args.eviction))]
+    m, folder = M.load(prepare.prepare(), "cpu", torch.float32)
+    ids = M.Tok(folder).encode(cli.read_text(args.text, "--text"), chat=False)
+    prompts = [ids[i * 97:i * 97 + n] for i, n in enumerate(lengths)]
+    if min(map(len, prompts)) < min(lengths):
+        raise ValueError(f"{args.text} is too short for prompts of {max(lengths)} tokens")
     rows = []
-    for name, pol in [("no pool", I.Policy("infinigen")),
-                      (f"pool {args.capacity:g} {args.eviction}",
-                       I.Policy("infinigen", capacity=args.capacity, eviction=args.eviction))]:
+    for name, pol in pols:
         t = time.perf_counter()
-        out, st = I.generate(m, prompts, pol, args.new)
+        _, st = I.generate(m, prompts, pol, args.new)
         row = dict(run=name, total_s=round(time.perf_counter() - t, 2), prefill_s=round(st["prefill_s"], 2),
                    decode_s=round(st["decode_s"], 2), decode_steps=st["decode_steps"],
                    pool_misses=st.get("pool_misses"), pool_requests=st.get("pool_requests"))
         rows.append(row)
         print(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
-    cli.write_json(args.out, dict(command="python results/pool_timing.py " + " ".join(sys.argv[1:]),
-                                  date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(),
-                                  prompts=lengths, new_tokens=args.new, rows=rows))
+    cli.write_json(out, dict(command="python results/pool_timing.py " + " ".join(sys.argv[1:]),
+                             date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(),
+                             prompts=lengths, new_tokens=args.new, rows=rows))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_script(main)

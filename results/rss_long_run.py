@@ -9,7 +9,6 @@ calls it (the cache is caught on its way out of make_cache). Made by:
 
   nice -n 10 python results/rss_long_run.py --prompt-tokens 4096 --new-tokens 4096 --every 64 --touch
 """
-import argparse
 import gc
 import json
 import os
@@ -62,20 +61,26 @@ def text_tokens(tok, n):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompt-tokens", type=int, default=4096)
-    p.add_argument("--new-tokens", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--every", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1)
+    p = cli.Parser(description=__doc__.splitlines()[0])
+    for flag, default in (("--prompt-tokens", 4096), ("--new-tokens", 4096), ("--batch", 4), ("--every", 64),
+                          ("--threads", 1)):
+        p.add_argument(flag, type=cli.positive_int, default=default)
     p.add_argument("--name", default="8k")
     p.add_argument("--touch", action="store_true", help="write every preallocated buffer once before the run "
                    "(their pages resident from the start: RSS then shows what the run itself adds)")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     a = p.parse_args()
+    try:
+        run(a)
+    except cli.KNOWN as e:                  # no model, a prompt over the context, no results to redraw
+        cli.fail(e)
+
+
+def run(a):
     if a.plot_only:
         path = os.path.join(HERE, f"rss-{a.name}.json")
-        return plot(json.load(open(path)), path[:-5] + ".png")
+        with open(path) as f:
+            return plot(json.load(f), path[:-5] + ".png")
     torch.set_num_threads(a.threads)
     model, tok = M.load_with_tokenizer(prepare.prepare())
     ids = text_tokens(tok, a.prompt_tokens + 1000 * a.batch)
@@ -103,11 +108,6 @@ def main():
         s = samples[-1]
         print(f"step {step}: {s['rss_mib']} MiB, {s['gc_objects']} objects, {s['t_s']} s", file=sys.stderr)
 
-    def on_token(nxt):  # called after prefill, then after every decode step
-        on_token.n += 1
-        if on_token.n == 1 or on_token.n % a.every == 0 or on_token.n == a.new_tokens:
-            sample(on_token.n - 1)                         # decode steps done so far (0: right after prefill)
-    on_token.n = 0
     rss_start, path = rss_mib(), os.path.join(HERE, f"rss-{a.name}.json")
 
     def save(st=None, stopped=None):  # after every sample: a run stopped early keeps its curve
@@ -177,4 +177,4 @@ def plot(out, path):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_script(main)

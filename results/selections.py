@@ -35,15 +35,25 @@ POLICIES = {"infinigen 0.1": dict(name="infinigen", budget=0.1), "infinigen alph
             "streaming 0.1": dict(name="streaming", budget=0.1), "offload": dict(name="offload")}
 
 
+def setting(name, choices):  # an environment variable's value, the first choice when unset; else refused
+    v = os.environ.get(name, choices[0])
+    if v not in choices:
+        cli.fail(f"{name}={v!r}: choose from {', '.join(choices)}")
+    return v
+
+
 def record(path):
-    SK.SLOTS = os.environ.get("INFINIGEN_SLOTS", "torch")         # (commits before the kernel ignore it)
-    dtype = getattr(torch, os.environ.get("INFINIGEN_DTYPE", "float32"))
+    SK.SLOTS = setting("INFINIGEN_SLOTS", ("torch", "kernel", "fused"))  # (commits before the kernel: unread)
+    dtype = getattr(torch, setting("INFINIGEN_DTYPE", ("float32", "float16", "bfloat16")))
     model, tok = M.load_with_tokenizer(None, dtype=dtype)
     text = open(os.path.join(os.path.dirname(HERE), "prompts", "demo.txt")).read()
     prompts = [tok.encode(text[:1500]), tok.encode(text[1500:2600]), tok.encode(text[600:1400])]
     pols = {"paper": I.Policy.paper()} | {k: I.Policy(**v) for k, v in POLICIES.items()}
     if os.environ.get("INFINIGEN_RUNS"):                                 # some of the runs only, by name
-        pols = {k: pols[k] for k in os.environ["INFINIGEN_RUNS"].split(",")}
+        names = os.environ["INFINIGEN_RUNS"].split(",")
+        if unknown := [k for k in names if k not in pols]:
+            cli.fail(f"INFINIGEN_RUNS: no run {unknown[0]!r} (choose from {', '.join(pols)})")
+        pols = {k: pols[k] for k in names}
     seen, plan = [], I.OffloadCache.plan
 
     def spy(self, layer, *a, **k):                          # each decode step's selection, as planned
@@ -81,11 +91,23 @@ def overlap(a, b, tokens_a, tokens_b, layers):
     return same, n, jac / max(n, 1)
 
 
+def load(path):
+    """A recording of `record`: {run: {"tokens", "selections", "fetched", "logits"}}; else one error line."""
+    try:
+        rec = torch.load(path)
+    except Exception as e:                              # not a torch file, or one holding other objects
+        cli.fail(f"{path} is not a recording of `record`: {str(e).splitlines()[0][:100]}")
+    keys = {"tokens", "selections", "fetched"}
+    if not isinstance(rec, dict) or not all(isinstance(r, dict) and keys <= set(r) for r in rec.values()):
+        cli.fail(f"{path} is not a recording of `record` (no runs of tokens, selections, fetched)")
+    return rec
+
+
 def compare(a, b):
     for f in (a, b):
         if not os.path.isfile(f):
             cli.fail(f"no recording {f}: make it with `record`")
-    a, b = torch.load(a), torch.load(b)
+    a, b = load(a), load(b)
     chosen = lambda sel: [(layer, [[[i for i, o in zip(ih, oh) if o] for ih, oh in zip(ib, ob)]     # noqa: E731
                                    for ib, ob in zip(idx, ok)]) for layer, idx, ok in sel]   # padding aside
     same = True

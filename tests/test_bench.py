@@ -298,7 +298,7 @@ def test_the_gather_grid_flag_sets_the_kernel_and_the_default_is_the_kernels(mon
     monkeypatch.setattr(kernel, "PER_SM", kernel.PER_SM)                  # restored after the test
     p = cli.Parser()
     p.add_argument("--gather-per-sm", type=bench.per_sm)
-    bench.check_flags(flags("gpu", gather_per_sm=0))
+    bench.check_flags(flags("gpu", gather_per_sm=0, gather="device"))
     assert kernel.PER_SM == 0
     for bad in ("65", "-1", "x", "", "nan", "inf"):
         with pytest.raises(SystemExit):
@@ -398,6 +398,10 @@ TIMELINE = ["--suite", "timeline", "--device", "cpu", "--models", "tiny"]
     (TIMELINE + ["--shapes", "1x2000"], "from 7 to 1024 tokens"),                  # the gpu suite's check
     (TIMELINE + ["--shapes", "1x64,2x64"], "one shape, got 2"),
     (["--suite", "gather", "--device", "cpu", "--shapes", "1x64,2x64"], "one shape, got 2"),
+    (GPU_TINY + ["--gather-per-sm", "1"], "these rows gather on the host"),         # auto on a CPU: host
+    (GPU_TINY + ["--gather", "host", "--gather-per-sm", "1"], "these rows gather on the host"),
+    (TIMELINE + ["--gather-per-sm", "4"], "these rows gather on the host"),
+    (GPU_TINY + ["--no-graphs"], "CUDA graphs are captured on CUDA only"),
 ])
 def test_a_flag_a_suite_would_ignore_is_refused(tmp_path, args, phrase):
     with pytest.raises(SystemExit) as e:
@@ -641,26 +645,35 @@ def test_results_follow_a_link_to_its_file(tmp_path):
 
 
 def test_other_texts_collates_kept_rows_and_refuses_bad_texts(tmp_path):
-    """results/other_texts.py: rows already in --work are read, not rerun (a stopped run goes on), into
-    one results file; a malformed --texts or a missing file is one error line."""
+    """results/other_texts.py: rows already in --work for this text's content are read, not rerun (a
+    stopped run goes on), into one results file; a relative path names the file where the script was run
+    (its children run in the repository); a kept output that is not whole counts as not run; a malformed
+    --texts or a missing file is one error line."""
+    import hashlib
     script = os.path.join(ROOT, "results", "other_texts.py")
     spec = importlib.util.spec_from_file_location("other_texts", script)
     spec.loader.exec_module(mod := importlib.util.module_from_spec(spec))
     rows_run = mod.ROWS
     text, work, out = tmp_path / "t.txt", tmp_path / "work", tmp_path / "out.json"
     text.write_text("some words\n")
+    sha = hashlib.sha256(text.read_bytes()).hexdigest()[:16]
     work.mkdir()
     for i, (pol, budget) in enumerate(rows_run):
-        (work / f"t-{pol}-{budget}.json").write_text(json.dumps(
+        (work / f"t-{sha}-{pol}-{budget}.json").write_text(json.dumps(
             {"kl": 0.01 * (i + 1), "top1": 0.9, "ppl": 5.0, "ppl_full": 4.9, "positions": 1022,
              "sparse_fraction": budget}))
-    args = ["--texts", f"t={text}", "--work", str(work), "--out", str(out)]
-    r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
+    args = ["--texts", "t=t.txt", "--work", str(work), "--out", str(out)]
+    r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [(x["policy"], x["budget"], x["kl"]) for x in rows] == [
         (p, b, round(0.01 * (i + 1), 4)) for i, (p, b) in enumerate(rows_run)]
     assert all(x["command"].startswith(f"python eval.py --text {text} --context 2048") for x in rows)
+    for bad in ("", "{", "[1]", '{"kl": 0.1}', "3"):
+        (work / "bad.json").write_text(bad)
+        assert mod.kept(str(work / "bad.json")) is None
+    assert mod.kept(str(work / "none.json")) is None
     for texts, why in (("nofile", "give NAME=FILE"), (f"t={tmp_path}/missing.txt", "not found")):
         r = subprocess.run([sys.executable, script, "--texts", texts, "--work", str(work)],
                            capture_output=True, text=True, timeout=300)

@@ -151,12 +151,14 @@ def test_error_is_one_line(name, runs, tiny):
     assert word in lines[0], lines[0]
 
 
-def test_a_closed_stdout_still_gets_its_one_error_line():
-    """`infinigen.py ... >&-`: no stdout to reconfigure, still one line on stderr, not a traceback."""
-    r = subprocess.run(["bash", "-c", 'exec "$@" >&-', "_", *CLI, "--budget", "0", "--prompt", "hi"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
-    assert r.stderr.startswith("error:") and "budget" in r.stderr, r.stderr
+def test_a_closed_stdout_is_one_error_line_before_any_work():
+    """`infinigen.py ... >&-` (and eval.py): the answer would go nowhere, so it is refused in one line on
+    stderr before the model loads, not run for nothing with status 0 (nor a traceback)."""
+    for argv in ([*CLI, "--budget", "0.2", "--prompt", "hi"], [sys.executable, "eval.py", "--text", "x.txt"]):
+        r = subprocess.run(["bash", "-c", 'exec "$@" >&-', "_", *argv],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+        assert r.stderr.startswith("error: standard output is closed"), r.stderr
 
 
 def test_what_a_run_measured_is_printed_after_it(runs):
@@ -306,12 +308,17 @@ def test_eviction_needs_a_pool_in_eval_too():
 
 def test_study_refuses_what_it_does_not_read():
     """eval.py --study sets each part's policies itself: --budget and the like are refused, not ignored."""
-    import cli
     import eval as E
     for flags in (["--budget", "0.3"], ["--policy", "h2o"], ["--dense-layers", "3"],
                   ["--cpu-kv-capacity", "0.5", "--eviction", "lru"], ["--eviction", "lru"]):
         with pytest.raises(ValueError, match=f"{flags[0]} is not read by --study"):
-            E.check_only(cli.parse_args(E.build_parser(), ["--study", *flags]))
+            E.check_only(E.parse(["--study", *flags]))
     for flags in ([], ["--paper"], ["--alpha", "2"], ["--only", "pool"]):
-        E.check_only(cli.parse_args(E.build_parser(), ["--study", *flags]))
-    E.check_only(cli.parse_args(E.build_parser(), ["--budget", "0.3"]))               # a single run reads it
+        E.check_only(E.parse(["--study", *flags]))
+    E.check_only(E.parse(["--budget", "0.3"]))                                       # a single run reads it
+    for argv, flag, mode in ((["--study", "--budget", "0.1"], "--budget", "study"),   # the default value too
+                             (["--passkey", "--decode", "512"], "--decode", "passkey"),
+                             (["--report", "--windows", "1"], "--windows", "report"),
+                             (["--report", "--policy", "infinigen"], "--policy", "report")):
+        with pytest.raises(ValueError, match=f"{flag} is not read by --{mode}"):
+            E.check_only(E.parse(argv))

@@ -245,6 +245,12 @@ def test_the_study_runs_each_part_with_its_policies(tmp_path, monkeypatch):
         meta = by(part)
         assert (meta["model"], meta["text"], meta["context"], meta["windows"], meta["decode"]) == (
             "default", "t.txt", 96, 3, 24), part
+    monkeypatch.setattr(E, "windows_of", lambda *a: pytest.fail("the passkey part reads no text"))
+    args = E.parse(["--study", "--only", "passkey"])              # no --text: the passkey makes its prompts
+    E.check_only(args)
+    args.contexts, args.trials = [64], None
+    assert [os.path.basename(p) for p in E.study(None, None, args)["results"]] == ["eval-passkey.json"]
+    assert by("passkey")["text"] is None
 
 
 def test_the_report_writes_the_table_the_files_hold(tmp_path, monkeypatch):
