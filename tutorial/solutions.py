@@ -343,11 +343,11 @@ def ex17_1():
 
 
 def ex17_2(n=410, B=32, Hkv=3, block=32, sms=132, per_sm=0.25):
-    """(programs the kernel launches on a GPU of `sms` SMs, blocks of rows each moves, bytes each row moves
-    for the default model in float16)."""
+    """(programs the kernel launches on a GPU of `sms` SMs, loop steps each takes (STEPS: a block of rows
+    each, those past the end masked), bytes each row moves for the default model in float16)."""
     blocks = math.ceil(n * B * Hkv / block)                             # 1230 blocks of 32 rows
     grid = min(blocks, round(per_sm * sms))                             # 33 programs
-    steps = 2 ** math.ceil(math.log2(math.ceil(blocks / grid)))         # 38 a program -> 64 (the rest masked)
+    steps = 2 ** math.ceil(math.log2(math.ceil(blocks / grid)))         # 37-38 blocks a program -> 64 steps
     return grid, steps, 2 * 64 * 2
 
 
