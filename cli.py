@@ -320,8 +320,8 @@ def main(argv=None, script=False):
     """The command line; `script`: this process ends with it (python infinigen.py), so after a Ctrl-C
     further ones stay ignored through the exit instead of breaking into the interpreter's shutdown."""
     args = parse_args(build_parser(), argv)
-    if script and sys.stdout:   # a terminal that cannot show a character gets its escape, not an error
-        sys.stdout.reconfigure(errors="backslashreplace")                    # (None: stdout closed)
+    if script:                  # a terminal that cannot show a character gets its escape, not an error
+        sys.stdout.reconfigure(errors="backslashreplace")     # (a closed stdout: refused by parse_args)
     run = Run(args)             # Ctrl-C as Python's default has it (not ignored, main thread): ours
     ours = threading.current_thread() is threading.main_thread() and \
         signal.getsignal(signal.SIGINT) is signal.default_int_handler
