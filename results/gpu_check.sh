@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 9, 10 and 12 in one call of a GPU machine (at most 9.5 minutes: the parts' limits),
 # with that machine's own python3 and CUDA torch; no .venv, no default model (random weights of its shape).
-#   bash results/gpu_check.sh [PART ...]  parts (default): suite slots gather 7b smollm2 timeline profile
+#   bash results/gpu_check.sh [PART ...]  parts (default): suite 7b slots gather smollm2 timeline profile
 #   tests
 # (and by name: `grid`, InfiniGen rows on other gather grids, measured at 83b3924)
 # (`suite`: the whole test suite, CPU tests included, first, its tests dealt one by one to PROCS (16)
@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED=1                    # a part killed at its limit keeps 
 # starts far lower: the preflight plans with this many GiB instead (offload.host_available).
 export INFINIGEN_HOST_GIB=${INFINIGEN_HOST_GIB:-110}
 mkdir -p "$OUT" "$LOGS"
-parts=${*:-suite slots gather 7b smollm2 timeline profile tests}
+parts=${*:-suite 7b slots gather smollm2 timeline profile tests}
 DEADLINE=$((SECONDS + ${BUDGET_S:-570}))
 
 pack() {  # every log and GPU results file so far, into one archive, replaced whole
@@ -109,7 +109,7 @@ for part in $parts; do
         for ((k = 0; k < procs; k++)); do
             mapfile -t ids <"$LOGS/suite-ids-$k"               # (test ids may hold spaces: one per line)
             OMP_NUM_THREADS=$(((16 + procs - 1) / procs)) run suite-$k "${SUITE_S:-240}" "$PY" -m pytest \
-                -q -rfE --tb=short -p no:cacheprovider --continue-on-collection-errors "${ids[@]}" &
+                -v -rfE --tb=short -p no:cacheprovider --continue-on-collection-errors "${ids[@]}" &
             pids+=($!)
         done
         wait "${pids[@]}"                                      # (not the packer)
@@ -149,8 +149,9 @@ for part in $parts; do
                 # (--slots fused), against torch's operations (the default), in one call
         for m in "smollm2 32x4096 torch kernel fused" "7b 8x4096 torch fused"; do
             set -- $m
+            s=40; [ "$1" = 7b ] && s=50          # a 7B row: the last run took up to 49 s for two
             for how in "${@:3}"; do
-                run slots-$1-$how 40 "$PY" bench.py $GATHER --suite gpu --models $1 --shapes $2 --slots $how \
+                run slots-$1-$how $s "$PY" bench.py $GATHER --suite gpu --models $1 --shapes $2 --slots $how \
                     --policies infinigen:0.1
             done
         done
@@ -159,7 +160,7 @@ for part in $parts; do
     7b)         # the Llama-2-7B shape at 8 x 4096
         run 7b 150 "$PY" bench.py $GATHER --suite gpu --models 7b --shapes 8x4096 \
             --policies full,offload,infinigen:0.1,infinigen:0.2,h2o:0.1,hf-dynamic,hf-offloaded ;;
-    *) echo "unknown part $part (suite slots gather 7b smollm2 timeline profile tests grid)"; exit 2 ;;
+    *) echo "unknown part $part (suite 7b slots gather smollm2 timeline profile tests grid)"; exit 2 ;;
     esac
     pack
 done

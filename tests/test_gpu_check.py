@@ -93,7 +93,7 @@ def test_the_profile_and_grid_parts_and_the_suite_in_parallel_processes(tmp_path
     assert [c.split(" --models ")[0] for c in bench[:2]] == ["bench.py --suite profile"] * 2
     assert [c.split("--gather-per-sm ")[1].split()[0] for c in bench[2:]] == ["0", "0", "1"]
     assert [c.split(" --models ")[1].split()[0] for c in bench] == ["smollm2", "7b", "7b", "smollm2", "7b"]
-    suites = [c for c in calls if c.startswith("-m pytest -q -rfE")]
+    suites = [c for c in calls if c.startswith("-m pytest -v -rfE")]
     files = sorted(f for c in suites for f in c.split() if f.startswith("tests/test_"))
     assert len(suites) == 6 and files == [f"tests/test_{n}.py" for n in "abcdef"]   # none collected (the
     assert all(c.count("tests/test_") == 1 for c in suites)                         # stand-in): by file

@@ -323,7 +323,8 @@ def test_the_engine_selects_the_same_with_the_slots_kernel(llama, name, monkeypa
                         or real(nm, cuda)(*a, **k))
     monkeypatch.setattr(SK, "SLOTS", slots)
     got = forced_logits(m, prompts, pol, forced)
-    assert calls == kernels * (m.cfg.n_layers - pol.dense_layers) * 3 and torch.equal(got, want)
+    chose = [c for c in calls if c in kernels]                   # (on CUDA the device gather's kernels too)
+    assert chose == kernels * (m.cfg.n_layers - pol.dense_layers) * 3 and torch.equal(got, want)
 
 
 @st.composite
