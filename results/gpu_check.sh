@@ -149,7 +149,7 @@ for part in $parts; do
                 # (--slots fused), against torch's operations (the default), in one call
         for m in "smollm2 32x4096 torch kernel fused" "7b 8x4096 torch fused"; do
             set -- $m
-            s=40; [ "$1" = 7b ] && s=50          # a 7B row: the last run took up to 49 s for two
+            s=40; [ "$1" = 7b ] && s=50          # a 7B row starts slower (its random weights)
             for how in "${@:3}"; do
                 run slots-$1-$how $s "$PY" bench.py $GATHER --suite gpu --models $1 --shapes $2 --slots $how \
                     --policies infinigen:0.1
