@@ -107,8 +107,8 @@ def top_slots_kernel(s, k, idx, ok, w, n, Hkv, alpha, FINITE: tl.constexpr, W: t
     registers (W >= w, a power of two): of the scores within alpha of the row's best, the best
     kk = min(k[b], n); their slots ascending into idx (rows, n), ok True, then padding (slot w - 1, ok
     False). The kk-th best is found by a binary search over the scores' bits, not by sorting: a float32's
-    bits read as an integer keep the order of the numbers once a negative one's are flipped (-0.0 falls
-    just below 0.0), so 32 counts find the largest key that kk scores reach. Of the scores tied with the
+    bits read as an integer keep the order of the numbers once a negative one's are flipped (-0.0 made
+    0.0 first), so 32 counts find the largest key that kk scores reach. Of the scores tied with the
     kk-th best, the first are kept. G > 0: s holds G rows of partial scores z (the G query heads of the KV
     head), and a token's score is skew.speculate's: the log of its softmax weight, summed over the G heads."""
     row = tl.program_id(0)
@@ -127,7 +127,7 @@ def top_slots_kernel(s, k, idx, ok, w, n, Hkv, alpha, FINITE: tl.constexpr, W: t
     least = -3.4028234663852886e38                                      # float32's lowest: -inf never counts
     if FINITE:
         least = tl.maximum(tl.max(x, 0) - alpha, least)                 # within alpha of the best
-    b = x.to(tl.int32, bitcast=True)
+    b = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)             # -0.0 ties with 0.0, as in torch
     key = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64)                # (W,) in the scores' order
     key = tl.where(x >= least, key, -2**31 - 1)                         # too far, -inf, NaN: below all
     kk = tl.minimum(tl.load(k + row // Hkv), n)                         # tokens to keep

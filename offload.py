@@ -134,7 +134,7 @@ def triton_available():
 def device_kernel(name, cuda=False):
     """A kernel of kernel.py, imported on first use. Without a GPU its logic runs under Triton's interpreter
     (CI; TRITON_INTERPRET is set above). Triton takes one mode per process, so with a GPU, CPU tensors (cuda
-    False) go through the compiled kernel on device copies, and what it changed comes back."""
+    False) go through the compiled kernel on device copies, and what it changed or returned comes back."""
     gpu = torch.cuda.is_available()
     import kernel
     if not gpu and not kernel.triton.knobs.runtime.interpret:
@@ -144,12 +144,13 @@ def device_kernel(name, cuda=False):
     if cuda or not gpu:
         return fn
 
-    def on_copies(*args, **kw):             # the arguments it wrote: its outputs (dst, a count)
+    def on_copies(*args, **kw):             # the arguments it wrote (dst, a count), or its results (idx, ok)
         dev = [a.cuda() if torch.is_tensor(a) else a for a in args]
-        fn(*dev, **kw)
+        out = fn(*dev, **kw)
         for a, d in zip(args, dev):
             if torch.is_tensor(a) and not torch.equal(a, d.cpu()):
                 a.copy_(d)
+        return out if out is None else out.cpu() if torch.is_tensor(out) else tuple(t.cpu() for t in out)
     return on_copies
 
 

@@ -147,7 +147,7 @@ def speculate_ahead(x, attn, rope, P, Wp, kpart, scale, allowed):
     if SLOTS == "fused" and Wp is not None and x.shape[1] == 1:
         from offload import device_kernel
         qp = F.linear(x, Wp[0], Wp[1])                                                   # (B, 1, H*m)
-        return device_kernel("partial_scores", cuda=True)(qp, Wp[2], rope, scale, kpart, allowed)
+        return device_kernel("partial_scores", cuda=x.is_cuda)(qp, Wp[2], rope, scale, kpart, allowed)
     return speculate(partial_query(x, attn, rope, P, Wp), kpart, scale, allowed)
 
 
@@ -171,7 +171,7 @@ def top_slots(s, k, kmax, alpha=math.inf):
     if SLOTS != "torch" and s.dtype == torch.float32 and w <= SLOTS_ROW_MAX:   # one kernel (ties aside,
         # the same slots; chapter 17)
         from offload import device_kernel
-        return device_kernel("top_slots", cuda=True)(s, k, n, alpha)
+        return device_kernel("top_slots", cuda=s.is_cuda)(s, k, n, alpha)
     top, slot = summed(s).topk(n, dim=-1)                                           # (B, Hkv, n) best first
     lo = torch.finfo(top.dtype).min                                              # -inf (not allowed): never
     least = lo if alpha == math.inf else (top[..., :1] - alpha).clamp(min=lo)     # alpha inf: the cap decides

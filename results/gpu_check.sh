@@ -99,9 +99,12 @@ for part in $parts; do
     case $part in
     suite)      # every test, dealt one by one to $PROCS processes (16 cores): no file's length decides
         rm -f "$LOGS"/suite-ids* "$LOGS"/suite-*.log           # (a second call on a warm machine: anew)
-        timeout 90 "$PY" -m pytest --collect-only -q -p no:cacheprovider tests 2>/dev/null |
-            grep -E "^tests/test_[a-z0-9_]+\.py::" >"$LOGS/suite-ids"
-        [ -s "$LOGS/suite-ids" ] || ls tests/test_*.py >"$LOGS/suite-ids"     # not collected: whole files
+        timeout 90 "$PY" -m pytest --collect-only -q -p no:cacheprovider tests 2>&1 |
+            tee "$LOGS/suite-collect.log" | grep -E "^tests/test_[a-z0-9_]+\.py::" >"$LOGS/suite-ids"
+        if [ -s "$LOGS/suite-ids" ]; then                      # a file that failed to import: run whole,
+            grep -oE "^ERROR tests/test_[a-z0-9_]+\.py" "$LOGS/suite-collect.log" | cut -c7- \
+                >>"$LOGS/suite-ids"                            # so its error shows in a process's log
+        else ls tests/test_*.py >"$LOGS/suite-ids"; fi          # nothing collected: whole files
         procs=${PROCS:-16} n=$(wc -l <"$LOGS/suite-ids")
         [ "$n" -lt "$procs" ] && procs=$n
         awk -v p="$procs" -v to="$LOGS/suite-ids-" '{ print > (to ((NR - 1) % p)) }' "$LOGS/suite-ids"
@@ -113,7 +116,9 @@ for part in $parts; do
             pids+=($!)
         done
         wait "${pids[@]}"                                      # (not the packer)
-        grep -h -E "^(=+ )?[0-9]+ (passed|failed)|^exit status" "$LOGS"/suite-[0-9]*.log >"$LOGS/suite.log"
+        grep -h -E "^(=+ )?[0-9]+ (passed|failed|errors?)|^exit status" "$LOGS"/suite-[0-9]*.log \
+            >"$LOGS/suite.log"                                 # then the files that failed to import:
+        grep -E "^ERROR " "$LOGS/suite-collect.log" | sed 's/^/collect: /' >>"$LOGS/suite.log"
         stamp suite ;;
     tests)      # every CUDA test, then the summary line with the device, torch and the date (last: the rest)
         run tests 300 "$PY" -m pytest -v -rfE --tb=short -m cuda -p no:cacheprovider \

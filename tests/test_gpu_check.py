@@ -104,11 +104,12 @@ def test_the_profile_and_grid_parts_and_the_suite_in_parallel_processes(tmp_path
 
 def test_the_suite_deals_its_tests_one_by_one(tmp_path):
     """Dealt by test, not by file (one long file would decide the part's time); an id with spaces (a
-    parametrization's) reaches pytest as one argument; lines that are not test ids are left out; the
-    call's output (the device tool shows its tail) shows the start of each process's list only."""
+    parametrization's) reaches pytest as one argument; lines that are not test ids are left out; a file
+    that failed to import is run whole (its error in a process's log) and named in suite.log; the call's
+    output (the device tool shows its tail) shows the start of each process's list only."""
     ids = [f"tests/test_{f}.py::test_{i}_{'long' * 20}" for f in "ab" for i in range(4)]
     ids += ["tests/test_b.py::t[a b]"]
-    noise = ["tests/test_a.py:3: PytestWarning: not an id"]
+    noise = ["tests/test_a.py:3: PytestWarning: not an id", "ERROR tests/test_c.py"]
     (tmp_path / "ids").write_text("\n".join(ids[:5] + noise + ids[5:]) + "\n")
     run, _, packed, calls = gpu_check(tmp_path, ["suite"], budget=570, part_s=0, smoke_ok=True,
                                       IDS=str(tmp_path / "ids"), PROCS="4")
@@ -116,9 +117,12 @@ def test_the_suite_deals_its_tests_one_by_one(tmp_path):
     dealt = [(tmp_path / f).read_text().splitlines() for f in sorted(os.listdir(tmp_path))
              if f.startswith("calls.args.")]
     dealt = [[a for a in args if a.startswith("tests/")] for args in dealt]
+    ids += ["tests/test_c.py"]
     assert sorted(a for args in dealt for a in args) == sorted(ids)         # each once, the spaced one whole
-    assert sorted(len(args) for args in dealt) == [2, 2, 2, 3]              # 9 tests to 4 processes
+    assert sorted(len(args) for args in dealt) == [2, 2, 3, 3]              # 10 to 4 processes
     assert packed["suite.log"].count("exit status 0 after") == 4
+    assert "collect: ERROR tests/test_c.py" in packed["suite.log"].splitlines()
+    assert "ERROR tests/test_c.py" in packed["suite-collect.log"]
     assert max(map(len, run.stdout.splitlines())) < 300, "the call's output shows each list of tests whole"
 
 

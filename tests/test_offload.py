@@ -255,6 +255,47 @@ def test_cpu_tensors_on_a_machine_with_a_gpu_go_through_device_copies(monkeypatc
     assert len(moved) == 4 and torch.equal(dst[0], src[2]) and torch.equal(src, before)
 
 
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
+                    reason="needs triton; with a GPU the kernel tests take this path for real")
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_cpu_selection_on_a_machine_with_a_gpu_goes_through_device_copies(fused, monkeypatch):
+    """--device cpu --slots kernel|fused where CUDA is: the selection kernel gets device copies of the CPU
+    scores and its slots come back to the CPU (handed to it as they were, the compiled kernel would read a
+    host pointer as a device one). Scores from one head, or a KV head's two query heads' partial ones."""
+    import skew as SK
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 3, 2, 40, generator=g) if fused else torch.randn(2, 3, 40, generator=g)
+    s[0, ..., 30:] = float("-inf")                                       # a shorter sequence
+    k = torch.tensor([5, 12])
+    want = SK.top_slots(s, k, 12)                                        # torch's operations
+    monkeypatch.setattr(SK, "SLOTS", "fused" if fused else "kernel")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    moved = []
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda t: moved.append(t) or t.clone())
+    idx, ok = SK.top_slots(s, k, 12)
+    assert len(moved) == 2 and not idx.is_cuda and torch.equal(idx, want[0]) and torch.equal(ok, want[1])
+
+
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
+                    reason="needs triton; with a GPU the kernel tests take this path for real")
+def test_a_cpu_speculation_on_a_machine_with_a_gpu_goes_through_device_copies(monkeypatch):
+    """The same for the partial score kernel (--slots fused): a CPU token's partial scores come from device
+    copies and back to the CPU, equal to the kernel's on the CPU tensors (an OPT layer: no RoPE)."""
+    import skew as SK
+    g = torch.Generator().manual_seed(4)
+    C, H, Hkv, m, t = 16, 4, 2, 4, 20
+    Wp = (torch.randn(H * m, C, generator=g), torch.randn(H * m, generator=g), torch.randint(0, 8, (H, m)))
+    x, kpart = torch.randn(1, 1, C, generator=g), torch.randn(1, Hkv, t + 3, m, generator=g)[:, :, :t]
+    allowed = torch.rand(1, 1, t, generator=g) < 0.7
+    monkeypatch.setattr(SK, "SLOTS", "fused")
+    want = SK.speculate_ahead(x, None, None, None, Wp, kpart, 0.5, allowed)          # (1, Hkv, G, t)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    moved = []
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda t: moved.append(t) or t.clone())
+    z = SK.speculate_ahead(x, None, None, None, Wp, kpart, 0.5, allowed)
+    assert len(moved) == 4 and not z.is_cuda and z.shape == (1, Hkv, H // Hkv, t) and torch.equal(z, want)
+
+
 def nvidia_compiler():  # Triton's CUDA compiler (ptxas ships in the wheel): it needs no GPU
     try:
         from triton.backends import backends

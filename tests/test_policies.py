@@ -253,6 +253,17 @@ def test_top_slots_kernel_on_long_rows(w, kmax, alpha):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@needs_triton
+@pytest.mark.parametrize("s, want", [([-0.0, 0.0, 1.0], [0, 2]), ([0.0, -0.0, 1.0], [0, 2]),
+                                     ([-0.0, -1e-30, 0.0], [0, 2])])
+def test_top_slots_kernel_ties_signed_zeros(s, want):
+    """-0.0 equals 0.0: of the two tied zeros the kernel keeps the first, as torch does (its bit trick alone
+    would order -0.0 below 0.0). Hypothesis finds such rows (scores rounded to tenths), not every run."""
+    s, k = torch.tensor([[s]], device=SLOTS_DEV), torch.tensor([2], device=SLOTS_DEV)
+    idx, ok = (t.cpu() for t in offload.device_kernel("top_slots", cuda=True)(s, k, 2))
+    assert idx[0, 0].tolist() == want == SK.top_slots(s.cpu(), k.cpu(), 2)[0][0, 0].tolist() and ok.all()
+
+
 @pytest.mark.parametrize("slots", ["torch", pytest.param("kernel", marks=needs_triton),
                                    pytest.param("fused", marks=needs_triton), "torch fused"])
 def test_top_slots_keep_nothing_of_a_head_with_no_past(slots, monkeypatch):
