@@ -107,8 +107,8 @@ def top_slots_kernel(s, k, idx, ok, w, n, Hkv, alpha, FINITE: tl.constexpr, W: t
     registers (W >= w, a power of two): of the scores within alpha of the row's best, the best
     kk = min(k[b], n); their slots ascending into idx (rows, n), ok True, then padding (slot w - 1, ok
     False). The kk-th best is found by a binary search over the scores' bits, not by sorting: a float32's
-    bits read as an integer keep the order of the numbers once a negative one's are flipped (-0.0 made
-    0.0 first), so 32 counts find the largest key that kk scores reach. Of the scores tied with the
+    bits read as an integer keep the order of the numbers once a negative one's are flipped (-0.0 taken
+    as 0.0 first), so 32 counts find the largest key that kk scores reach. Of the scores tied with the
     kk-th best, the first are kept. G > 0: s holds G rows of partial scores z (the G query heads of the KV
     head), and a token's score is skew.speculate's: the log of its softmax weight, summed over the G heads."""
     row = tl.program_id(0)
