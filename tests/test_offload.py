@@ -235,17 +235,26 @@ def test_put_kernel_against_indexing(B, Hkv, S, data, d, dtype, seed):
     assert torch.equal(dst, torch.full_like(dst, 7.0).index_copy_(0, at, src))
 
 
-@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
-                    reason="needs triton; with a GPU the kernel tests take this path for real")
+ON_A_CPU = pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
+                              reason="needs triton; with a GPU the kernel tests take this path for real")
+
+
+def pretend_a_gpu(monkeypatch):
+    """CUDA "is available" and a tensor's "device copy" is a clone: the tensors copied, in order."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    moved = []
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda t: moved.append(t) or t.clone())
+    return moved
+
+
+@ON_A_CPU
 def test_cpu_tensors_on_a_machine_with_a_gpu_go_through_device_copies(monkeypatch):
     """Triton's interpreter is one mode per process: where CUDA is, CPU tensors (a --device cpu run, the
     tests) get the compiled kernel on device copies, and only the destination changes. Here the kernel is
     the interpreter's and a "device copy" a clone."""
     cpu = offload.device_kernel("gather_rows")                  # imports kernel as this machine does
     assert offload.device_kernel("gather_rows", cuda=True) is cpu
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    moved = []
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda t: moved.append(t) or t.clone())
+    moved = pretend_a_gpu(monkeypatch)
     wrapped = offload.device_kernel("gather_rows")
     assert wrapped is not cpu and offload.device_kernel("gather_rows", cuda=True) is cpu
     src = torch.arange(4 * 2 * 3 * 2 * 8, dtype=torch.float32).view(4, 2, 3, 2, 8)    # (S, B, Hkv, 2, d)
@@ -255,8 +264,7 @@ def test_cpu_tensors_on_a_machine_with_a_gpu_go_through_device_copies(monkeypatc
     assert len(moved) == 4 and torch.equal(dst[0], src[2]) and torch.equal(src, before)
 
 
-@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
-                    reason="needs triton; with a GPU the kernel tests take this path for real")
+@ON_A_CPU
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_cpu_selection_on_a_machine_with_a_gpu_goes_through_device_copies(fused, monkeypatch):
     """--device cpu --slots kernel|fused where CUDA is: the selection kernel gets device copies of the CPU
@@ -269,15 +277,12 @@ def test_a_cpu_selection_on_a_machine_with_a_gpu_goes_through_device_copies(fuse
     k = torch.tensor([5, 12])
     want = SK.top_slots(s, k, 12)                                        # torch's operations
     monkeypatch.setattr(SK, "SLOTS", "fused" if fused else "kernel")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    moved = []
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda t: moved.append(t) or t.clone())
+    moved = pretend_a_gpu(monkeypatch)
     idx, ok = SK.top_slots(s, k, 12)
     assert len(moved) == 2 and not idx.is_cuda and torch.equal(idx, want[0]) and torch.equal(ok, want[1])
 
 
-@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
-                    reason="needs triton; with a GPU the kernel tests take this path for real")
+@ON_A_CPU
 def test_a_cpu_speculation_on_a_machine_with_a_gpu_goes_through_device_copies(monkeypatch):
     """The same for the partial score kernel (--slots fused): a CPU token's partial scores come from device
     copies and back to the CPU, equal to the kernel's on the CPU tensors (an OPT layer: no RoPE)."""
@@ -289,9 +294,7 @@ def test_a_cpu_speculation_on_a_machine_with_a_gpu_goes_through_device_copies(mo
     allowed = torch.rand(1, 1, t, generator=g) < 0.7
     monkeypatch.setattr(SK, "SLOTS", "fused")
     want = SK.speculate_ahead(x, None, None, None, Wp, kpart, 0.5, allowed)          # (1, Hkv, G, t)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    moved = []
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda t: moved.append(t) or t.clone())
+    moved = pretend_a_gpu(monkeypatch)
     z = SK.speculate_ahead(x, None, None, None, Wp, kpart, 0.5, allowed)
     assert len(moved) == 4 and not z.is_cuda and z.shape == (1, Hkv, H // Hkv, t) and torch.equal(z, want)
 
